@@ -1,0 +1,29 @@
+"""vqdiff: VQ-Diffusion text-to-image generation, inpainting and token tools.
+
+Importing the package is cheap; the API (and torch) load on first use of its names.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .api import GeneratedImage, GenerateOptions, ModelSource, StepEvent, VQDiffusion
+    from .errors import VqdiffError
+
+__all__ = ["GenerateOptions", "GeneratedImage", "ModelSource", "StepEvent", "VQDiffusion", "VqdiffError",
+           "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "VqdiffError":
+        from .errors import VqdiffError
+
+        return VqdiffError
+    if name in __all__:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'vqdiff_cli' has no attribute {name!r}")

@@ -1,0 +1,287 @@
+"""The Python API: `VQDiffusion` wires the loaded networks to the sampler. The CLI is a thin layer over it.
+
+    from vqdiff_cli import VQDiffusion, GenerateOptions
+    pipe = VQDiffusion.from_pretrained("path/to/vq-diffusion-ithq")
+    images = pipe.generate("a teddy bear in a pool", GenerateOptions(seed=0))
+
+The library never prints and never exits: progress leaves through the `on_step` callback, failures as VqdiffError.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import images as imageio
+from .config import PipelineConfig
+from .device import dtype_name, make_generators, resolve_device, resolve_dtype
+from .diffusion.sampler import KnownTokens, TextContext, denoise, plan_timesteps
+from .diffusion.schedule import MaskAndReplaceSchedule
+from .errors import UsageError, WeightsError
+from .weights import VARIANTS, Components, load_components
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """Per-run sampling settings. These defaults are the CLI's and the README's."""
+
+    steps: int | None = None  # timesteps visited, spread over the whole chain; None: every one (T)
+    stride: int | None = None  # or: the gap between visited timesteps
+    guidance_scale: float = 5.0  # classifier-free guidance; 1 turns it off
+    truncation_rate: float = 1.0  # keep the classes holding this much probability mass
+    seed: int | None = None  # image i gets seed + i; None: a random seed, reported in the results
+    num_images: int = 1  # per prompt
+    batch_size: int = 1  # images per network call
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.stride is not None:
+            raise UsageError("give --steps or --stride, not both")
+        if self.steps is not None and self.steps < 1:
+            raise UsageError(f"--steps must be at least 1, got {self.steps}")
+        if self.stride is not None and self.stride < 1:
+            raise UsageError(f"--stride must be at least 1, got {self.stride}")
+        if not self.guidance_scale >= 0:
+            raise UsageError(f"--guidance must be >= 0, got {self.guidance_scale}")
+        if not 0 < self.truncation_rate <= 1:
+            raise UsageError(f"--truncation must be in (0, 1], got {self.truncation_rate}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        if self.num_images < 1:
+            raise UsageError(f"--num-images must be at least 1, got {self.num_images}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0
+
+    def timesteps(self, num_train_timesteps: int, start: int | None = None) -> tuple[int, ...]:
+        """Visited timesteps from `start` (default T-1); a partial chain keeps the full chain's density."""
+        top = num_train_timesteps - 1 if start is None else start
+        if self.steps is not None and self.steps > num_train_timesteps:
+            raise UsageError(f"--steps must be between 1 and {num_train_timesteps} for this model, got {self.steps}")
+        if self.stride is not None and self.stride >= num_train_timesteps:
+            raise UsageError(f"--stride must be below {num_train_timesteps} for this model, got {self.stride}")
+        steps = self.steps
+        if steps is not None and top < num_train_timesteps - 1:
+            steps = max(1, round(steps * (top + 1) / num_train_timesteps))
+        return plan_timesteps(top, steps=steps, stride=self.stride)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights came from, for metadata: a Hub repo id (with its revision) or a local folder."""
+
+    name: str
+    path: Path
+    revision: str | None = None
+
+
+@dataclass
+class GeneratedImage:
+    prompt: str
+    seed: int
+    index: int  # position in the run: prompt-major, then image number
+    tokens: torch.Tensor  # (H, W) int64 on the CPU
+    image: Image.Image
+    timesteps: tuple[int, ...]
+    trajectory: torch.Tensor | None = None  # (steps + 1, H, W): the start grid, then the grid after every step
+    truncated_prompt: str = ""  # prompt text beyond the text encoder's length, dropped
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """Reported after every denoising step."""
+
+    step: int  # 1-based, within the current batch
+    num_steps: int
+    timestep: int
+    images_done: int  # images finished before this batch
+    batch_size: int
+    total_images: int
+    tokens: torch.Tensor = field(repr=False)  # (B, N) current grids of the batch
+
+
+StepCallback = Callable[[StepEvent], None]
+
+
+@dataclass(frozen=True)
+class _Job:
+    prompt: str
+    seed: int
+    index: int
+
+
+class VQDiffusion:
+    """A loaded VQ-Diffusion checkpoint on one device and dtype."""
+
+    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype, source: ModelSource):
+        self.components = components
+        self.device = device
+        self.dtype = dtype
+        self.source = source
+        self.schedule = MaskAndReplaceSchedule.from_config(components.config.scheduler)
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path, *, device: str = "auto", dtype: str = "auto",
+                        variant: str = "auto", revision: str | None = None) -> VQDiffusion:
+        """Load a diffusers-format folder (the Hub's microsoft/vq-diffusion-ithq layout)."""
+        if variant not in VARIANTS:
+            raise UsageError(f"unknown variant '{variant}'", hint=f"use one of: {', '.join(VARIANTS)}")
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            if path.exists():
+                raise WeightsError(f"{model} is a file, not a checkpoint folder")
+            raise WeightsError(
+                f"model '{model}' is not a local folder",
+                hint="pass a folder in diffusers' format (downloading from the Hub is not available in this version)",
+            )
+        components = load_components(path, dev, dt, variant)
+        return cls(components, dev, dt, ModelSource(str(model), path.resolve(), revision))
+
+    # -- properties -------------------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> PipelineConfig:
+        return self.components.config
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.config.num_train_timesteps
+
+    @property
+    def mask_id(self) -> int:
+        return self.config.transformer.mask_id
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        side = self.config.transformer.sample_size
+        return side, side
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.dtype)
+
+    # -- text-to-image ----------------------------------------------------------------------------------------
+
+    def _denoiser(self) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+        transformer = self.components.transformer
+
+        def run(x_t: torch.Tensor, context: torch.Tensor, t: int) -> torch.Tensor:
+            return transformer(x_t, context.to(self.dtype), t)
+
+        return run
+
+    def generate(self, prompts: str | Sequence[str], options: GenerateOptions | None = None, *,
+                 trajectory: bool = False, on_step: StepCallback | None = None) -> list[GeneratedImage]:
+        return list(self.generate_iter(prompts, options, trajectory=trajectory, on_step=on_step))
+
+    def generate_iter(self, prompts: str | Sequence[str], options: GenerateOptions | None = None, *,
+                      trajectory: bool = False, on_step: StepCallback | None = None) -> Iterator[GeneratedImage]:
+        """Yield images as their batch finishes: `num_images` per prompt, image i seeded with seed + i."""
+        options = options or GenerateOptions()
+        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompt_list:
+            raise UsageError("no prompts given")
+        timesteps = options.timesteps(self.num_train_timesteps)
+        seed = secrets.randbelow(2**31) if options.seed is None else options.seed
+        jobs = [
+            _Job(p, seed + i, i)
+            for i, p in enumerate(p for p in prompt_list for _ in range(options.num_images))
+        ]
+        if jobs[-1].seed > MAX_SEED:
+            raise UsageError(f"--seed {seed} leaves no room for {len(jobs)} consecutive seeds")
+        states, truncated = self._encode_prompts(prompt_list)
+        h, w = self.token_grid
+        for start in range(0, len(jobs), options.batch_size):
+            batch = jobs[start : start + options.batch_size]
+            context = self._context([states[j.prompt] for j in batch], options.guided)
+            x_t = torch.full((len(batch), h * w), self.mask_id, dtype=torch.long, device=self.device)
+            for result in self._sample(batch, x_t, context, timesteps, options, len(jobs), trajectory, on_step):
+                result.truncated_prompt = truncated[result.prompt]
+                yield result
+
+    @torch.inference_mode()
+    def _encode_prompts(self, prompts: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Each distinct prompt once: its (1, L, D) states and the text that did not fit."""
+        states: dict[str, torch.Tensor] = {}
+        truncated: dict[str, str] = {}
+        for prompt in dict.fromkeys(prompts):
+            ids = self.components.text.tokenize([prompt])
+            states[prompt], truncated[prompt] = self.components.text.encode_ids(ids.ids), ids.truncated[0]
+        return states, truncated
+
+    @torch.inference_mode()
+    def _context(self, cond: list[torch.Tensor], guided: bool) -> TextContext:
+        uncond = self.components.text.unconditional(len(cond)) if guided else None
+        return TextContext(torch.cat(cond), uncond)
+
+    @torch.inference_mode()
+    def _sample(self, batch: list[_Job], x_t: torch.Tensor, context: TextContext, timesteps: tuple[int, ...],
+                options: GenerateOptions, total: int, keep_trajectory: bool, on_step: StepCallback | None,
+                known: KnownTokens | None = None) -> list[GeneratedImage]:
+        """Denoise one batch from x_t over `timesteps`, decode it, and package the results."""
+        h, w = self.token_grid
+        generators = make_generators([j.seed for j in batch], self.device)
+        steps = [x_t.cpu()] if keep_trajectory else []
+        x = x_t
+        for i, x in enumerate(denoise(self._denoiser(), x_t, timesteps, context, self.schedule, generators,
+                                      options.guidance_scale, options.truncation_rate, known)):
+            if keep_trajectory:
+                steps.append(x.cpu())
+            if on_step is not None:
+                on_step(StepEvent(i + 1, len(timesteps), timesteps[i], batch[0].index, len(batch), total, x))
+        tokens = x.view(len(batch), h, w).cpu()
+        pictures = self.decode(tokens)
+        traj = torch.stack(steps).view(len(steps), len(batch), h, w) if keep_trajectory else None
+        return [
+            GeneratedImage(prompt=job.prompt, seed=job.seed, index=job.index, tokens=tokens[b], image=pictures[b],
+                           timesteps=timesteps, trajectory=traj[:, b] if traj is not None else None)
+            for b, job in enumerate(batch)
+        ]
+
+    # -- tokens <-> images ------------------------------------------------------------------------------------
+
+    def encode(self, pictures: Sequence[Image.Image], keep_size: bool = False) -> list[torch.Tensor]:
+        """Images -> (h, w) token grids. By default each is resized and centre-cropped to the native size."""
+        factor = self.config.vqvae.downsample_factor
+        grids = []
+        with torch.inference_mode():
+            for picture in pictures:
+                if keep_size:
+                    w, h = picture.size
+                    if w % factor or h % factor:
+                        raise UsageError(
+                            f"--keep-size needs both sides to be multiples of {factor}, got {w}x{h}"
+                        )
+                else:
+                    picture = imageio.fit_square(picture, self.config.image_size)
+                pixels = imageio.to_tensor([picture]).to(self.device, self.dtype)
+                grids.append(self.components.vqvae.encode(pixels)[0].cpu())
+        return grids
+
+    def decode(self, tokens: torch.Tensor, batch_size: int = 4) -> list[Image.Image]:
+        """(N, h, w) or (h, w) token grids with ids in 0..K-2 -> images."""
+        tokens = torch.as_tensor(tokens)
+        if tokens.ndim == 2:
+            tokens = tokens[None]
+        codes = self.config.vqvae.num_vq_embeddings
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= codes):
+            raise UsageError(
+                f"token ids must be in 0..{codes - 1}, found {int(tokens.min())}..{int(tokens.max())}"
+            )
+        out: list[Image.Image] = []
+        with torch.inference_mode():
+            for start in range(0, tokens.shape[0], batch_size):
+                chunk = tokens[start : start + batch_size].to(self.device, torch.long)
+                out.extend(imageio.to_pil(self.components.vqvae.decode(chunk)))
+        return out

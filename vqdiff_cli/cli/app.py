@@ -1,0 +1,102 @@
+"""The Typer app, its global options, and the one error boundary that maps failures to messages and exit codes.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage error (bad values, unreadable inputs), 130 Ctrl-C.
+Heavy modules (torch, the API) are imported inside command bodies so that `--help` and `--version` stay fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from .. import __version__
+from ..console import Output
+from ..errors import ExitStatus, VqdiffError
+
+app = typer.Typer(
+    name="vqdiff",
+    help="VQ-Diffusion text-to-image generation, inpainting and token tools.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+_DEBUG: ContextVar[bool] = ContextVar("vqdiff_debug", default=False)  # set by the app callback per invocation
+
+
+def _debug_enabled() -> bool:
+    return _DEBUG.get() or os.environ.get("VQDIFF_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def report_errors(func: F) -> F:
+    """Wrap a command body: VqdiffError -> one-line message and its exit code; Ctrl-C -> 130; OOM -> a hint."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        out = Output()
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except VqdiffError as e:
+            if _debug_enabled():
+                traceback.print_exc()
+            out.error(e.message, e.hint)
+            raise typer.Exit(int(e.exit_code)) from None
+        except KeyboardInterrupt:
+            out.error("interrupted; finished outputs were kept")
+            raise typer.Exit(int(ExitStatus.INTERRUPTED)) from None
+        except Exception as e:
+            if _debug_enabled():
+                traceback.print_exc()
+            if _out_of_memory(e):
+                out.error("the device ran out of memory",
+                          "use a smaller --batch-size, --dtype float16 or bfloat16, or --device cpu")
+            else:
+                first = (str(e).strip().splitlines() or [""])[0]
+                out.error(f"unexpected {type(e).__name__}: {first}",
+                          "run again with --debug (or VQDIFF_DEBUG=1) for the traceback, and report it")
+            raise typer.Exit(int(ExitStatus.FAILURE)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"vqdiff {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors (or set VQDIFF_DEBUG=1).")] = False,
+) -> None:
+    """VQ-Diffusion text-to-image generation, inpainting and token tools."""
+    _DEBUG.set(debug)
+
+
+def _register() -> None:
+    from . import generate, tokens  # noqa: F401  (commands register themselves on `app`)
+
+
+_register()
+
+
+def main() -> None:
+    app(prog_name="vqdiff")

@@ -1,0 +1,81 @@
+"""`vqdiff encode` and `vqdiff decode`: images <-> VQ-VAE token grids (.npy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..console import Output
+from .app import app, report_errors
+from .generate import numbered_paths
+from .options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, OverwriteOpt, QuietOpt, VariantOpt
+
+
+@app.command()
+@report_errors
+def encode(
+    images: Annotated[list[Path], typer.Argument(help="Images to encode.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Token grids, (N, H, W) int64 .npy.")] = Path(
+        "tokens.npy"),
+    keep_size: Annotated[bool, typer.Option("--keep-size", help="Encode at the image's own size (sides must be "
+                                            "multiples of the VQ-VAE's downsampling factor).")] = False,
+    model: ModelOpt = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    variant: VariantOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Encode images into token grids (resized and centre-cropped to the model's native size by default)."""
+    import torch
+
+    from ..api import VQDiffusion
+    from ..errors import UsageError
+    from ..files import check_writable
+    from ..images import load_rgb, save_tokens
+
+    out = Output(quiet=quiet)
+    check_writable(output, overwrite)
+    pictures = [load_rgb(p) for p in images]
+    out.info(f"loading {model}")
+    pipe = VQDiffusion.from_pretrained(model, device=device, dtype=dtype, variant=variant)
+    grids = pipe.encode(pictures, keep_size=keep_size)
+    shapes = {tuple(g.shape) for g in grids}
+    if len(shapes) > 1:
+        raise UsageError(f"the images give token grids of different sizes {sorted(shapes)}; encode them separately")
+    save_tokens(torch.stack(grids).numpy(), output, overwrite=overwrite)
+    out.result(str(output))
+
+
+@app.command()
+@report_errors
+def decode(
+    tokens: Annotated[Path, typer.Argument(help="Token grids, (H, W) or (N, H, W) .npy.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output PNG; several grids get -0, -1, ...")] = Path(
+        "decoded.png"),
+    model: ModelOpt = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    variant: VariantOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Decode token grids into images."""
+    import torch
+
+    from ..api import VQDiffusion
+    from ..files import check_writable
+    from ..images import load_tokens, save_png
+
+    out = Output(quiet=quiet)
+    grids = torch.from_numpy(load_tokens(tokens))
+    paths = numbered_paths(output, grids.shape[0])
+    for path in paths:
+        check_writable(path, overwrite)
+    out.info(f"loading {model}")
+    pipe = VQDiffusion.from_pretrained(model, device=device, dtype=dtype, variant=variant)
+    for path, picture in zip(paths, pipe.decode(grids), strict=True):
+        save_png(picture, path, overwrite=overwrite)
+        out.result(str(path))

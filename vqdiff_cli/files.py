@@ -1,0 +1,66 @@
+"""Writing output files safely: a temporary file in the same folder, then an atomic rename.
+
+A failed or interrupted write leaves no half-written file, and an existing file is only replaced when asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import OutputError
+
+
+def check_writable(path: Path, overwrite: bool) -> None:
+    """Fail early, before any work, if `path` exists (without overwrite) or its folder cannot take a new file."""
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} already exists", hint="pass --overwrite to replace it, or choose another name")
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise OutputError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {path}: folder {folder} is not writable")
+
+
+@contextlib.contextmanager
+def _temporary_beside(path: Path) -> Iterator[tuple[BinaryIO, Path]]:
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f, tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], overwrite: bool = False) -> None:
+    """Write through `write(file)` into a temporary file, then move it to `path` in one step."""
+    path = Path(path)
+    try:
+        with _temporary_beside(path) as (f, tmp):
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)  # fails if path exists: no race between check and write
+        except FileExistsError:
+            raise OutputError(f"{path} already exists", hint="pass --overwrite to replace it") from None
+        except OSError:  # file systems without hard links
+            if path.exists():
+                raise OutputError(f"{path} already exists", hint="pass --overwrite to replace it") from None
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None

@@ -1,0 +1,105 @@
+"""The one module that knows pixels and image/token files: PIL <-> tensors, PNG output, token grids as .npy."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from .errors import UsageError
+from .files import atomic_write
+
+if TYPE_CHECKING:
+    import torch
+
+
+def open_image(path: Path | str) -> Image.Image:
+    """Read any image Pillow knows, fully, or raise a UsageError naming the file."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise UsageError(f"image not found: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory, not an image") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UsageError(f"cannot read image {path}: {e}") from None
+
+
+def load_rgb(path: Path | str) -> Image.Image:
+    im = open_image(path)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im.convert("RGBA"))
+    return im.convert("RGB")
+
+
+def fit_square(image: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to `size` and crop the centre to size x size."""
+    w, h = image.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    resized = image.resize((new_w, new_h), Image.Resampling.LANCZOS) if (new_w, new_h) != (w, h) else image
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return resized.crop((left, top, left + size, top + size))
+
+
+def to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """RGB images of one size -> (B, 3, H, W) float32 in [-1, 1]."""
+    import torch
+
+    arrays = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])  # (B, H, W, 3)
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) decoder output -> PIL images: (x/2 + 0.5) clamped to [0, 1], then rounded to 8 bits."""
+    x = (images.float() / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in (x * 255).round().astype("uint8")]
+
+
+def png_bytes(image: Image.Image, text: Mapping[str, str] | None = None) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_itxt(key, value)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def save_png(image: Image.Image, path: Path, text: Mapping[str, str] | None = None, overwrite: bool = False) -> None:
+    data = png_bytes(image, text)
+    atomic_write(Path(path), lambda f: f.write(data), overwrite=overwrite)
+
+
+def save_tokens(tokens: np.ndarray, path: Path, overwrite: bool = False) -> None:
+    """Integer token grids as .npy: (N, H, W) for images, (steps + 1, N, H, W) for trajectories."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(tokens.astype(np.int64)))
+    atomic_write(Path(path), lambda f: f.write(buf.getvalue()), overwrite=overwrite)
+
+
+def load_tokens(path: Path | str) -> np.ndarray:
+    """A .npy of integer token grids, (H, W) or (N, H, W); returned as (N, H, W) int64."""
+    path = Path(path)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UsageError(f"token file not found: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory, not a token file") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise UsageError(f"cannot read token grids from {path}: {e}") from None
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise UsageError(f"{path} holds {arr.dtype} values; token grids must be integers")
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or 0 in arr.shape:
+        raise UsageError(f"{path} has shape {arr.shape}; expected (H, W) or (N, H, W) token grids")
+    return arr.astype(np.int64)

@@ -1,0 +1,142 @@
+"""The discrete diffusion transformer: token ids at timestep t, text states -> log p(x_0) over the K-1 codes.
+
+Attribute names mirror the diffusers checkpoint keys (`transformer_blocks.{i}.attn1.to_q.weight`, ...), and the op
+order mirrors diffusers' `Transformer2DModel` so that float32 CPU outputs are bit-identical to it.
+Shapes: B batch, N = H*W latent tokens, K classes including the mask, L text tokens, D inner width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TransformerConfig
+
+
+class ImagePositionalEmbeddings(nn.Module):
+    """Token embedding plus a row and a column embedding (DALL-E style)."""
+
+    def __init__(self, num_embed: int, height: int, width: int, embed_dim: int) -> None:
+        super().__init__()
+        self.height, self.width = height, width
+        self.emb = nn.Embedding(num_embed, embed_dim)
+        self.height_emb = nn.Embedding(height, embed_dim)
+        self.width_emb = nn.Embedding(width, embed_dim)
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        emb = self.emb(index)  # (B, N, D)
+        rows = self.height_emb(torch.arange(self.height, device=index.device).view(1, self.height))
+        cols = self.width_emb(torch.arange(self.width, device=index.device).view(1, self.width))
+        pos = (rows.unsqueeze(2) + cols.unsqueeze(1)).view(1, self.height * self.width, -1)  # (1, N, D), row-major
+        return emb + pos[:, : emb.shape[1], :]
+
+
+class AdaLayerNorm(nn.Module):
+    """LayerNorm without affine parameters, scaled and shifted by an embedding of the (scalar) timestep."""
+
+    def __init__(self, dim: int, num_embeddings: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(num_embeddings, dim)
+        self.linear = nn.Linear(dim, dim * 2)
+        self.norm = nn.LayerNorm(dim, eps=1e-5, elementwise_affine=False)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        temb = self.linear(F.silu(self.emb(timestep)))  # timestep is 0-dim: (2D,)
+        scale, shift = temb.chunk(2, dim=0)  # scale first, as in the checkpoint
+        return self.norm(x) * (1 + scale) + shift
+
+
+class Attention(nn.Module):
+    """Multi-head attention through `scaled_dot_product_attention`; self-attention when `context` is None."""
+
+    def __init__(self, query_dim: int, heads: int, dim_head: int, bias: bool, context_dim: int | None = None) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=True)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        b = x.shape[0]
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        head_dim = k.shape[-1] // self.heads
+        q = q.view(b, -1, self.heads, head_dim).transpose(1, 2)  # (B, heads, N, d)
+        k = k.view(b, -1, self.heads, head_dim).transpose(1, 2)  # (B, heads, L, d)
+        v = v.view(b, -1, self.heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(b, -1, self.heads * head_dim).to(q.dtype)
+        return self.to_out[0](out)
+
+
+class ApproximateGELU(nn.Module):
+    """`x * sigmoid(1.702 x)` after a projection (the original code's GELU2); not a gated unit."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        return x * torch.sigmoid(1.702 * x)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        # net.1 is dropout in diffusers; Identity keeps the checkpoint's indices (net.0.proj, net.2).
+        self.net = nn.ModuleList([ApproximateGELU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention, cross-attention to the text, feed-forward; the first two under timestep-adaptive norms."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        dim = cfg.inner_dim
+        heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
+        self.norm1 = AdaLayerNorm(dim, cfg.num_embeds_ada_norm)
+        self.attn1 = Attention(dim, heads, head_dim, cfg.attention_bias)
+        self.norm2 = AdaLayerNorm(dim, cfg.num_embeds_ada_norm)
+        self.attn2 = Attention(dim, heads, head_dim, cfg.attention_bias, context_dim=cfg.cross_attention_dim)
+        self.norm3 = nn.LayerNorm(dim, eps=cfg.norm_eps, elementwise_affine=cfg.norm_elementwise_affine)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        x = self.attn1(self.norm1(x, timestep)) + x
+        x = self.attn2(self.norm2(x, timestep), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class DiffusionTransformer(nn.Module):
+    """p(x_0 | x_t, text): returns float32 log-probabilities of shape (B, K-1, N)."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        size = cfg.sample_size
+        self.latent_image_embedding = ImagePositionalEmbeddings(cfg.num_vector_embeds, size, size, cfg.inner_dim)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.num_layers)])
+        self.norm_out = nn.LayerNorm(cfg.inner_dim)
+        self.out = nn.Linear(cfg.inner_dim, cfg.num_vector_embeds - 1)
+
+    def logits(self, x_t: torch.Tensor, context: torch.Tensor, timestep: int | torch.Tensor) -> torch.Tensor:
+        """Unnormalised scores (B, N, K-1) in the model's dtype."""
+        t = torch.as_tensor(timestep, dtype=torch.long, device=x_t.device)  # one scalar t for the whole batch
+        h = self.latent_image_embedding(x_t)  # (B, N, D)
+        for block in self.transformer_blocks:
+            h = block(h, context, t)
+        return self.out(self.norm_out(h))
+
+    def forward(self, x_t: torch.Tensor, context: torch.Tensor, timestep: int | torch.Tensor) -> torch.Tensor:
+        logits = self.logits(x_t, context, timestep).permute(0, 2, 1)  # (B, K-1, N)
+        # log-softmax in float64, rounded to float32: what diffusers and the original code do.
+        return F.log_softmax(logits.double(), dim=1).float()

@@ -1,0 +1,277 @@
+"""The one module that knows a diffusers-format checkpoint folder: file names, variants, key names, strict loading.
+
+A folder holds `model_index.json` and one sub-folder per component. Weights come as `.safetensors` or pickled `.bin`
+(read with `torch.load(weights_only=True)`, never unrestricted pickle), optionally as the `fp16` variant
+(`*.fp16.safetensors`, `*.fp16.bin`) or sharded with an `*.index.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig, VQVAEConfig
+from .errors import WeightsError
+
+COMPONENTS = (
+    "vqvae",
+    "transformer",
+    "text_encoder",
+    "tokenizer",
+    "scheduler",
+    "learned_classifier_free_sampling_embeddings",
+)
+WEIGHT_COMPONENTS = ("vqvae", "transformer", "text_encoder", "learned_classifier_free_sampling_embeddings")
+VARIANTS = ("auto", "fp16", "fp32")
+
+_STEMS = {"text_encoder": ("model", "pytorch_model")}  # transformers' names; diffusers components use the rest
+_DIFFUSERS_STEMS = ("diffusion_pytorch_model",)
+_OLD_VQ_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_OLD_VQ_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WeightsError(f"missing file: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path} is not a JSON object")
+    return data
+
+
+def check_model_index(root: Path) -> dict[str, Any]:
+    """model_index.json, with every component the pipeline needs."""
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        raise WeightsError(
+            f"{root} is not a diffusers VQ-Diffusion checkpoint: it has no model_index.json",
+            hint="pass a folder saved in diffusers' format, or a Hub repo id such as microsoft/vq-diffusion-ithq",
+        )
+    index = read_json(index_path)
+    name = index.get("_class_name")
+    if name not in (None, "VQDiffusionPipeline"):
+        raise WeightsError(f"{root} holds a {name}, not a VQDiffusionPipeline")
+    missing = [c for c in COMPONENTS if c not in index]
+    if missing:
+        hint = None
+        if "learned_classifier_free_sampling_embeddings" in missing:
+            hint = ("the Hub's old 'fp16' branch lacks the learned null embeddings; use revision 'main' with "
+                    "--variant fp16 instead")
+        raise WeightsError(f"{root}/model_index.json lists no {', '.join(missing)} component", hint=hint)
+    return index
+
+
+def read_pipeline_config(root: Path) -> PipelineConfig:
+    check_model_index(root)
+    return PipelineConfig(
+        transformer=TransformerConfig.from_diffusers(read_json(root / "transformer" / "config.json")),
+        vqvae=VQVAEConfig.from_diffusers(read_json(root / "vqvae" / "config.json")),
+        scheduler=SchedulerConfig.from_diffusers(read_json(root / "scheduler" / "scheduler_config.json")),
+        null_embedding=NullEmbeddingConfig.from_diffusers(
+            read_json(root / "learned_classifier_free_sampling_embeddings" / "config.json")
+        ),
+        text_encoder=read_json(root / "text_encoder" / "config.json"),
+    )
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """The file(s) holding one component's weights, in one format and variant."""
+
+    paths: tuple[Path, ...]
+    variant: str  # "fp16" or "fp32"
+    fmt: str  # "safetensors" or "bin"
+
+
+def _candidates(component: str, variant: str) -> Iterable[tuple[str, str]]:
+    """(file name, format) in order of preference for one variant; safetensors first."""
+    stems = _STEMS.get(component, _DIFFUSERS_STEMS)
+    infix = ".fp16" if variant == "fp16" else ""
+    for fmt in ("safetensors", "bin"):
+        for stem in stems:
+            if component == "text_encoder" and (fmt, stem) in (("safetensors", "pytorch_model"), ("bin", "model")):
+                continue  # transformers writes model.safetensors and pytorch_model.bin
+            yield f"{stem}{infix}.{fmt}", fmt
+
+
+def _resolve_files(folder: Path, name: str, fmt: str) -> tuple[Path, ...] | None:
+    single = folder / name
+    if single.is_file():
+        return (single,)
+    index = folder / f"{name}.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map", {})
+        shards = sorted(set(weight_map.values()))
+        paths = tuple(folder / s for s in shards)
+        missing = [p.name for p in paths if not p.is_file()]
+        if missing:
+            raise WeightsError(f"{index} names missing shard(s): {', '.join(missing)}")
+        return paths
+    return None
+
+
+def find_weight_files(root: Path, component: str, variant: str) -> WeightFiles:
+    """Pick one component's files; variant 'auto' takes fp32 files when present, else the fp16 variant."""
+    folder = root / component
+    order = {"fp32": ("fp32",), "fp16": ("fp16",), "auto": ("fp32", "fp16")}[variant]
+    for v in order:
+        for name, fmt in _candidates(component, v):
+            paths = _resolve_files(folder, name, fmt)
+            if paths:
+                return WeightFiles(paths, v, fmt)
+    wanted = " or ".join(n for v in order for n, _ in _candidates(component, v))
+    raise WeightsError(f"no weights for {component} in {folder} (looked for {wanted})")
+
+
+def read_state_dict(files: WeightFiles) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in files.paths:
+        try:
+            if files.fmt == "safetensors":
+                from safetensors.torch import load_file
+
+                part = load_file(str(path), device="cpu")
+            else:
+                part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # corrupt, truncated or not a weights file: one clear message
+            raise WeightsError(f"cannot read weights from {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+        if not isinstance(part, Mapping) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+            raise WeightsError(f"{path} does not hold a flat state dict of tensors")
+        state.update(part)
+    return state
+
+
+def rename_keys(component: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map the names older files use onto the current ones (the only renames vqdiff needs)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if component == "vqvae":
+            m = _OLD_VQ_KEY.match(key)
+            if m:
+                key = f"{m.group(1)}.{_OLD_VQ_ATTENTION[m.group(2)]}.{m.group(3)}"
+        elif component == "text_encoder":
+            key = key.removeprefix("text_model.")
+            if key == "embeddings.position_ids":
+                continue  # a buffer transformers recomputes
+        out[key] = value
+    return out
+
+
+def _names(keys: Iterable[str], limit: int = 5) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], where: str, dtype: torch.dtype) -> None:
+    """Fill a (meta-device) module from `state`; any missing, unexpected or mis-shaped tensor is one clear error."""
+    expected = module.state_dict()
+    missing = expected.keys() - state.keys()
+    unexpected = state.keys() - expected.keys()
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+             for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_names(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shape {_names(wrong, 3)}")
+    if problems:
+        raise WeightsError(f"{where} weights do not match its config: " + "; ".join(problems))
+    converted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    module.load_state_dict(converted, strict=True, assign=True)
+
+
+@dataclass
+class Components:
+    """The loaded networks of one checkpoint, on their device."""
+
+    config: PipelineConfig
+    transformer: nn.Module
+    vqvae: nn.Module
+    text: nn.Module
+    variants: dict[str, str]  # component -> "fp16" / "fp32" files that were read
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    from transformers import CLIPTokenizer
+
+    if not folder.is_dir():
+        raise WeightsError(f"missing tokenizer folder: {folder}")
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:
+        raise WeightsError(f"cannot load the CLIP tokenizer from {folder}: {e}".splitlines()[0]) from None
+
+
+def load_components(root: Path, device: torch.device, dtype: torch.dtype, variant: str = "auto") -> Components:
+    """Build every network from its config on the meta device and fill it strictly from the files under `root`.
+
+    The transformer and VQ-VAE take `dtype`; the text encoder and null embedding stay float32 (they run once per
+    prompt, and their states are cast when they enter the transformer).
+    """
+    from .models.text import TextConditioning, build_clip_text_model, restore_position_ids
+    from .models.transformer import DiffusionTransformer
+    from .models.vqvae import VQVAE
+
+    cfg = read_pipeline_config(root)
+    if variant == "auto":
+        variant = "fp16" if dtype in (torch.float16, torch.bfloat16) else "fp32"
+        fallback = True
+    else:
+        fallback = False
+
+    def files_for(component: str) -> WeightFiles:
+        try:
+            return find_weight_files(root, component, variant)
+        except WeightsError:
+            if not fallback:
+                raise
+            return find_weight_files(root, component, "auto")
+
+    variants: dict[str, str] = {}
+
+    def fill(module: nn.Module, component: str, target: torch.dtype) -> nn.Module:
+        files = files_for(component)
+        variants[component] = files.variant
+        load_strict(module, rename_keys(component, read_state_dict(files)), component, target)
+        if component == "text_encoder":
+            restore_position_ids(module)
+        return module.to(device).eval().requires_grad_(False)
+
+    with torch.device("meta"):
+        transformer = DiffusionTransformer(cfg.transformer)
+        vqvae = VQVAE(cfg.vqvae)
+    fill(transformer, "transformer", dtype)
+    fill(vqvae, "vqvae", dtype)
+
+    text_model = build_clip_text_model(cfg.text_encoder)
+    fill(text_model, "text_encoder", torch.float32)
+
+    null = None
+    if cfg.null_embedding.learnable:
+        files = files_for("learned_classifier_free_sampling_embeddings")
+        state = read_state_dict(files)
+        emb = state.get("embeddings")
+        shape = (cfg.null_embedding.length, cfg.null_embedding.hidden_size)
+        if emb is None or tuple(emb.shape) != shape or len(state) != 1:
+            raise WeightsError(
+                f"learned_classifier_free_sampling_embeddings: expected one tensor 'embeddings' of shape {shape}, "
+                f"found {_names(f'{k} {tuple(v.shape)}' for k, v in state.items()) or 'nothing'}"
+            )
+        variants["learned_classifier_free_sampling_embeddings"] = files.variant
+        null = emb.float().to(device)
+    tokenizer = _load_tokenizer(root / "tokenizer")
+    text = TextConditioning(tokenizer, text_model, null)
+    return Components(cfg, transformer, vqvae, text, variants)
