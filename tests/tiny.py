@@ -44,7 +44,10 @@ def write_tokenizer(folder: Path, words: list[str] = WORDS) -> int:
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     special = {
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "!",
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "!",
     }
     (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
     config = {**special, "model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True}
@@ -86,8 +89,11 @@ class TinyCheckpoint:
         from diffusers import VQDiffusionPipeline
 
         return VQDiffusionPipeline(
-            vqvae=self.vqvae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-            transformer=self.transformer, scheduler=self.scheduler,
+            vqvae=self.vqvae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            transformer=self.transformer,
+            scheduler=self.scheduler,
             learned_classifier_free_sampling_embeddings=self.null,
         )
 
@@ -107,29 +113,52 @@ def build_tiny(path: Path, spec: TinySpec | None = None) -> TinyCheckpoint:
     g = torch.manual_seed(spec.seed)
     levels = len(spec.block_out_channels)
     vqvae = VQModel(
-        in_channels=3, out_channels=3, block_out_channels=list(spec.block_out_channels), layers_per_block=1,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=list(spec.block_out_channels),
+        layers_per_block=1,
         down_block_types=["DownEncoderBlock2D"] * (levels - 1) + ["AttnDownEncoderBlock2D"],
         up_block_types=["AttnUpDecoderBlock2D"] + ["UpDecoderBlock2D"] * (levels - 1),
-        latent_channels=8, num_vq_embeddings=spec.num_codes, vq_embed_dim=4, norm_num_groups=32,
+        latent_channels=8,
+        num_vq_embeddings=spec.num_codes,
+        vq_embed_dim=4,
+        norm_num_groups=32,
         sample_size=spec.sample_size,
     )
     with torch.no_grad():  # a codebook spread like real embeddings, so that encoding uses many codes
         vqvae.quantize.embedding.weight.normal_(generator=g)
     transformer = Transformer2DModel(
-        num_attention_heads=spec.heads, attention_head_dim=spec.head_dim, num_layers=spec.num_layers,
-        cross_attention_dim=spec.text_width, attention_bias=True, sample_size=spec.sample_size,
-        num_vector_embeds=spec.num_codes + 1, activation_fn="geglu-approximate",
-        num_embeds_ada_norm=spec.num_train_timesteps, norm_num_groups=32, norm_type="ada_norm",
+        num_attention_heads=spec.heads,
+        attention_head_dim=spec.head_dim,
+        num_layers=spec.num_layers,
+        cross_attention_dim=spec.text_width,
+        attention_bias=True,
+        sample_size=spec.sample_size,
+        num_vector_embeds=spec.num_codes + 1,
+        activation_fn="geglu-approximate",
+        num_embeds_ada_norm=spec.num_train_timesteps,
+        norm_num_groups=32,
+        norm_type="ada_norm",
     )
     with torch.no_grad():  # sharper predictions than default init, so the tests see real choices
         transformer.out.weight.normal_(std=0.5, generator=g)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=spec.text_width, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-        pad_token_id=0, hidden_act="quick_gelu",
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=spec.text_width,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=vocab_size,
+            max_position_embeddings=77,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=0,
+            hidden_act="quick_gelu",
+        )
+    )
     null = LearnedClassifierFreeSamplingEmbeddings(
-        learnable=spec.learnable, hidden_size=spec.text_width if spec.learnable else None,
+        learnable=spec.learnable,
+        hidden_size=spec.text_width if spec.learnable else None,
         length=77 if spec.learnable else None,
     )
     if spec.learnable:
@@ -159,15 +188,21 @@ def old_vq_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_hub_layout(path: Path, vqvae: Any, transformer: Any, text_encoder: Any, scheduler: Any, null: Any) -> None:
     """What the Hub's microsoft/vq-diffusion-ithq main branch looks like, at tiny size."""
     index = {
-        "_class_name": "VQDiffusionPipeline", "_diffusers_version": "0.8.0.dev0",
+        "_class_name": "VQDiffusionPipeline",
+        "_diffusers_version": "0.8.0.dev0",
         "learned_classifier_free_sampling_embeddings": ["vq_diffusion", "LearnedClassifierFreeSamplingEmbeddings"],
-        "scheduler": ["diffusers", "VQDiffusionScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "transformer": ["diffusers", "Transformer2DModel"],
+        "scheduler": ["diffusers", "VQDiffusionScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "transformer": ["diffusers", "Transformer2DModel"],
         "vqvae": ["diffusers", "VQModel"],
     }
     (path / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-    for name, module in (("vqvae", vqvae), ("transformer", transformer), ("learned_classifier_free_sampling_embeddings",
-                                                                         null)):
+    for name, module in (
+        ("vqvae", vqvae),
+        ("transformer", transformer),
+        ("learned_classifier_free_sampling_embeddings", null),
+    ):
         folder = path / name
         folder.mkdir(exist_ok=True)
         config = dict(module.config)
@@ -187,8 +222,15 @@ def save_hub_layout(path: Path, vqvae: Any, transformer: Any, text_encoder: Any,
     scheduler.save_pretrained(str(path / "scheduler"))
 
 
-def resave(src: Path, dst: Path, *, fmt: str = "safetensors", variant: str = "fp32", new_vq_names: bool = False,
-           drop: tuple[str, ...] = ()) -> Path:
+def resave(
+    src: Path,
+    dst: Path,
+    *,
+    fmt: str = "safetensors",
+    variant: str = "fp32",
+    new_vq_names: bool = False,
+    drop: tuple[str, ...] = (),
+) -> Path:
     """A copy of a tiny checkpoint with its weights in another format, variant or key naming."""
     from safetensors.torch import save_file
 
@@ -204,8 +246,9 @@ def resave(src: Path, dst: Path, *, fmt: str = "safetensors", variant: str = "fp
             state = rename_keys("vqvae", state)
         if variant == "fp16":
             state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-        stem = {"text_encoder": "model" if fmt == "safetensors" else "pytorch_model"}.get(component,
-                                                                                           "diffusion_pytorch_model")
+        stem = {"text_encoder": "model" if fmt == "safetensors" else "pytorch_model"}.get(
+            component, "diffusion_pytorch_model"
+        )
         name = f"{stem}{'.fp16' if variant == 'fp16' else ''}.{fmt}"
         if fmt == "safetensors":
             save_file(state, str(folder / name))

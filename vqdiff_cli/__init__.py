@@ -13,8 +13,7 @@ if TYPE_CHECKING:
     from .api import GeneratedImage, GenerateOptions, ModelSource, StepEvent, VQDiffusion
     from .errors import VqdiffError
 
-__all__ = ["GenerateOptions", "GeneratedImage", "ModelSource", "StepEvent", "VQDiffusion", "VqdiffError",
-           "__version__"]
+__all__ = ["GenerateOptions", "GeneratedImage", "ModelSource", "StepEvent", "VQDiffusion", "VqdiffError", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

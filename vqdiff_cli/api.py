@@ -130,8 +130,15 @@ class VQDiffusion:
         self.schedule = MaskAndReplaceSchedule.from_config(components.config.scheduler)
 
     @classmethod
-    def from_pretrained(cls, model: str | Path, *, device: str = "auto", dtype: str = "auto",
-                        variant: str = "auto", revision: str | None = None) -> VQDiffusion:
+    def from_pretrained(
+        cls,
+        model: str | Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        variant: str = "auto",
+        revision: str | None = None,
+    ) -> VQDiffusion:
         """Load a diffusers-format folder (the Hub's microsoft/vq-diffusion-ithq layout)."""
         if variant not in VARIANTS:
             raise UsageError(f"unknown variant '{variant}'", hint=f"use one of: {', '.join(VARIANTS)}")
@@ -181,12 +188,24 @@ class VQDiffusion:
 
         return run
 
-    def generate(self, prompts: str | Sequence[str], options: GenerateOptions | None = None, *,
-                 trajectory: bool = False, on_step: StepCallback | None = None) -> list[GeneratedImage]:
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        options: GenerateOptions | None = None,
+        *,
+        trajectory: bool = False,
+        on_step: StepCallback | None = None,
+    ) -> list[GeneratedImage]:
         return list(self.generate_iter(prompts, options, trajectory=trajectory, on_step=on_step))
 
-    def generate_iter(self, prompts: str | Sequence[str], options: GenerateOptions | None = None, *,
-                      trajectory: bool = False, on_step: StepCallback | None = None) -> Iterator[GeneratedImage]:
+    def generate_iter(
+        self,
+        prompts: str | Sequence[str],
+        options: GenerateOptions | None = None,
+        *,
+        trajectory: bool = False,
+        on_step: StepCallback | None = None,
+    ) -> Iterator[GeneratedImage]:
         """Yield images as their batch finishes: `num_images` per prompt, image i seeded with seed + i."""
         options = options or GenerateOptions()
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -194,10 +213,7 @@ class VQDiffusion:
             raise UsageError("no prompts given")
         timesteps = options.timesteps(self.num_train_timesteps)
         seed = secrets.randbelow(2**31) if options.seed is None else options.seed
-        jobs = [
-            _Job(p, seed + i, i)
-            for i, p in enumerate(p for p in prompt_list for _ in range(options.num_images))
-        ]
+        jobs = [_Job(p, seed + i, i) for i, p in enumerate(p for p in prompt_list for _ in range(options.num_images))]
         if jobs[-1].seed > MAX_SEED:
             raise UsageError(f"--seed {seed} leaves no room for {len(jobs)} consecutive seeds")
         states, truncated = self._encode_prompts(prompt_list)
@@ -226,16 +242,36 @@ class VQDiffusion:
         return TextContext(torch.cat(cond), uncond)
 
     @torch.inference_mode()
-    def _sample(self, batch: list[_Job], x_t: torch.Tensor, context: TextContext, timesteps: tuple[int, ...],
-                options: GenerateOptions, total: int, keep_trajectory: bool, on_step: StepCallback | None,
-                known: KnownTokens | None = None) -> list[GeneratedImage]:
+    def _sample(
+        self,
+        batch: list[_Job],
+        x_t: torch.Tensor,
+        context: TextContext,
+        timesteps: tuple[int, ...],
+        options: GenerateOptions,
+        total: int,
+        keep_trajectory: bool,
+        on_step: StepCallback | None,
+        known: KnownTokens | None = None,
+    ) -> list[GeneratedImage]:
         """Denoise one batch from x_t over `timesteps`, decode it, and package the results."""
         h, w = self.token_grid
         generators = make_generators([j.seed for j in batch], self.device)
         steps = [x_t.cpu()] if keep_trajectory else []
         x = x_t
-        for i, x in enumerate(denoise(self._denoiser(), x_t, timesteps, context, self.schedule, generators,
-                                      options.guidance_scale, options.truncation_rate, known)):
+        for i, x in enumerate(
+            denoise(
+                self._denoiser(),
+                x_t,
+                timesteps,
+                context,
+                self.schedule,
+                generators,
+                options.guidance_scale,
+                options.truncation_rate,
+                known,
+            )
+        ):
             if keep_trajectory:
                 steps.append(x.cpu())
             if on_step is not None:
@@ -244,8 +280,15 @@ class VQDiffusion:
         pictures = self.decode(tokens)
         traj = torch.stack(steps).view(len(steps), len(batch), h, w) if keep_trajectory else None
         return [
-            GeneratedImage(prompt=job.prompt, seed=job.seed, index=job.index, tokens=tokens[b], image=pictures[b],
-                           timesteps=timesteps, trajectory=traj[:, b] if traj is not None else None)
+            GeneratedImage(
+                prompt=job.prompt,
+                seed=job.seed,
+                index=job.index,
+                tokens=tokens[b],
+                image=pictures[b],
+                timesteps=timesteps,
+                trajectory=traj[:, b] if traj is not None else None,
+            )
             for b, job in enumerate(batch)
         ]
 
@@ -260,9 +303,7 @@ class VQDiffusion:
                 if keep_size:
                     w, h = picture.size
                     if w % factor or h % factor:
-                        raise UsageError(
-                            f"--keep-size needs both sides to be multiples of {factor}, got {w}x{h}"
-                        )
+                        raise UsageError(f"--keep-size needs both sides to be multiples of {factor}, got {w}x{h}")
                 else:
                     picture = imageio.fit_square(picture, self.config.image_size)
                 pixels = imageio.to_tensor([picture]).to(self.device, self.dtype)
@@ -276,9 +317,7 @@ class VQDiffusion:
             tokens = tokens[None]
         codes = self.config.vqvae.num_vq_embeddings
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= codes):
-            raise UsageError(
-                f"token ids must be in 0..{codes - 1}, found {int(tokens.min())}..{int(tokens.max())}"
-            )
+            raise UsageError(f"token ids must be in 0..{codes - 1}, found {int(tokens.min())}..{int(tokens.max())}")
         out: list[Image.Image] = []
         with torch.inference_mode():
             for start in range(0, tokens.shape[0], batch_size):

@@ -60,16 +60,22 @@ class TransformerConfig:
         w = "transformer/config.json"
         _require(d.get("in_channels") is None, w, "continuous input (in_channels is set)")
         _require(d.get("patch_size") is None, w, "patch input (patch_size is set)")
-        _require(_get(d, "activation_fn", w, "geglu") == "geglu-approximate", w,
-                 f"activation_fn={d.get('activation_fn')!r} (only 'geglu-approximate')")
+        _require(
+            _get(d, "activation_fn", w, "geglu") == "geglu-approximate",
+            w,
+            f"activation_fn={d.get('activation_fn')!r} (only 'geglu-approximate')",
+        )
         num_embeds_ada_norm = _get(d, "num_embeds_ada_norm", w, None)
         norm_type = _get(d, "norm_type", w, "layer_norm")
         # The hub's config has no norm_type: diffusers then switches "layer_norm" to "ada_norm" because
         # num_embeds_ada_norm is set. A config saved by newer diffusers says "ada_norm" outright.
         if norm_type == "layer_norm" and num_embeds_ada_norm is not None:
             norm_type = "ada_norm"
-        _require(norm_type == "ada_norm" and num_embeds_ada_norm is not None, w,
-                 f"norm_type={norm_type!r} (only adaptive LayerNorm with num_embeds_ada_norm)")
+        _require(
+            norm_type == "ada_norm" and num_embeds_ada_norm is not None,
+            w,
+            f"norm_type={norm_type!r} (only adaptive LayerNorm with num_embeds_ada_norm)",
+        )
         for flag in ("only_cross_attention", "double_self_attention", "upcast_attention", "use_linear_projection"):
             _require(not _get(d, flag, w, False), w, f"{flag}=true")
         _require(_get(d, "attention_type", w, "default") == "default", w, "attention_type")

@@ -65,8 +65,10 @@ def check_model_index(root: Path) -> dict[str, Any]:
     if missing:
         hint = None
         if "learned_classifier_free_sampling_embeddings" in missing:
-            hint = ("the Hub's old 'fp16' branch lacks the learned null embeddings; use revision 'main' with "
-                    "--variant fp16 instead")
+            hint = (
+                "the Hub's old 'fp16' branch lacks the learned null embeddings; use revision 'main' with "
+                "--variant fp16 instead"
+            )
         raise WeightsError(f"{root}/model_index.json lists no {', '.join(missing)} component", hint=hint)
     return index
 
@@ -178,8 +180,11 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], where: str, d
     expected = module.state_dict()
     missing = expected.keys() - state.keys()
     unexpected = state.keys() - expected.keys()
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-             for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+        for k in expected.keys() & state.keys()
+        if state[k].shape != expected[k].shape
+    ]
     problems = []
     if missing:
         problems.append(f"missing {_names(missing)}")

@@ -64,12 +64,16 @@ def report_errors(func: F) -> F:
             if _debug_enabled():
                 traceback.print_exc()
             if _out_of_memory(e):
-                out.error("the device ran out of memory",
-                          "use a smaller --batch-size, --dtype float16 or bfloat16, or --device cpu")
+                out.error(
+                    "the device ran out of memory",
+                    "use a smaller --batch-size, --dtype float16 or bfloat16, or --device cpu",
+                )
             else:
                 first = (str(e).strip().splitlines() or [""])[0]
-                out.error(f"unexpected {type(e).__name__}: {first}",
-                          "run again with --debug (or VQDIFF_DEBUG=1) for the traceback, and report it")
+                out.error(
+                    f"unexpected {type(e).__name__}: {first}",
+                    "run again with --debug (or VQDIFF_DEBUG=1) for the traceback, and report it",
+                )
             raise typer.Exit(int(ExitStatus.FAILURE)) from None
 
     return wrapper  # type: ignore[return-value]
@@ -83,8 +87,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors (or set VQDIFF_DEBUG=1).")] = False,
 ) -> None:
     """VQ-Diffusion text-to-image generation, inpainting and token tools."""

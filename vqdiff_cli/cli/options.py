@@ -14,11 +14,15 @@ ModelOpt = Annotated[
     typer.Option("--model", "-m", help="Local diffusers-format folder or Hub repo id.", envvar="VQDIFF_MODEL"),
 ]
 DeviceOpt = Annotated[
-    str, typer.Option("--device", help="auto, cpu, cuda (or cuda:N) or mps.", envvar="VQDIFF_DEVICE"),
+    str,
+    typer.Option("--device", help="auto, cpu, cuda (or cuda:N) or mps.", envvar="VQDIFF_DEVICE"),
 ]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU, float16 on GPU), float32, float16, bfloat16.")]
+DtypeOpt = Annotated[
+    str, typer.Option("--dtype", help="auto (float32 on CPU, float16 on GPU), float32, float16, bfloat16.")
+]
 VariantOpt = Annotated[
-    str, typer.Option("--variant", help="Weight files to read: auto (fp16 files for half precision), fp16 or fp32."),
+    str,
+    typer.Option("--variant", help="Weight files to read: auto (fp16 files for half precision), fp16 or fp32."),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]

@@ -18,9 +18,15 @@ from .options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, OverwriteOpt,
 def encode(
     images: Annotated[list[Path], typer.Argument(help="Images to encode.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Token grids, (N, H, W) int64 .npy.")] = Path(
-        "tokens.npy"),
-    keep_size: Annotated[bool, typer.Option("--keep-size", help="Encode at the image's own size (sides must be "
-                                            "multiples of the VQ-VAE's downsampling factor).")] = False,
+        "tokens.npy"
+    ),
+    keep_size: Annotated[
+        bool,
+        typer.Option(
+            "--keep-size",
+            help="Encode at the image's own size (sides must be multiples of the VQ-VAE's downsampling factor).",
+        ),
+    ] = False,
     model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -54,7 +60,8 @@ def encode(
 def decode(
     tokens: Annotated[Path, typer.Argument(help="Token grids, (H, W) or (N, H, W) .npy.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output PNG; several grids get -0, -1, ...")] = Path(
-        "decoded.png"),
+        "decoded.png"
+    ),
     model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",

@@ -74,9 +74,16 @@ def model_log_p(denoiser: Denoiser, x_t: torch.Tensor, t: int, context: TextCont
     return tuple(out.chunk(2))
 
 
-def sample_step(log_p: tuple[torch.Tensor, ...], x_t: torch.Tensor, t: int, s: int | None,
-                schedule: MaskAndReplaceSchedule, guidance_scale: float, truncation_rate: float,
-                generators: Sequence[torch.Generator]) -> torch.Tensor:
+def sample_step(
+    log_p: tuple[torch.Tensor, ...],
+    x_t: torch.Tensor,
+    t: int,
+    s: int | None,
+    schedule: MaskAndReplaceSchedule,
+    guidance_scale: float,
+    truncation_rate: float,
+    generators: Sequence[torch.Generator],
+) -> torch.Tensor:
     """Guidance, truncation, posterior to s (or x_0 when s is None), Gumbel-max sample; (B, N) -> (B, N)."""
     log_p_x_0 = apply_guidance(log_p[0], log_p[1], guidance_scale) if len(log_p) == 2 else log_p[0]
     log_p_x_0 = truncate(log_p_x_0, truncation_rate)
@@ -84,8 +91,9 @@ def sample_step(log_p: tuple[torch.Tensor, ...], x_t: torch.Tensor, t: int, s: i
     return gumbel_argmax(logits, gumbel_uniforms(logits.shape, generators, logits.device))
 
 
-def q_sample(x_0: torch.Tensor, schedule: MaskAndReplaceSchedule, t: int,
-             generators: Sequence[torch.Generator]) -> torch.Tensor:
+def q_sample(
+    x_0: torch.Tensor, schedule: MaskAndReplaceSchedule, t: int, generators: Sequence[torch.Generator]
+) -> torch.Tensor:
     """Forward process: draw x_t ~ q(x_t | x_0) for (B, N) ids, one uniform draw of (1, K, N) per image."""
     tr = schedule.cumulative(t).to(x_0.device)
     k = schedule.num_classes
@@ -96,8 +104,13 @@ def q_sample(x_0: torch.Tensor, schedule: MaskAndReplaceSchedule, t: int,
     return gumbel_argmax(logits, gumbel_uniforms(logits.shape, generators, logits.device))
 
 
-def _impose_known(x: torch.Tensor, known: KnownTokens, s: int | None, schedule: MaskAndReplaceSchedule,
-                  generators: Sequence[torch.Generator]) -> torch.Tensor:
+def _impose_known(
+    x: torch.Tensor,
+    known: KnownTokens,
+    s: int | None,
+    schedule: MaskAndReplaceSchedule,
+    generators: Sequence[torch.Generator],
+) -> torch.Tensor:
     if known.renoise and s is not None:
         source = torch.cat([q_sample(known.tokens[i : i + 1], schedule, s, [g]) for i, g in enumerate(generators)])
     else:
@@ -105,9 +118,17 @@ def _impose_known(x: torch.Tensor, known: KnownTokens, s: int | None, schedule: 
     return torch.where(known.regenerate, x, source)
 
 
-def denoise(denoiser: Denoiser, x_t: torch.Tensor, timesteps: Sequence[int], context: TextContext,
-            schedule: MaskAndReplaceSchedule, generators: Sequence[torch.Generator], guidance_scale: float,
-            truncation_rate: float, known: KnownTokens | None = None) -> Iterator[torch.Tensor]:
+def denoise(
+    denoiser: Denoiser,
+    x_t: torch.Tensor,
+    timesteps: Sequence[int],
+    context: TextContext,
+    schedule: MaskAndReplaceSchedule,
+    generators: Sequence[torch.Generator],
+    guidance_scale: float,
+    truncation_rate: float,
+    known: KnownTokens | None = None,
+) -> Iterator[torch.Tensor]:
     """Run the reverse chain over `timesteps` (descending), yielding x after each step; the last yield is x_0.
 
     Image b draws all its noise from generators[b] and is processed alone after the network call, so an image comes
@@ -119,11 +140,21 @@ def denoise(denoiser: Denoiser, x_t: torch.Tensor, timesteps: Sequence[int], con
         # 1. log p(x_0 | x_t, text) for the whole batch
         log_p = model_log_p(denoiser, x, t, context)
         # 2. per image: guidance, truncation, posterior to s, Gumbel-max sample
-        x = torch.cat([
-            sample_step(tuple(p[b : b + 1] for p in log_p), x[b : b + 1], t, s, schedule, guidance_scale,
-                        truncation_rate, generators[b : b + 1])
-            for b in range(x.shape[0])
-        ])
+        x = torch.cat(
+            [
+                sample_step(
+                    tuple(p[b : b + 1] for p in log_p),
+                    x[b : b + 1],
+                    t,
+                    s,
+                    schedule,
+                    guidance_scale,
+                    truncation_rate,
+                    generators[b : b + 1],
+                )
+                for b in range(x.shape[0])
+            ]
+        )
         # 3. inpainting: known tokens back in place
         if known is not None:
             x = _impose_known(x, known, s, schedule, generators)

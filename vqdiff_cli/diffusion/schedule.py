@@ -96,11 +96,12 @@ def index_to_log_onehot(x: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.log(onehot.float().clamp(min=1e-30))
 
 
-def log_q_rows(log_onehot_x_t: torch.Tensor, x_t: torch.Tensor, tr: Transition, mask_id: int,
-               from_mask_row: bool) -> torch.Tensor:
+def log_q_rows(
+    log_onehot_x_t: torch.Tensor, x_t: torch.Tensor, tr: Transition, mask_id: int, from_mask_row: bool
+) -> torch.Tensor:
     """log q(x_t | x_prev = k) for every non-mask k (and, with `from_mask_row`, for k = mask): (B, K-1 or K, N).
 
-    log(alpha + beta) on the row equal to x_t, about log(beta) on the others, log(gamma) everywhere where x_t is the mask.
+    log(alpha + beta) on the row equal to x_t, about log(beta) on the others; log(gamma) wherever x_t is the mask.
     """
     rows = (log_onehot_x_t[:, :-1, :] + tr.log_a).logaddexp(tr.log_b)
     is_mask = (x_t == mask_id).unsqueeze(1).expand(-1, rows.shape[1], -1)
@@ -110,8 +111,9 @@ def log_q_rows(log_onehot_x_t: torch.Tensor, x_t: torch.Tensor, tr: Transition, 
     return rows
 
 
-def q_posterior(log_p_x_0: torch.Tensor, x_t: torch.Tensor, schedule: MaskAndReplaceSchedule, t: int,
-                s: int) -> torch.Tensor:
+def q_posterior(
+    log_p_x_0: torch.Tensor, x_t: torch.Tensor, schedule: MaskAndReplaceSchedule, t: int, s: int
+) -> torch.Tensor:
     """log p(x_s | x_t) up to a per-token constant: sum over x_0 of q(x_t | x_s) q(x_s | x_0) p(x_0) / q(x_t | x_0).
 
     log_p_x_0: (B, K-1, N) float32; x_t: (B, N) ids. Returns (B, K, N). s = t-1 is diffusers' one-step posterior.

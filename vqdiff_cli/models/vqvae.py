@@ -78,9 +78,7 @@ class EncoderBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, attention: bool, downsample: bool) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList(
-            [ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(layers)]
-        )
+        self.resnets = nn.ModuleList([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(layers)])
         self.attentions = nn.ModuleList([AttentionBlock(out_ch, groups) for _ in range(layers)]) if attention else None
         self.downsamplers = nn.ModuleList([Downsample(out_ch)]) if downsample else None
 
@@ -99,9 +97,7 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, attention: bool, upsample: bool) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList(
-            [ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(layers)]
-        )
+        self.resnets = nn.ModuleList([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(layers)])
         self.attentions = nn.ModuleList([AttentionBlock(out_ch, groups) for _ in range(layers)]) if attention else None
         self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
 

@@ -1,0 +1,155 @@
+"""Loading diffusers-format folders: formats, variants, key names, strictness, clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from vqdiff_cli import GenerateOptions, VQDiffusion
+from vqdiff_cli.errors import WeightsError
+
+from .tiny import resave
+
+OPTS = GenerateOptions(seed=5, guidance_scale=3.0)
+
+
+@pytest.fixture(scope="module")
+def expected_tokens(tiny_pipe):
+    return tiny_pipe.generate("a red ball", OPTS)[0].tokens
+
+
+@pytest.mark.parametrize(("fmt", "new_names"), [("safetensors", False), ("safetensors", True), ("bin", True)])
+def test_formats_and_key_names_give_identical_tokens(tiny, tmp_path, expected_tokens, fmt, new_names):
+    path = resave(tiny.path, tmp_path / "copy", fmt=fmt, new_vq_names=new_names)
+    pipe = VQDiffusion.from_pretrained(path, device="cpu")
+    assert torch.equal(pipe.generate("a red ball", OPTS)[0].tokens, expected_tokens)
+
+
+def test_config_with_norm_type_loads(tiny, tmp_path, expected_tokens):
+    """A config saved by today's diffusers says norm_type 'ada_norm'; the Hub's has none. Both load."""
+    path = tmp_path / "copy"
+    shutil.copytree(tiny.path, path)
+    cfg_path = path / "transformer" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["norm_type"] = "ada_norm"
+    cfg_path.write_text(json.dumps(cfg))
+    assert torch.equal(
+        VQDiffusion.from_pretrained(path, device="cpu").generate("a red ball", OPTS)[0].tokens, expected_tokens
+    )
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_fp16_variant_files(tiny, tmp_path, fmt):
+    path = resave(tiny.path, tmp_path / "fp16", fmt=fmt, variant="fp16")
+    pipe = VQDiffusion.from_pretrained(path, device="cpu", dtype="bfloat16")
+    assert pipe.components.variants["transformer"] == "fp16"
+    assert pipe.components.transformer.out.weight.dtype == torch.bfloat16
+    tokens = pipe.generate("a red ball", GenerateOptions(seed=1, steps=10))[0].tokens
+    assert tokens.shape == (4, 4)
+    assert int(tokens.max()) < tiny.spec.num_codes
+    # asked for fp32 files explicitly: there are none
+    with pytest.raises(WeightsError, match="no weights for"):
+        VQDiffusion.from_pretrained(path, device="cpu", variant="fp32")
+
+
+def test_both_variants_present_picks_by_dtype(tiny, tmp_path):
+    path = resave(tiny.path, tmp_path / "both", fmt="safetensors", variant="fp16")
+    for component in ("vqvae", "transformer", "text_encoder", "learned_classifier_free_sampling_embeddings"):
+        for f in (tiny.path / component).glob("*.bin"):
+            shutil.copy(f, path / component / f.name)
+    assert VQDiffusion.from_pretrained(path, device="cpu").components.variants["transformer"] == "fp32"
+    half = VQDiffusion.from_pretrained(path, device="cpu", dtype="bfloat16")
+    assert half.components.variants["transformer"] == "fp16"
+
+
+def _mutate_transformer(src, dst, change):
+    shutil.copytree(src, dst)
+    f = dst / "transformer" / "diffusion_pytorch_model.bin"
+    state = torch.load(f, weights_only=True)
+    change(state)
+    torch.save(state, f)
+    return dst
+
+
+def test_missing_tensor_is_named(tiny, tmp_path):
+    path = _mutate_transformer(tiny.path, tmp_path / "c", lambda s: s.pop("norm_out.weight"))
+    with pytest.raises(WeightsError, match=r"transformer weights .*missing norm_out\.weight"):
+        VQDiffusion.from_pretrained(path, device="cpu")
+
+
+def test_unexpected_tensor_is_named(tiny, tmp_path):
+    path = _mutate_transformer(tiny.path, tmp_path / "c", lambda s: s.update(extra_thing=torch.zeros(1)))
+    with pytest.raises(WeightsError, match="unexpected extra_thing"):
+        VQDiffusion.from_pretrained(path, device="cpu")
+
+
+def test_wrong_shape_is_named(tiny, tmp_path):
+    path = _mutate_transformer(tiny.path, tmp_path / "c", lambda s: s.update({"out.bias": torch.zeros(3)}))
+    with pytest.raises(WeightsError, match=r"wrong shape out\.bias \(3,\) != \(16,\)"):
+        VQDiffusion.from_pretrained(path, device="cpu")
+
+
+def test_missing_null_embedding_component(tiny, tmp_path):
+    """The Hub's old fp16 branch: model_index.json without the learned embeddings."""
+    path = tmp_path / "c"
+    shutil.copytree(tiny.path, path)
+    index = json.loads((path / "model_index.json").read_text())
+    del index["learned_classifier_free_sampling_embeddings"]
+    (path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(WeightsError, match=r"learned_classifier_free_sampling_embeddings") as e:
+        VQDiffusion.from_pretrained(path, device="cpu")
+    assert "fp16" in (e.value.hint or "")
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(WeightsError, match=r"no model_index\.json"):
+        VQDiffusion.from_pretrained(tmp_path, device="cpu")
+
+
+def test_corrupt_weights_file(tiny, tmp_path):
+    path = tmp_path / "c"
+    shutil.copytree(tiny.path, path)
+    (path / "vqvae" / "diffusion_pytorch_model.bin").write_bytes(b"not a zip file at all")
+    with pytest.raises(WeightsError, match="cannot read weights"):
+        VQDiffusion.from_pretrained(path, device="cpu")
+
+
+def test_pickle_with_code_is_refused(tiny, tmp_path):
+    """weights_only loading: a .bin that would run code is an error, not an execution."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "c"
+    shutil.copytree(tiny.path, path)
+    with open(path / "vqvae" / "diffusion_pytorch_model.bin", "wb") as f:
+        pickle.dump({"x": Evil()}, f)
+    with pytest.raises(WeightsError, match="cannot read weights"):
+        VQDiffusion.from_pretrained(path, device="cpu")
+
+
+def test_unsupported_config_value(tiny, tmp_path):
+    path = tmp_path / "c"
+    shutil.copytree(tiny.path, path)
+    cfg_path = path / "transformer" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["activation_fn"] = "geglu"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match="activation_fn"):
+        VQDiffusion.from_pretrained(path, device="cpu")
+
+
+def test_mismatched_components(tiny, tmp_path):
+    path = tmp_path / "c"
+    shutil.copytree(tiny.path, path)
+    cfg_path = path / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["num_vec_classes"] = 99
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match="num_vec_classes=99"):
+        VQDiffusion.from_pretrained(path, device="cpu")
