@@ -13,46 +13,14 @@ from typing import Any
 
 import torch
 
+from vqdiff_cli.synthetic import write_clip_tokenizer
+
 WORDS = ["a", "teddy", "bear", "in", "the", "pool", "red", "ball", "cat", "dog", "on", "hat"]
-
-
-def byte_symbols() -> list[str]:
-    """The 256 symbols of byte-level BPE in CLIP's vocabulary order: printable Latin-1 bytes (standing for
-    themselves, "!" first), then the other bytes mapped to code points from 256 up."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    rest = [b for b in range(256) if b not in keep]
-    return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(rest))]
 
 
 def write_tokenizer(folder: Path, words: list[str] = WORDS) -> int:
     """vocab.json + merges.txt in CLIP's layout ("!" is id 0); returns the vocabulary size."""
-    folder.mkdir(parents=True, exist_ok=True)
-    base = byte_symbols()
-    vocab = [*base, *(s + "</w>" for s in base)]
-    merges: list[str] = []
-    for word in words:  # merge each word left to right: "t e", "te d", "ted d", "tedd y</w>"
-        parts = [*word[:-1], word[-1] + "</w>"]
-        while len(parts) > 1:
-            merged = parts[0] + parts[1]
-            line = f"{parts[0]} {parts[1]}"
-            if line not in merges:
-                merges.append(line)
-                if merged not in vocab:
-                    vocab.append(merged)
-            parts = [merged, *parts[2:]]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    special = {
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": "!",
-    }
-    (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
-    config = {**special, "model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    return len(vocab)
+    return write_clip_tokenizer(folder, words)
 
 
 @dataclass

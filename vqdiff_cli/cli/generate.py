@@ -9,6 +9,7 @@ import typer
 
 from ..console import Output
 from .app import app, report_errors
+from .common import load_model
 from .options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, OverwriteOpt, QuietOpt, VariantOpt
 
 
@@ -65,7 +66,7 @@ def generate(
     """Generate images from text prompts."""
     import torch
 
-    from ..api import GenerateOptions, VQDiffusion
+    from ..api import GenerateOptions
     from ..files import check_writable
     from ..images import save_png
     from ..images import save_tokens as write_tokens
@@ -84,8 +85,7 @@ def generate(
     for path in [*paths, *(p for p in (save_tokens, trajectory) if p is not None)]:
         check_writable(path, overwrite)
 
-    out.info(f"loading {model}")
-    pipe = VQDiffusion.from_pretrained(model, device=device, dtype=dtype, variant=variant)
+    pipe = load_model(out, model, device=device, dtype=dtype, variant=variant)
     total_steps = len(options.timesteps(pipe.num_train_timesteps))
     results = []
     with out.progress(total_steps * len(paths), "generating") as bar:

@@ -9,6 +9,7 @@ import typer
 
 from ..console import Output
 from .app import app, report_errors
+from .common import load_model
 from .generate import numbered_paths
 from .options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, OverwriteOpt, QuietOpt, VariantOpt
 
@@ -37,7 +38,6 @@ def encode(
     """Encode images into token grids (resized and centre-cropped to the model's native size by default)."""
     import torch
 
-    from ..api import VQDiffusion
     from ..errors import UsageError
     from ..files import check_writable
     from ..images import load_rgb, save_tokens
@@ -45,8 +45,7 @@ def encode(
     out = Output(quiet=quiet)
     check_writable(output, overwrite)
     pictures = [load_rgb(p) for p in images]
-    out.info(f"loading {model}")
-    pipe = VQDiffusion.from_pretrained(model, device=device, dtype=dtype, variant=variant)
+    pipe = load_model(out, model, device=device, dtype=dtype, variant=variant)
     grids = pipe.encode(pictures, keep_size=keep_size)
     shapes = {tuple(g.shape) for g in grids}
     if len(shapes) > 1:
@@ -72,7 +71,6 @@ def decode(
     """Decode token grids into images."""
     import torch
 
-    from ..api import VQDiffusion
     from ..files import check_writable
     from ..images import load_tokens, save_png
 
@@ -81,8 +79,7 @@ def decode(
     paths = numbered_paths(output, grids.shape[0])
     for path in paths:
         check_writable(path, overwrite)
-    out.info(f"loading {model}")
-    pipe = VQDiffusion.from_pretrained(model, device=device, dtype=dtype, variant=variant)
+    pipe = load_model(out, model, device=device, dtype=dtype, variant=variant)
     for path, picture in zip(paths, pipe.decode(grids), strict=True):
         save_png(picture, path, overwrite=overwrite)
         out.result(str(path))

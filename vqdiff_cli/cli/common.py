@@ -1,0 +1,18 @@
+"""What several commands share: loading the model the options name."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..console import Output
+
+if TYPE_CHECKING:
+    from ..api import VQDiffusion
+
+
+def load_model(out: Output, model: str, *, device: str, dtype: str, variant: str) -> VQDiffusion:
+    """Load `model` (local folder) on the requested device and dtype, saying so on stderr."""
+    from ..api import VQDiffusion
+
+    out.info(f"loading {model}")
+    return VQDiffusion.from_pretrained(model, device=device, dtype=dtype, variant=variant)

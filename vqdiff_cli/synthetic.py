@@ -1,0 +1,190 @@
+"""Checkpoints of a real architecture with random weights, for benchmarks and tests; nothing is downloaded.
+
+`write_random_checkpoint` writes a folder in the Hub's layout (fp32 `.bin` files with the old VQ-VAE attention names
+and `text_model.`-prefixed CLIP keys, by default) from the configs shipped in `vqdiff_cli/configs/<name>/`, and a
+byte-level CLIP tokenizer made up on the spot ("!" is id 0, as in CLIP). The images such a model makes are noise;
+its sizes, and so its timings, are the real model's.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig, VQVAEConfig
+
+_CONFIG_FILES = {
+    "transformer": "transformer.json",
+    "vqvae": "vqvae.json",
+    "scheduler": "scheduler.json",
+    "learned_classifier_free_sampling_embeddings": "learned_classifier_free_sampling_embeddings.json",
+    "text_encoder": "text_encoder.json",
+}
+_OLD_VQ_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def shipped_configs(name: str = "ithq") -> dict[str, dict[str, Any]]:
+    """The JSON configs of a known architecture, keyed by component (plus 'model_index')."""
+    folder = resources.files("vqdiff_cli") / "configs" / name
+    out = {c: json.loads((folder / f).read_text(encoding="utf-8")) for c, f in _CONFIG_FILES.items()}
+    out["model_index"] = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    return out
+
+
+def pipeline_config(configs: dict[str, dict[str, Any]]) -> PipelineConfig:
+    return PipelineConfig(
+        transformer=TransformerConfig.from_diffusers(configs["transformer"]),
+        vqvae=VQVAEConfig.from_diffusers(configs["vqvae"]),
+        scheduler=SchedulerConfig.from_diffusers(configs["scheduler"]),
+        null_embedding=NullEmbeddingConfig.from_diffusers(configs["learned_classifier_free_sampling_embeddings"]),
+        text_encoder=configs["text_encoder"],
+    )
+
+
+def byte_symbols() -> list[str]:
+    """The 256 symbols of byte-level BPE in CLIP's vocabulary order: the printable Latin-1 bytes (standing for
+    themselves, "!" first), then the other bytes, mapped to code points from 256 up."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in keep]
+    return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(rest))]
+
+
+def write_clip_tokenizer(folder: Path, words: list[str] | None = None, vocab_size: int | None = None) -> int:
+    """A CLIP-style BPE tokenizer: merges that spell out `words`, then filler merges up to `vocab_size` entries.
+
+    Writes vocab.json, merges.txt, special_tokens_map.json and tokenizer_config.json; returns the vocabulary size.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    base = byte_symbols()
+    vocab = [*base, *(s + "</w>" for s in base)]
+    known = set(vocab)
+    merges: list[str] = []
+
+    def add(left: str, right: str) -> str:
+        merged = left + right
+        line = f"{left} {right}"
+        if merged not in known:
+            merges.append(line)
+            vocab.append(merged)
+            known.add(merged)
+        return merged
+
+    for word in words or []:  # "teddy": t e -> te, te d -> ted, ted d -> tedd, tedd y</w> -> teddy</w>
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            parts = [add(parts[0], parts[1]), *parts[2:]]
+    if vocab_size is not None:
+        letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+        for left in [*letters, *base]:
+            for right in [*(c + "</w>" for c in letters), *letters, *base]:
+                if len(vocab) + 2 >= vocab_size:
+                    break
+                add(left, right)
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "!",
+    }
+    (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
+    tok_config = {**special, "model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config), encoding="utf-8")
+    return len(vocab)
+
+
+def _hub_vq_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        if ".attentions." in key:
+            for new, old in _OLD_VQ_NAMES.items():
+                key = key.replace(f".{new}.", f".{old}.")
+        out[key] = value
+    return out
+
+
+@torch.no_grad()
+def random_modules(cfg: PipelineConfig, seed: int = 0) -> dict[str, torch.nn.Module | torch.Tensor]:
+    """Our networks with random weights (small normal values, so activations stay finite at full depth)."""
+    from .models.text import build_clip_text_model, restore_position_ids
+    from .models.transformer import DiffusionTransformer
+    from .models.vqvae import VQVAE
+
+    g = torch.Generator().manual_seed(seed)
+    text = build_clip_text_model(cfg.text_encoder).to_empty(device="cpu")
+    restore_position_ids(text)
+    modules: dict[str, Any] = {
+        "transformer": _empty(DiffusionTransformer, cfg.transformer),
+        "vqvae": _empty(VQVAE, cfg.vqvae),
+        "text_encoder": text,
+    }
+    for module in modules.values():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name and p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    null = cfg.null_embedding
+    if null.learnable:
+        modules["learned_classifier_free_sampling_embeddings"] = (
+            torch.randn(null.length or 77, null.hidden_size or 512, generator=g) * 0.1
+        )
+    return modules
+
+
+def _empty(cls: Any, cfg: Any) -> torch.nn.Module:
+    """Build on the meta device (no slow default init), then allocate uninitialised CPU memory."""
+    with torch.device("meta"):
+        module = cls(cfg)
+    return module.to_empty(device="cpu")
+
+
+def write_random_checkpoint(
+    folder: Path,
+    name: str = "ithq",
+    *,
+    fmt: str = "bin",
+    seed: int = 0,
+    configs: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """A diffusers-format folder of the named (or given) architecture with random weights, in the Hub's layout."""
+    configs = configs or shipped_configs(name)
+    cfg = pipeline_config(configs)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps(configs["model_index"], indent=2), encoding="utf-8")
+    for component in _CONFIG_FILES:
+        sub = folder / component
+        sub.mkdir(exist_ok=True)
+        target = "scheduler_config.json" if component == "scheduler" else "config.json"
+        (sub / target).write_text(json.dumps(configs[component], indent=2, sort_keys=True), encoding="utf-8")
+    vocab = write_clip_tokenizer(folder / "tokenizer", vocab_size=int(configs["text_encoder"].get("vocab_size", 49408)))
+    if vocab != configs["text_encoder"].get("vocab_size", vocab):
+        raise ValueError(f"tokenizer has {vocab} entries, text encoder expects {configs['text_encoder']['vocab_size']}")
+    modules = random_modules(cfg, seed)
+    states: dict[str, dict[str, torch.Tensor]] = {
+        "transformer": modules["transformer"].state_dict(),  # type: ignore[union-attr]
+        "vqvae": _hub_vq_names(modules["vqvae"].state_dict()),  # type: ignore[union-attr]
+        "text_encoder": {f"text_model.{k}": v for k, v in modules["text_encoder"].state_dict().items()},  # type: ignore[union-attr]
+    }
+    if "learned_classifier_free_sampling_embeddings" in modules:
+        states["learned_classifier_free_sampling_embeddings"] = {
+            "embeddings": modules["learned_classifier_free_sampling_embeddings"]  # type: ignore[dict-item]
+        }
+    for component, state in states.items():
+        stem = "pytorch_model" if component == "text_encoder" else "diffusion_pytorch_model"
+        if fmt == "bin":
+            torch.save(state, folder / component / f"{stem}.bin")
+        else:
+            from safetensors.torch import save_file
+
+            stem = "model" if component == "text_encoder" else stem
+            save_file({k: v.contiguous() for k, v in state.items()}, str(folder / component / f"{stem}.safetensors"))
+    return folder
