@@ -310,6 +310,14 @@ class VQDiffusion:
                 grids.append(self.components.vqvae.encode(pixels)[0].cpu())
         return grids
 
+    def render(self, grids: torch.Tensor) -> list[Image.Image]:
+        """Decode grids that may still hold the mask id (a trajectory): masked tokens show as grey patches."""
+        grids = torch.as_tensor(grids)
+        masked = grids == self.mask_id
+        pictures = self.decode(torch.where(masked, 0, grids))
+        factor = self.config.vqvae.downsample_factor
+        return [imageio.grey_out(p, m.numpy(), factor) for p, m in zip(pictures, masked, strict=True)]
+
     def decode(self, tokens: torch.Tensor, batch_size: int = 4) -> list[Image.Image]:
         """(N, h, w) or (h, w) token grids with ids in 0..K-2 -> images."""
         tokens = torch.as_tensor(tokens)

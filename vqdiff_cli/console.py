@@ -38,9 +38,8 @@ class Output:
         self.err = _stderr_console()
 
     def error(self, message: str, hint: str | None = None) -> None:
-        self.err.print(f"[bold red]error:[/] {escape(message)}")
-        if hint:
-            self.err.print(f"[dim]hint:[/] {escape(hint)}")
+        """One line: what went wrong, and what to do about it."""
+        self.err.print(f"[bold red]error:[/] {escape(message)}" + (f"; {escape(hint)}" if hint else ""))
 
     def warn(self, message: str) -> None:
         self.err.print(f"[yellow]warning:[/] {escape(message)}")
@@ -87,6 +86,10 @@ class StepProgress:
     def __init__(self, bar: Progress | None, task: TaskID | None) -> None:
         self.bar = bar
         self.task = task
+
+    def set_total(self, total: int) -> None:
+        if self.bar is not None and self.task is not None and self.bar.tasks[0].total != total:
+            self.bar.update(self.task, total=total)
 
     def update(self, advance: int = 1, detail: str = "") -> None:
         if self.bar is None or self.task is None:

@@ -103,3 +103,52 @@ def load_tokens(path: Path | str) -> np.ndarray:
     if arr.ndim != 3 or 0 in arr.shape:
         raise UsageError(f"{path} has shape {arr.shape}; expected (H, W) or (N, H, W) token grids")
     return arr.astype(np.int64)
+
+
+def read_png_text(path: Path | str) -> dict[str, str]:
+    """The text chunks (tEXt, zTXt, iTXt) of a PNG, without decoding its pixels."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                raise UsageError(f"{path} is a {im.format} image; metadata is read from PNG files")
+            im.load()  # text chunks after the image data are read on load
+            return {str(k): str(v) for k, v in getattr(im, "text", {}).items()}
+    except FileNotFoundError:
+        raise UsageError(f"image not found: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory, not an image") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UsageError(f"cannot read image {path}: {e}") from None
+
+
+MASK_GREY = (128, 128, 128)
+
+
+def grey_out(image: Image.Image, masked: np.ndarray, factor: int) -> Image.Image:
+    """Paint the pixel patch of every masked token (an (h, w) bool grid) a neutral grey."""
+    if not masked.any():
+        return image
+    pixels = np.asarray(image.convert("RGB")).copy()
+    patch = np.kron(masked.astype(np.uint8), np.ones((factor, factor), dtype=np.uint8)).astype(bool)
+    pixels[patch] = MASK_GREY
+    return Image.fromarray(pixels)
+
+
+def save_gif(
+    frames: list[Image.Image], path: Path, frame_ms: int = 80, hold_ms: int = 1500, overwrite: bool = False
+) -> None:
+    """An animated GIF that loops, holding the last frame a little longer."""
+    durations = [frame_ms] * (len(frames) - 1) + [hold_ms]
+    buf = io.BytesIO()
+    frames[0].save(
+        buf,
+        format="GIF",
+        save_all=True,
+        append_images=frames[1:],
+        duration=durations,
+        loop=0,
+        optimize=False,
+        disposal=1,
+    )
+    atomic_write(Path(path), lambda f: f.write(buf.getvalue()), overwrite=overwrite)

@@ -26,6 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -97,7 +98,7 @@ def _main(
 
 
 def _register() -> None:
-    from . import generate, tokens  # noqa: F401  (commands register themselves on `app`)
+    from . import generate, info, shell, tokens  # noqa: F401  (commands register themselves on `app`)
 
 
 _register()

@@ -1,4 +1,4 @@
-"""`vqdiff generate`: text to images."""
+"""`vqdiff generate`: text to images, many images from one model load."""
 
 from __future__ import annotations
 
@@ -8,100 +8,129 @@ from typing import Annotated
 import typer
 
 from ..console import Output
+from ..errors import UsageError
 from .app import app, report_errors
-from .common import load_model
-from .options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, OverwriteOpt, QuietOpt, VariantOpt
-
-
-def numbered_paths(output: Path, count: int) -> list[Path]:
-    """`out.png` for one image; `out-0.png`, `out-1.png`, ... for several."""
-    if count == 1:
-        return [output]
-    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
+from .options import (
+    BatchSizeOpt,
+    DeviceOpt,
+    DryRunOpt,
+    DtypeOpt,
+    GuidanceOpt,
+    JsonOpt,
+    ModelOpt,
+    NoMetadataOpt,
+    OverwriteOpt,
+    QuietOpt,
+    RevisionOpt,
+    SeedOpt,
+    StepsOpt,
+    StrideOpt,
+    TruncationOpt,
+    VariantOpt,
+    VisualsOpts,
+)
+from .run import RunPlan, execute, read_prompts_file
 
 
 @app.command()
 @report_errors
 def generate(
-    prompts: Annotated[list[str], typer.Argument(help="One or more prompts.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output PNG; several images get -0, -1, ...")] = Path(
-        "out.png"
-    ),
-    model: ModelOpt = DEFAULT_MODEL,
-    steps: Annotated[
-        int | None,
-        typer.Option("--steps", help="Timesteps to visit, spread over the chain (default: all T).", show_default=False),
+    prompts: Annotated[
+        list[str] | None, typer.Argument(help="Prompts (one image set each).", show_default=False)
     ] = None,
-    stride: Annotated[
-        int | None, typer.Option("--stride", help="Or: gap between visited timesteps.", show_default=False)
-    ] = None,
-    guidance: Annotated[float, typer.Option("--guidance", "-g", help="Classifier-free guidance scale; 1 = off.")] = 5.0,
-    truncation: Annotated[float, typer.Option("--truncation", "-t", help="Truncation rate in (0, 1].")] = 1.0,
-    seed: Annotated[
-        int | None,
-        typer.Option(
-            "--seed", "-s", help="Seed of the first image; image i uses seed + i (default: random).", show_default=False
-        ),
-    ] = None,
-    num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt.")] = 1,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per network call.")] = 1,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    variant: VariantOpt = "auto",
-    save_tokens: Annotated[
-        Path | None,
-        typer.Option("--save-tokens", help="Write the final token grids, (N, H, W) int64 .npy.", show_default=False),
-    ] = None,
-    trajectory: Annotated[
+    prompts_file: Annotated[
         Path | None,
         typer.Option(
-            "--trajectory",
-            help="Write the grid before and after every step, (steps+1, N, H, W) .npy; masked = K-1.",
+            "--prompts-file",
+            "-f",
+            help="One prompt per line ('-' reads stdin); blank lines and # comments are skipped.",
             show_default=False,
         ),
     ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="File name template with {prompt}, {seed}, {index}, {step}; a plain name "
+            "gets -0, -1, ... for several images; '-' writes one PNG to stdout. [default: {prompt}-{seed}.png]",
+            show_default=False,
+        ),
+    ] = None,
+    num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt.")] = 1,
+    seed: SeedOpt = None,
+    steps: StepsOpt = None,
+    stride: StrideOpt = None,
+    guidance: GuidanceOpt = None,
+    truncation: TruncationOpt = None,
+    batch_size: BatchSizeOpt = None,
+    model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    variant: VariantOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    from_image: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-image",
+            help="Re-run the settings stored in a PNG made by vqdiff; flags given here win.",
+            show_default=False,
+        ),
+    ] = None,
+    save_tokens: VisualsOpts.SaveTokens = None,
+    trajectory: VisualsOpts.Trajectory = None,
+    animate: VisualsOpts.Animate = None,
+    save_steps: VisualsOpts.SaveSteps = None,
+    no_metadata: NoMetadataOpt = False,
     overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Generate images from text prompts."""
-    import torch
+    from .. import metadata
+    from ..images import read_png_text
 
-    from ..api import GenerateOptions
-    from ..files import check_writable
-    from ..images import save_png
-    from ..images import save_tokens as write_tokens
-
-    out = Output(quiet=quiet)
-    options = GenerateOptions(
-        steps=steps,
-        stride=stride,
-        guidance_scale=guidance,
-        truncation_rate=truncation,
-        seed=seed,
+    out = Output(quiet=quiet, json_mode=json_out)
+    # 1. what to re-run, if anything
+    record = metadata.parse(read_png_text(from_image), str(from_image)) if from_image else None
+    # 2. the prompts: arguments, then the prompts file, else the image's
+    prompt_list = list(prompts or [])
+    if prompts_file is not None:
+        prompt_list += read_prompts_file(prompts_file)
+    if not prompt_list and record is not None:
+        prompt_list = [record["prompt"]]
+    if not prompt_list:
+        raise UsageError("no prompts given", hint="pass a prompt, --prompts-file FILE, or --from-image IMAGE")
+    if seed is None and record is not None:
+        seed = int(record["seed"])
+    # 3. settings and outputs, all checked before the model loads
+    plan = RunPlan.build(
+        out,
+        mode="generate",
+        prompts=prompt_list,
         num_images=num_images,
-        batch_size=batch_size,
+        seed=seed,
+        flags={
+            "model": model,
+            "revision": revision,
+            "variant": variant,
+            "device": device,
+            "dtype": dtype,
+            "output": output,
+            "steps": steps,
+            "stride": stride,
+            "guidance": guidance,
+            "truncation": truncation,
+            "batch_size": batch_size,
+        },
+        image_settings=metadata.rerun_settings(record) if record else None,
+        visuals={"save_tokens": save_tokens, "trajectory": trajectory, "animate": animate, "save_steps": save_steps},
+        metadata=not no_metadata,
+        overwrite=overwrite,
     )
-    paths = numbered_paths(output, len(prompts) * num_images)
-    for path in [*paths, *(p for p in (save_tokens, trajectory) if p is not None)]:
-        check_writable(path, overwrite)
-
-    pipe = load_model(out, model, device=device, dtype=dtype, variant=variant)
-    total_steps = len(options.timesteps(pipe.num_train_timesteps))
-    results = []
-    with out.progress(total_steps * len(paths), "generating") as bar:
-        for result in pipe.generate_iter(
-            prompts,
-            options,
-            trajectory=trajectory is not None,
-            on_step=lambda e: bar.update(e.batch_size, f"image {e.images_done + 1}/{e.total_images}"),
-        ):
-            path = paths[result.index]
-            save_png(result.image, path, overwrite=overwrite)
-            out.result(str(path))
-            results.append(result)
-    if save_tokens is not None:
-        write_tokens(torch.stack([r.tokens for r in results]).numpy(), save_tokens, overwrite=overwrite)
-    if trajectory is not None:
-        grids = torch.stack([r.trajectory for r in results if r.trajectory is not None], dim=1)
-        write_tokens(grids.numpy(), trajectory, overwrite=overwrite)
-    out.info(f"seed {results[0].seed}" + (f"..{results[-1].seed}" if len(results) > 1 else ""))
+    if dry_run:
+        plan.print_dry_run(out)
+        return
+    # 4. load once, generate everything, write each image as it is finished
+    execute(out, plan, lambda pipe, options, **kw: pipe.generate_iter(plan.prompts, options, **kw))

@@ -1,4 +1,8 @@
-"""Option types shared by several commands, defined once."""
+"""Option types shared by several commands, defined once.
+
+Settings that the config file and environment can provide default to None here ("not given on the command line");
+`settings.resolve` fills them in, and the help texts quote the built-in defaults from `settings.SETTINGS`.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +11,128 @@ from typing import Annotated
 
 import typer
 
-DEFAULT_MODEL = "microsoft/vq-diffusion-ithq"
+from ..settings import DEFAULT_MODEL
+
+
+def _h(text: str, default: object) -> str:
+    return f"{text} [default: {default}]"
+
 
 ModelOpt = Annotated[
-    str,
-    typer.Option("--model", "-m", help="Local diffusers-format folder or Hub repo id.", envvar="VQDIFF_MODEL"),
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help=_h("Local diffusers-format folder or Hub repo id (env VQDIFF_MODEL).", DEFAULT_MODEL),
+        show_default=False,
+    ),
+]
+RevisionOpt = Annotated[
+    str | None, typer.Option("--revision", help="Hub revision: branch, tag or commit.", show_default=False)
 ]
 DeviceOpt = Annotated[
-    str,
-    typer.Option("--device", help="auto, cpu, cuda (or cuda:N) or mps.", envvar="VQDIFF_DEVICE"),
+    str | None,
+    typer.Option(
+        "--device", help=_h("auto, cpu, cuda (or cuda:N) or mps (env VQDIFF_DEVICE).", "auto"), show_default=False
+    ),
 ]
 DtypeOpt = Annotated[
-    str, typer.Option("--dtype", help="auto (float32 on CPU, float16 on GPU), float32, float16, bfloat16.")
+    str | None,
+    typer.Option(
+        "--dtype",
+        help=_h("auto (float32 on CPU, float16 on GPU), float32, float16 or bfloat16 (env VQDIFF_DTYPE).", "auto"),
+        show_default=False,
+    ),
 ]
 VariantOpt = Annotated[
-    str,
-    typer.Option("--variant", help="Weight files to read: auto (fp16 files for half precision), fp16 or fp32."),
+    str | None,
+    typer.Option(
+        "--variant",
+        help=_h("Weight files to read: auto (fp16 files in half precision), fp16 or fp32.", "auto"),
+        show_default=False,
+    ),
+]
+SeedOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--seed",
+        "-s",
+        help="Seed of the first image; image i uses seed + i. [default: random, reported]",
+        show_default=False,
+    ),
+]
+StepsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--steps", help=_h("Timesteps to visit, spread evenly over the chain.", "all (T)"), show_default=False
+    ),
+]
+StrideOpt = Annotated[
+    int | None, typer.Option("--stride", help="Or: the gap between visited timesteps.", show_default=False)
+]
+GuidanceOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--guidance", "-g", help=_h("Classifier-free guidance scale; 1 turns it off.", 5.0), show_default=False
+    ),
+]
+TruncationOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--truncation",
+        "-t",
+        help=_h("Keep the most likely classes holding this much probability.", 1.0),
+        show_default=False,
+    ),
+]
+BatchSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size", "-b", help=_h("Images per network call (lower it if memory runs out).", 1), show_default=False
+    ),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
-OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output file.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per result on stdout.")]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option("--dry-run", help="Print the resolved settings and outputs, and where each came from; load nothing."),
+]
+NoMetadataOpt = Annotated[bool, typer.Option("--no-metadata", help="Do not embed generation settings in the PNGs.")]
+
+
+class VisualsOpts:
+    """Options that show the denoising process."""
+
+    SaveTokens = Annotated[
+        Path | None,
+        typer.Option(
+            "--save-tokens", help="Write the final token grids: int64 .npy of shape (N, H, W).", show_default=False
+        ),
+    ]
+    Trajectory = Annotated[
+        Path | None,
+        typer.Option(
+            "--trajectory",
+            help="Write the grid before and after every step: .npy of shape "
+            "(steps + 1, N, H, W); still-masked positions hold K-1.",
+            show_default=False,
+        ),
+    ]
+    Animate = Annotated[
+        str | None,
+        typer.Option(
+            "--animate",
+            help="Write an animated GIF of the denoising per image (masked tokens grey); a template like -o.",
+            show_default=False,
+        ),
+    ]
+    SaveSteps = Annotated[
+        Path | None,
+        typer.Option(
+            "--save-steps", help="Write the decoded grid after every step as PNGs into this folder.", show_default=False
+        ),
+    ]
+
+
+OutputPathOpt = Annotated[Path, typer.Option("--output", "-o", help="Output file.")]

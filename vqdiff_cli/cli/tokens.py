@@ -9,16 +9,15 @@ import typer
 
 from ..console import Output
 from .app import app, report_errors
-from .common import load_model
-from .generate import numbered_paths
-from .options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, OverwriteOpt, QuietOpt, VariantOpt
+from .common import load_from_flags
+from .options import DeviceOpt, DtypeOpt, ModelOpt, OverwriteOpt, QuietOpt, RevisionOpt, VariantOpt
 
 
 @app.command()
 @report_errors
 def encode(
     images: Annotated[list[Path], typer.Argument(help="Images to encode.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Token grids, (N, H, W) int64 .npy.")] = Path(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Token grids: (N, H, W) int64 .npy.")] = Path(
         "tokens.npy"
     ),
     keep_size: Annotated[
@@ -28,10 +27,11 @@ def encode(
             help="Encode at the image's own size (sides must be multiples of the VQ-VAE's downsampling factor).",
         ),
     ] = False,
-    model: ModelOpt = DEFAULT_MODEL,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    variant: VariantOpt = "auto",
+    model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    variant: VariantOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -45,11 +45,11 @@ def encode(
     out = Output(quiet=quiet)
     check_writable(output, overwrite)
     pictures = [load_rgb(p) for p in images]
-    pipe = load_model(out, model, device=device, dtype=dtype, variant=variant)
+    pipe = load_from_flags(out, model=model, revision=revision, variant=variant, device=device, dtype=dtype)
     grids = pipe.encode(pictures, keep_size=keep_size)
-    shapes = {tuple(g.shape) for g in grids}
+    shapes = sorted({tuple(g.shape) for g in grids})
     if len(shapes) > 1:
-        raise UsageError(f"the images give token grids of different sizes {sorted(shapes)}; encode them separately")
+        raise UsageError(f"the images give token grids of different sizes {shapes}; encode them separately")
     save_tokens(torch.stack(grids).numpy(), output, overwrite=overwrite)
     out.result(str(output))
 
@@ -57,14 +57,15 @@ def encode(
 @app.command()
 @report_errors
 def decode(
-    tokens: Annotated[Path, typer.Argument(help="Token grids, (H, W) or (N, H, W) .npy.", show_default=False)],
+    tokens: Annotated[Path, typer.Argument(help="Token grids: (H, W) or (N, H, W) .npy.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output PNG; several grids get -0, -1, ...")] = Path(
         "decoded.png"
     ),
-    model: ModelOpt = DEFAULT_MODEL,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    variant: VariantOpt = "auto",
+    model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    variant: VariantOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -73,13 +74,16 @@ def decode(
 
     from ..files import check_writable
     from ..images import load_tokens, save_png
+    from .naming import Item, output_paths
 
     out = Output(quiet=quiet)
     grids = torch.from_numpy(load_tokens(tokens))
-    paths = numbered_paths(output, grids.shape[0])
+    paths = output_paths(
+        str(output).replace("{", "{{").replace("}", "}}"), [Item("", 0, i) for i in range(grids.shape[0])]
+    )
     for path in paths:
         check_writable(path, overwrite)
-    pipe = load_model(out, model, device=device, dtype=dtype, variant=variant)
+    pipe = load_from_flags(out, model=model, revision=revision, variant=variant, device=device, dtype=dtype)
     for path, picture in zip(paths, pipe.decode(grids), strict=True):
         save_png(picture, path, overwrite=overwrite)
         out.result(str(path))

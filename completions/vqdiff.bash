@@ -1,0 +1,83 @@
+# bash completion for vqdiff (generated from the vqdiff app by scripts/completions.py; do not edit)
+_vqdiff() {
+    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}"
+    local path="" word i skip=0 opts="" valued="" paths="" subs=""
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        word="${COMP_WORDS[i]}"
+        if ((skip)); then skip=0; continue; fi
+        case "$word" in
+            -*) [[ " $(_vqdiff_valued "$path") " == *" $word "* ]] && skip=1 ;;
+            *) [[ " $(_vqdiff_subs "$path") " == *" $word "* ]] && path="${path:+$path }$word" ;;
+        esac
+    done
+    opts="$(_vqdiff_opts "$path")"; valued="$(_vqdiff_valued "$path")"
+    paths="$(_vqdiff_paths "$path")"; subs="$(_vqdiff_subs "$path")"
+    case "$prev" in
+        --device) COMPREPLY=($(compgen -W "auto cpu cuda mps" -- "$cur")); return ;;
+        --dtype) COMPREPLY=($(compgen -W "auto float32 float16 bfloat16" -- "$cur")); return ;;
+        --variant) COMPREPLY=($(compgen -W "auto fp16 fp32" -- "$cur")); return ;;
+        --mask-mode) COMPREPLY=($(compgen -W "any half all" -- "$cur")); return ;;
+        --known) COMPREPLY=($(compgen -W "restore renoise" -- "$cur")); return ;;
+    esac
+    if [[ " $valued " == *" $prev "* ]]; then
+        if [[ " $paths " == *" $prev "* ]]; then COMPREPLY=($(compgen -f -- "$cur")); fi
+        return
+    fi
+    if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "$opts" -- "$cur")); return; fi
+    if [[ -n "$subs" ]]; then COMPREPLY=($(compgen -W "$subs" -- "$cur")); return; fi
+    COMPREPLY=($(compgen -f -- "$cur"))
+}
+
+_vqdiff_opts() {
+    case "$1" in
+        "") echo "--version -V --debug --help -h" ;;
+        "completion") echo "--help -h" ;;
+        "config") echo "--help -h" ;;
+        "config path") echo "--help -h" ;;
+        "config show") echo "--json --help -h" ;;
+        "decode") echo "--output -o --model -m --revision --variant --device --dtype --overwrite --quiet -q --help -h" ;;
+        "encode") echo "--output -o --keep-size --model -m --revision --variant --device --dtype --overwrite --quiet -q --help -h" ;;
+        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --model -m --revision --variant --device --dtype --from-image --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
+        "info") echo "--json --help -h" ;;
+    esac
+}
+_vqdiff_valued() {
+    case "$1" in
+        "") echo "" ;;
+        "completion") echo "" ;;
+        "config") echo "" ;;
+        "config path") echo "" ;;
+        "config show") echo "" ;;
+        "decode") echo "--output -o --model -m --revision --variant --device --dtype" ;;
+        "encode") echo "--output -o --model -m --revision --variant --device --dtype" ;;
+        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --model -m --revision --variant --device --dtype --from-image --save-tokens --trajectory --animate --save-steps" ;;
+        "info") echo "" ;;
+    esac
+}
+_vqdiff_paths() {
+    case "$1" in
+        "") echo "" ;;
+        "completion") echo "" ;;
+        "config") echo "" ;;
+        "config path") echo "" ;;
+        "config show") echo "" ;;
+        "decode") echo "" ;;
+        "encode") echo "" ;;
+        "generate") echo "" ;;
+        "info") echo "" ;;
+    esac
+}
+_vqdiff_subs() {
+    case "$1" in
+        "") echo "completion config decode encode generate info" ;;
+        "completion") echo "" ;;
+        "config") echo "path show" ;;
+        "config path") echo "" ;;
+        "config show") echo "" ;;
+        "decode") echo "" ;;
+        "encode") echo "" ;;
+        "generate") echo "" ;;
+        "info") echo "" ;;
+    esac
+}
+complete -o default -o bashdefault -F _vqdiff vqdiff

@@ -1,0 +1,91 @@
+"""`vqdiff info` (an image's generation settings, no model needed) and `vqdiff config` (where defaults live)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..console import Output
+from .app import app, report_errors
+from .options import JsonOpt
+
+config_app = typer.Typer(help="Show where the configuration file is and what it sets.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+_SHOWN = (
+    "prompt",
+    "seed",
+    "model",
+    "revision",
+    "model_path",
+    "variant",
+    "device",
+    "dtype",
+    "steps",
+    "stride",
+    "num_steps",
+    "guidance",
+    "truncation",
+    "width",
+    "height",
+    "mode",
+    "vqdiff_version",
+)
+
+
+@app.command()
+@report_errors
+def info(
+    images: Annotated[list[Path], typer.Argument(help="PNG files made by vqdiff.", show_default=False)],
+    json_out: JsonOpt = False,
+) -> None:
+    """Print the generation settings stored in images (no model is loaded)."""
+    from .. import metadata
+    from ..images import read_png_text
+
+    out = Output(json_mode=json_out)
+    for path in images:
+        record = metadata.parse(read_png_text(path), str(path))
+        if json_out:
+            out.record({"path": str(path), **record})
+            continue
+        if len(images) > 1:
+            out.result(f"{path}:")
+        width = max(len(k) for k in _SHOWN)
+        for key in (*_SHOWN, *sorted(set(record) - set(_SHOWN) - {"timesteps", "schema", "index"})):
+            value = record.get(key)
+            if value is not None:
+                out.result(f"  {key:<{width}}  {value if not isinstance(value, dict | list) else json.dumps(value)}")
+
+
+@config_app.command("path")
+@report_errors
+def config_path_cmd() -> None:
+    """Print the configuration file's path (it need not exist)."""
+    from ..settings import config_path
+
+    Output().result(str(config_path()))
+
+
+@config_app.command("show")
+@report_errors
+def config_show(json_out: JsonOpt = False) -> None:
+    """Print every setting with its value and where it comes from (environment, config file or default)."""
+    from ..settings import SETTINGS, read_config, resolve
+
+    out = Output(json_mode=json_out)
+    config, path = read_config()
+    resolved = resolve({}, config=config, config_file=path)
+    rows = {
+        k: {"value": resolved.values[k], "source": resolved.sources[k], "env": SETTINGS[k].env} for k in resolved.values
+    }
+    if json_out:
+        out.record({"config_file": str(path), "exists": path.is_file(), "settings": rows})
+        return
+    out.result(f"config file: {path}" + ("" if path.is_file() else " (not present)"))
+    width = max(len(k) for k in rows)
+    for key, row in rows.items():
+        out.result(f"  {key:<{width}}  {row['value']!s:<32}  {row['source']}")

@@ -1,0 +1,77 @@
+"""Output file names from templates: `{prompt}` (slugified), `{seed}`, `{index}`, `{step}`.
+
+A template without placeholders names one file; when it would name several files the same, each gets `-0`, `-1`,
+... (the image's index in the run) before the suffix.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UsageError
+
+FIELDS = ("prompt", "seed", "index", "step")
+SLUG_MAX = 60
+
+
+def slugify(text: str, max_length: int = SLUG_MAX) -> str:
+    """Lowercase words joined by '-', only [a-z0-9-], at most `max_length` characters (cut at a word break)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    if len(slug) > max_length:
+        cut = slug[:max_length]
+        slug = cut.rsplit("-", 1)[0] if "-" in cut[max_length // 2 :] else cut
+    return slug.strip("-") or "image"
+
+
+@dataclass(frozen=True)
+class Item:
+    prompt: str
+    seed: int
+    index: int
+
+
+def check_template(template: str, allowed: tuple[str, ...] = FIELDS) -> None:
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise UsageError(f"bad output template '{template}': {e}") from None
+    for name in names:
+        if name not in allowed:
+            raise UsageError(
+                f"unknown placeholder {{{name}}} in '{template}'",
+                hint=f"use {', '.join('{' + f + '}' for f in allowed)}",
+            )
+
+
+def render(template: str, item: Item, step: int = 0) -> str:
+    check_template(template)
+    try:
+        return template.format(prompt=slugify(item.prompt), seed=item.seed, index=item.index, step=step)
+    except (ValueError, IndexError, KeyError) as e:
+        raise UsageError(f"bad output template '{template}': {e}") from None
+
+
+def _numbered(path: Path, index: int) -> Path:
+    return path.with_name(f"{path.stem}-{index}{path.suffix}")
+
+
+def output_paths(template: str, items: list[Item], step: int = 0) -> list[Path]:
+    """One path per item; names that would repeat get the item's index appended. `{step}` is the final step."""
+    rendered = [Path(render(template, item, step)) for item in items]
+    if len(set(rendered)) == len(rendered):
+        return rendered
+    return [_numbered(path, item.index) for path, item in zip(rendered, items, strict=True)]
+
+
+def step_paths(folder: Path, template: str, item: Item, image_path: Path, num_steps: int) -> list[Path]:
+    """Files for the grid before the first step (0) and after every step: the template's name with `{step}` filled
+    in, or `<image stem>-step-NNN.png`, inside `folder`."""
+    if "{step" in template:
+        names = [Path(render(template, item, step)).name for step in range(num_steps + 1)]
+        if len(set(names)) == len(names):
+            return [folder / name for name in names]
+    width = max(3, len(str(num_steps)))
+    return [folder / f"{image_path.stem}-step-{i:0{width}d}.png" for i in range(num_steps + 1)]

@@ -1,0 +1,288 @@
+"""The part of a sampling command after parsing: resolve settings, plan and check every output before the model
+loads, then load once, sample, and write each image (with metadata) as soon as it is finished.
+
+`generate`, `inpaint` and `vary` differ only in how they call the API; they share this.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..console import Output
+from ..errors import UsageError
+from ..files import check_writable
+from ..settings import Resolved, read_config, resolve
+from . import naming
+from .common import load_model
+
+if TYPE_CHECKING:
+    from ..api import GeneratedImage, GenerateOptions, StepEvent, VQDiffusion
+
+Sampler = Callable[..., Iterator["GeneratedImage"]]
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """One prompt per line; '-' is stdin; blank lines and lines starting with '#' are skipped."""
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"prompts file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read prompts file {path}: {e}") from None
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise UsageError(f"prompts file {path} has no prompts (blank lines and # comments are skipped)")
+    return prompts
+
+
+@dataclass
+class RunPlan:
+    """Everything a sampling run will do, resolved and checked."""
+
+    mode: str
+    prompts: list[str]
+    settings: Resolved
+    options: GenerateOptions
+    items: list[naming.Item]
+    outputs: list[Path] | None  # None: one PNG to stdout
+    seed_was_random: bool
+    metadata: bool
+    overwrite: bool
+    save_tokens: Path | None = None
+    trajectory: Path | None = None
+    animations: list[Path] | None = None
+    save_steps: Path | None = None
+    extra_metadata: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        out: Output,
+        *,
+        mode: str,
+        prompts: list[str],
+        num_images: int,
+        seed: int | None,
+        flags: dict[str, Any],
+        image_settings: dict[str, Any] | None,
+        visuals: dict[str, Any],
+        metadata: bool,
+        overwrite: bool,
+    ) -> RunPlan:
+        from ..api import GenerateOptions
+
+        config, config_file = read_config()
+        settings = resolve(flags, image=image_settings, config=config, config_file=config_file)
+        seed_was_random = seed is None
+        if seed is None:
+            seed = secrets.randbelow(2**31)
+        options = GenerateOptions(
+            steps=settings["steps"],
+            stride=settings["stride"],
+            guidance_scale=settings["guidance"],
+            truncation_rate=settings["truncation"],
+            seed=seed,
+            num_images=num_images,
+            batch_size=settings["batch_size"],
+        )
+        items = [naming.Item(p, seed + i, i) for i, p in enumerate(p for p in prompts for _ in range(num_images))]
+        template = settings["output"]
+        to_stdout = template == "-"
+        if to_stdout and len(items) > 1:
+            raise UsageError(f"-o - writes one PNG to stdout, but this run makes {len(items)} images")
+        if to_stdout and out.json_mode:
+            raise UsageError("-o - and --json both want stdout; choose one")
+        outputs = None if to_stdout else naming.output_paths(template, items)
+        animate = visuals.get("animate")
+        if animate is not None:
+            naming.check_template(animate)
+        plan = cls(
+            mode=mode,
+            prompts=prompts,
+            settings=settings,
+            options=options,
+            items=items,
+            outputs=outputs,
+            seed_was_random=seed_was_random,
+            metadata=metadata,
+            overwrite=overwrite,
+            save_tokens=visuals.get("save_tokens"),
+            trajectory=visuals.get("trajectory"),
+            animations=naming.output_paths(animate, items) if animate else None,
+            save_steps=visuals.get("save_steps"),
+        )
+        plan.check_outputs()
+        return plan
+
+    @property
+    def keeps_trajectory(self) -> bool:
+        return bool(self.trajectory or self.animations or self.save_steps)
+
+    def files(self) -> list[Path]:
+        paths = [*(self.outputs or []), *(self.animations or [])]
+        paths += [p for p in (self.save_tokens, self.trajectory) if p is not None]
+        return paths
+
+    def check_outputs(self) -> None:
+        """Every file this run writes is new (or --overwrite) and its folder writable; no name is used twice."""
+        paths = self.files()
+        seen: set[Path] = set()
+        for path in paths:
+            if path in seen:
+                raise UsageError(f"two outputs of this run are both named {path}")
+            seen.add(path)
+            check_writable(path, self.overwrite)
+        if self.save_steps is not None and self.save_steps.exists() and not self.save_steps.is_dir():
+            raise UsageError(f"--save-steps {self.save_steps} exists and is not a folder")
+
+    def print_dry_run(self, out: Output) -> None:
+        rows = {k: {"value": self.settings.values[k], "source": self.settings.sources[k]} for k in self.settings.values}
+        seeds = f"{self.items[0].seed}..{self.items[-1].seed}" if len(self.items) > 1 else str(self.items[0].seed)
+        outputs = [str(p) for p in self.outputs] if self.outputs is not None else ["-"]
+        if out.json_mode:
+            out.record(
+                {
+                    "mode": self.mode,
+                    "settings": rows,
+                    "prompts": self.prompts,
+                    "seeds": [i.seed for i in self.items],
+                    "seed_random": self.seed_was_random,
+                    "outputs": outputs,
+                    "files": [str(p) for p in self.files()],
+                    "metadata": self.metadata,
+                }
+            )
+            return
+        width = max(len(k) for k in rows)
+        out.result(
+            f"{self.mode}: {len(self.items)} image(s) from {len(self.prompts)} prompt(s), seeds {seeds}"
+            + (" (random)" if self.seed_was_random else "")
+        )
+        for key, row in rows.items():
+            out.result(f"  {key:<{width}}  {row['value']!s:<32}  {row['source']}")
+        for path in outputs:
+            out.result(f"  -> {path}")
+
+
+def _settings_for_metadata(plan: RunPlan, pipe: VQDiffusion) -> dict[str, Any]:
+    s = plan.settings.values
+    return {
+        "model": pipe.source.name,
+        "revision": pipe.source.revision,
+        "model_path": str(pipe.source.path),
+        "variant": pipe.components.variants.get("transformer"),
+        "device": pipe.device.type,
+        "dtype": pipe.dtype_name,
+        "steps": s["steps"],
+        "stride": s["stride"],
+        "guidance": s["guidance"],
+        "truncation": s["truncation"],
+    }
+
+
+def execute(out: Output, plan: RunPlan, sample: Sampler) -> list[GeneratedImage]:
+    """Load the model, run `sample(pipe, options, trajectory=..., on_step=...)`, write everything; return results."""
+    import numpy as np
+
+    from .. import metadata
+    from ..images import png_bytes, save_png, save_tokens
+
+    s = plan.settings.values
+    pipe = load_model(
+        out, s["model"], device=s["device"], dtype=s["dtype"], variant=s["variant"], revision=s["revision"]
+    )
+    if plan.seed_was_random:
+        out.info(f"seed {plan.items[0].seed} (random)")
+    meta_settings = _settings_for_metadata(plan, pipe)
+    results: list[GeneratedImage] = []
+    started = time.perf_counter()
+    with out.progress(len(plan.items), plan.mode) as bar:
+
+        def on_step(event: StepEvent) -> None:
+            bar.set_total(event.num_steps * event.total_images)
+            first = event.images_done + 1
+            last = event.images_done + event.batch_size
+            images = (
+                f"image {first}/{event.total_images}"
+                if first == last
+                else f"images {first}-{last}/{event.total_images}"
+            )
+            bar.update(event.batch_size, f"step {event.step}/{event.num_steps} {images}")
+
+        batch_started = time.perf_counter()
+        for result in sample(pipe, plan.options, trajectory=plan.keeps_trajectory, on_step=on_step):
+            record = metadata.build(
+                meta_settings,
+                prompt=result.prompt,
+                seed=result.seed,
+                index=result.index,
+                timesteps=result.timesteps,
+                size=result.image.size,
+                mode=plan.mode,
+                extra=plan.extra_metadata,
+            )
+            text = metadata.png_text(record) if plan.metadata else None
+            if plan.outputs is None:
+                sys.stdout.buffer.write(png_bytes(result.image, text))
+                sys.stdout.buffer.flush()
+                path_text = "-"
+            else:
+                path = plan.outputs[result.index]
+                save_png(result.image, path, text, overwrite=plan.overwrite)
+                path_text = str(path)
+            if result.truncated_prompt:
+                out.warn(f"prompt longer than the text encoder's 77 tokens; dropped: {result.truncated_prompt!r}")
+            _write_visuals(plan, pipe, result)
+            elapsed = time.perf_counter() - batch_started
+            if out.json_mode:
+                out.record(
+                    {
+                        "path": path_text,
+                        "prompt": result.prompt,
+                        "seed": result.seed,
+                        "index": result.index,
+                        "mode": plan.mode,
+                        "settings": {k: v for k, v in record.items() if k not in ("prompt", "seed", "index")},
+                        "time_s": round(elapsed, 3),
+                    }
+                )
+            elif plan.outputs is not None:
+                out.result(path_text)
+            results.append(result)
+            if len(results) % plan.options.batch_size == 0:
+                batch_started = time.perf_counter()
+    if plan.save_tokens is not None:
+        save_tokens(np.stack([r.tokens.numpy() for r in results]), plan.save_tokens, overwrite=plan.overwrite)
+    if plan.trajectory is not None:
+        grids = np.stack([r.trajectory.numpy() for r in results if r.trajectory is not None], axis=1)
+        save_tokens(grids, plan.trajectory, overwrite=plan.overwrite)
+    out.info(f"{len(results)} image(s) in {time.perf_counter() - started:.1f} s")
+    return results
+
+
+def _write_visuals(plan: RunPlan, pipe: VQDiffusion, result: GeneratedImage) -> None:
+    """--animate and --save-steps for one image, from its trajectory."""
+    if result.trajectory is None or not (plan.animations or plan.save_steps):
+        return
+    from ..images import save_gif, save_png
+
+    frames = pipe.render(result.trajectory)
+    if plan.animations is not None:
+        save_gif(frames, plan.animations[result.index], overwrite=plan.overwrite)
+    if plan.save_steps is not None:
+        plan.save_steps.mkdir(parents=True, exist_ok=True)
+        item = plan.items[result.index]
+        image_path = plan.outputs[result.index] if plan.outputs else Path(naming.render("{prompt}-{seed}.png", item))
+        for frame, path in zip(
+            frames,
+            naming.step_paths(plan.save_steps, plan.settings["output"], item, image_path, len(frames) - 1),
+            strict=True,
+        ):
+            save_png(frame, path, overwrite=plan.overwrite)

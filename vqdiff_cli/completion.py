@@ -1,0 +1,261 @@
+"""Static shell completion scripts (bash, zsh, fish) generated from the Typer app's commands and options.
+
+`scripts/completions.py` writes them into `completions/`, `vqdiff completion SHELL` prints them, and a test fails if
+the files in the repository are stale. Static scripts complete instantly and need no Python at TAB time.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+# values offered after an option (kept equal to the constants in device.py / weights.py by a test)
+VALUE_CHOICES: dict[str, tuple[str, ...]] = {
+    "--device": ("auto", "cpu", "cuda", "mps"),
+    "--dtype": ("auto", "float32", "float16", "bfloat16"),
+    "--variant": ("auto", "fp16", "fp32"),
+    "--mask-mode": ("any", "half", "all"),
+    "--known": ("restore", "renoise"),
+}
+SHELLS = ("bash", "zsh", "fish")
+HEADER = "generated from the vqdiff app by scripts/completions.py; do not edit"
+
+
+@dataclass
+class Opt:
+    names: list[str]  # e.g. ["--output", "-o"]
+    takes_value: bool
+    is_path: bool
+    help: str
+
+
+@dataclass
+class Cmd:
+    name: str
+    help: str
+    options: list[Opt] = field(default_factory=list)
+    path_arguments: bool = False
+    children: list[Cmd] = field(default_factory=list)
+
+
+def _short_help(text: str | None) -> str:
+    text = re.sub(r"\s*\[default:[^\]]*\]", "", (text or "").strip().splitlines()[0] if text else "")
+    text = text.split(". ")[0].rstrip(".")
+    return text[:80]
+
+
+def _tree(command: Any, name: str) -> Cmd:
+    node = Cmd(name=name, help=_short_help(getattr(command, "help", None) or getattr(command, "short_help", None)))
+    for param in getattr(command, "params", []):
+        if getattr(param, "hidden", False):
+            continue
+        type_name = getattr(getattr(param, "type", None), "name", "")
+        if getattr(param, "param_type_name", "") == "argument":
+            node.path_arguments = node.path_arguments or type_name == "path"
+            continue
+        names = [*param.opts, *getattr(param, "secondary_opts", [])]
+        names.sort(key=lambda n: (not n.startswith("--"), n))
+        node.options.append(
+            Opt(
+                names,
+                not getattr(param, "is_flag", False),
+                type_name == "path",
+                _short_help(getattr(param, "help", "")),
+            )
+        )
+    node.options.append(Opt(["--help", "-h"], False, False, "Show help and exit"))
+    for child_name, child in sorted(getattr(command, "commands", {}).items()):
+        if not getattr(child, "hidden", False):
+            node.children.append(_tree(child, child_name))
+    return node
+
+
+def command_tree() -> Cmd:
+    import typer
+
+    from .cli import app
+
+    return _tree(typer.main.get_command(app), "vqdiff")
+
+
+def _flat(node: Cmd, prefix: str = "") -> list[tuple[str, Cmd]]:
+    """(path, command) for every command: "", "generate", "config path", ..."""
+    out = [(prefix, node)]
+    for child in node.children:
+        out += _flat(child, f"{prefix} {child.name}".strip())
+    return out
+
+
+def _ident(path: str) -> str:
+    return re.sub(r"[^a-z0-9]", "_", path) or "root"
+
+
+def bash(root: Cmd) -> str:
+    lines = [
+        f"# bash completion for vqdiff ({HEADER})",
+        "_vqdiff() {",
+        '    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}"',
+        '    local path="" word i skip=0 opts="" valued="" paths="" subs=""',
+    ]
+    # walk the words before the cursor to find the (sub)command, skipping option values
+    lines += [
+        "    for ((i = 1; i < COMP_CWORD; i++)); do",
+        '        word="${COMP_WORDS[i]}"',
+        "        if ((skip)); then skip=0; continue; fi",
+        '        case "$word" in',
+        '            -*) [[ " $(_vqdiff_valued "$path") " == *" $word "* ]] && skip=1 ;;',
+        '            *) [[ " $(_vqdiff_subs "$path") " == *" $word "* ]] && path="${path:+$path }$word" ;;',
+        "        esac",
+        "    done",
+        '    opts="$(_vqdiff_opts "$path")"; valued="$(_vqdiff_valued "$path")"',
+        '    paths="$(_vqdiff_paths "$path")"; subs="$(_vqdiff_subs "$path")"',
+        '    case "$prev" in',
+    ]
+    for flag, choices in VALUE_CHOICES.items():
+        lines.append(f'        {flag}) COMPREPLY=($(compgen -W "{" ".join(choices)}" -- "$cur")); return ;;')
+    lines += [
+        "    esac",
+        '    if [[ " $valued " == *" $prev "* ]]; then',
+        '        if [[ " $paths " == *" $prev "* ]]; then COMPREPLY=($(compgen -f -- "$cur")); fi',
+        "        return",
+        "    fi",
+        '    if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "$opts" -- "$cur")); return; fi',
+        '    if [[ -n "$subs" ]]; then COMPREPLY=($(compgen -W "$subs" -- "$cur")); return; fi',
+        '    COMPREPLY=($(compgen -f -- "$cur"))',
+        "}",
+        "",
+    ]
+    tables = {"opts": {}, "valued": {}, "paths": {}, "subs": {}}
+    for path, node in _flat(root):
+        tables["opts"][path] = " ".join(n for o in node.options for n in o.names)
+        tables["valued"][path] = " ".join(n for o in node.options if o.takes_value for n in o.names)
+        tables["paths"][path] = " ".join(n for o in node.options if o.is_path for n in o.names)
+        tables["subs"][path] = " ".join(c.name for c in node.children)
+    for table, rows in tables.items():
+        lines.append(f"_vqdiff_{table}() {{")
+        lines.append('    case "$1" in')
+        for path, value in rows.items():
+            lines.append(f'        "{path}") echo "{value}" ;;')
+        lines += ["    esac", "}"]
+    lines += ["complete -o default -o bashdefault -F _vqdiff vqdiff", ""]
+    return "\n".join(lines)
+
+
+def _zsh_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "'\\''").replace("[", "\\[").replace("]", "\\]").replace(":", "\\:")
+
+
+def _zsh_specs(node: Cmd) -> list[str]:
+    specs = []
+    for opt in node.options:
+        action = ""
+        if opt.takes_value:
+            choices = next((VALUE_CHOICES[n] for n in opt.names if n in VALUE_CHOICES), None)
+            if choices:
+                action = f":value:({' '.join(choices)})"
+            elif opt.is_path:
+                action = ":file:_files"
+            else:
+                action = ":value:"
+        exclusive = f"({' '.join(opt.names)})" if len(opt.names) > 1 else ""
+        names = "{" + ",".join(opt.names) + "}" if len(opt.names) > 1 else opt.names[0]
+        specs.append(
+            f"'{exclusive}'{names}'[{_zsh_escape(opt.help)}]{action}'"
+            if exclusive
+            else f"'{names}[{_zsh_escape(opt.help)}]{action}'"
+        )
+    return specs
+
+
+def _zsh_function(node: Cmd, fname: str) -> list[str]:
+    lines = [f"{fname}() {{"]
+    specs = _zsh_specs(node)
+    if node.children:
+        lines += [
+            '    local curcontext="$curcontext" state line',
+            "    typeset -A opt_args",
+            "    _arguments -C \\",
+            *(f"        {s} \\" for s in specs),
+            "        '1: :->command' \\",
+            "        '*:: :->args'",
+            "    case $state in",
+            "        command)",
+            "            local -a commands",
+            "            commands=(",
+        ]
+        lines += [f"                '{c.name}:{_zsh_escape(c.help)}'" for c in node.children]
+        lines += [
+            "            )",
+            "            _describe 'command' commands ;;",
+            "        args)",
+            "            case $words[1] in",
+        ]
+        lines += [f"                {c.name}) {fname}_{_ident(c.name)} ;;" for c in node.children]
+        lines += ["            esac ;;", "    esac", "}"]
+        for child in node.children:
+            lines += _zsh_function(child, f"{fname}_{_ident(child.name)}")
+    else:
+        rest = "'*:file:_files'" if node.path_arguments else "'*: :'"
+        lines += ["    _arguments \\", *(f"        {s} \\" for s in specs), f"        {rest}", "}"]
+    return lines
+
+
+def zsh(root: Cmd) -> str:
+    lines = ["#compdef vqdiff", f"# zsh completion for vqdiff ({HEADER})", ""]
+    lines += _zsh_function(root, "_vqdiff")
+    lines += ["", '_vqdiff "$@"', ""]
+    return "\n".join(lines)
+
+
+def _fish_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def fish(root: Cmd) -> str:
+    lines = [f"# fish completion for vqdiff ({HEADER})", "complete -c vqdiff -f"]
+    for path, node in _flat(root):
+        words = path.split()
+        if not words:
+            cond = "__fish_use_subcommand"
+        elif len(words) == 1 and node.children:
+            cond = f"__fish_seen_subcommand_from {words[0]}; and not __fish_seen_subcommand_from " + " ".join(
+                c.name for c in node.children
+            )
+        else:
+            cond = " ; and ".join(f"__fish_seen_subcommand_from {w}" for w in words)
+        for child in node.children:
+            lines.append(f"complete -c vqdiff -n '{cond}' -a {child.name} -d '{_fish_escape(child.help)}'")
+        if words and not node.children:
+            for opt in node.options:
+                parts = [f"complete -c vqdiff -n '{cond}'"]
+                for n in opt.names:
+                    parts.append(f"-l {n[2:]}" if n.startswith("--") else f"-s {n[1:]}")
+                if opt.takes_value:
+                    choices = next((VALUE_CHOICES[n] for n in opt.names if n in VALUE_CHOICES), None)
+                    if choices:
+                        parts.append(f"-x -a '{' '.join(choices)}'")
+                    elif opt.is_path:
+                        parts.append("-r -F")
+                    else:
+                        parts.append("-x")
+                parts.append(f"-d '{_fish_escape(opt.help)}'")
+                lines.append(" ".join(parts))
+            if node.path_arguments:
+                lines.append(f"complete -c vqdiff -n '{cond}' -F")
+        elif not words:
+            for opt in node.options:
+                parts = [f"complete -c vqdiff -n '{cond}'"]
+                parts += [f"-l {n[2:]}" if n.startswith("--") else f"-s {n[1:]}" for n in opt.names]
+                parts.append(f"-d '{_fish_escape(opt.help)}'")
+                lines.append(" ".join(parts))
+    lines.append("")
+    return "\n".join(lines)
+
+
+def script(shell: str, root: Cmd | None = None) -> str:
+    root = root or command_tree()
+    return {"bash": bash, "zsh": zsh, "fish": fish}[shell](root)
+
+
+FILES = {"bash": "vqdiff.bash", "zsh": "_vqdiff", "fish": "vqdiff.fish"}

@@ -1,0 +1,111 @@
+"""Generation metadata that can be re-run: a JSON record (PNG text key "vqdiff") and an A1111-style "parameters"
+text that other tools already read. Building and parsing only; `images.py` reads and writes the PNG chunks.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from . import __version__
+from .errors import UsageError
+
+JSON_KEY = "vqdiff"
+PARAMETERS_KEY = "parameters"
+SCHEMA = 1
+
+# settings a re-run takes from an image (flags still win)
+RERUN_KEYS = ("model", "revision", "variant", "dtype", "steps", "stride", "guidance", "truncation")
+
+
+def build(
+    settings: dict[str, Any],
+    *,
+    prompt: str,
+    seed: int,
+    index: int,
+    timesteps: tuple[int, ...],
+    size: tuple[int, int],
+    mode: str = "generate",
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON record of one image; `settings` holds model, revision, model_path, variant, device, dtype, steps,
+    stride, guidance, truncation."""
+    record = {
+        "schema": SCHEMA,
+        "vqdiff_version": __version__,
+        "mode": mode,
+        "prompt": prompt,
+        "seed": seed,
+        "index": index,
+        "model": settings.get("model"),
+        "revision": settings.get("revision"),
+        "model_path": settings.get("model_path"),
+        "variant": settings.get("variant"),
+        "device": settings.get("device"),
+        "dtype": settings.get("dtype"),
+        "steps": settings.get("steps"),
+        "stride": settings.get("stride"),
+        "num_steps": len(timesteps),
+        "timesteps": list(timesteps),
+        "guidance": settings.get("guidance"),
+        "truncation": settings.get("truncation"),
+        "width": size[0],
+        "height": size[1],
+    }
+    if extra:
+        record.update(extra)
+    return record
+
+
+def a1111_parameters(record: dict[str, Any]) -> str:
+    """`prompt` on the first line, then `Steps: ..., Sampler: ..., CFG scale: ..., Seed: ..., Size: ..., Model: ...`."""
+    fields = [
+        ("Steps", record.get("num_steps")),
+        ("Sampler", "VQ-Diffusion" + (f" stride {record['stride']}" if record.get("stride") else "")),
+        ("CFG scale", record.get("guidance")),
+        ("Seed", record.get("seed")),
+        ("Size", f"{record.get('width')}x{record.get('height')}"),
+        ("Model", record.get("model")),
+        ("Truncation", record.get("truncation")),
+        ("Dtype", record.get("dtype")),
+        ("Version", f"vqdiff {record.get('vqdiff_version')}"),
+    ]
+    if record.get("revision"):
+        fields.insert(6, ("Model revision", record["revision"]))
+    line = ", ".join(f"{k}: {v}" for k, v in fields if v is not None)
+    return f"{record.get('prompt', '')}\n{line}"
+
+
+def png_text(record: dict[str, Any]) -> dict[str, str]:
+    return {JSON_KEY: json.dumps(record, ensure_ascii=False, sort_keys=True), PARAMETERS_KEY: a1111_parameters(record)}
+
+
+def parse(text: dict[str, str], where: str) -> dict[str, Any]:
+    """The vqdiff record from an image's text chunks."""
+    raw = text.get(JSON_KEY)
+    if raw is None:
+        found = ", ".join(sorted(text)) or "none"
+        raise UsageError(
+            f"{where} has no vqdiff metadata (text chunks: {found})",
+            hint="only PNGs written by vqdiff without --no-metadata can be re-run",
+        )
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where}: the vqdiff metadata is not valid JSON ({e})") from None
+    if not isinstance(record, dict) or "prompt" not in record or "seed" not in record:
+        raise UsageError(f"{where}: the vqdiff metadata lacks a prompt or seed")
+    return record
+
+
+def rerun_settings(record: dict[str, Any]) -> dict[str, Any]:
+    """The settings a re-run takes from a record (a local model folder is found again by its path)."""
+    out = {k: record.get(k) for k in RERUN_KEYS}
+    if record.get("model_path") and record.get("revision") is None:
+        out["model"] = record["model_path"]
+    if out.get("stride") is not None:
+        out["steps"] = None
+    elif out.get("steps") is None and record.get("num_steps") is not None:
+        out["steps"] = record["num_steps"]
+    return out

@@ -1,0 +1,150 @@
+"""Run settings and where each came from: command-line flag > image metadata (--from-image) > environment > config
+file > built-in default.
+
+The config file is TOML with flat keys (`model = "..."`, `device = "cuda"`, `output = "out/{prompt}-{seed}.png"`),
+in the user config directory (`vqdiff config path`), or wherever VQDIFF_CONFIG points.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+DEFAULT_MODEL = "microsoft/vq-diffusion-ithq"
+DEFAULT_OUTPUT = "{prompt}-{seed}.png"
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    default: Any
+    kind: type
+    env: str | None = None
+    help: str = ""
+
+
+SETTINGS: dict[str, Setting] = {
+    s.key: s
+    for s in (
+        Setting("model", DEFAULT_MODEL, str, "VQDIFF_MODEL", "local diffusers-format folder or Hub repo id"),
+        Setting("revision", None, str, None, "Hub revision (branch, tag or commit)"),
+        Setting("variant", "auto", str, None, "weight files: auto, fp16 or fp32"),
+        Setting("device", "auto", str, "VQDIFF_DEVICE", "auto, cpu, cuda[:N] or mps"),
+        Setting("dtype", "auto", str, "VQDIFF_DTYPE", "auto, float32, float16 or bfloat16"),
+        Setting("output", DEFAULT_OUTPUT, str, "VQDIFF_OUTPUT", "output file name template"),
+        Setting("steps", None, int, None, "timesteps to visit (default: all)"),
+        Setting("stride", None, int, None, "gap between visited timesteps"),
+        Setting("guidance", 5.0, float, None, "classifier-free guidance scale"),
+        Setting("truncation", 1.0, float, None, "truncation rate"),
+        Setting("batch_size", 1, int, None, "images per network call"),
+        Setting("cache_dir", None, str, "VQDIFF_CACHE_DIR", "vqdiff's cache of converted weights"),
+    )
+}
+# steps and stride say the same thing: the layer that sets either one decides both
+_GROUPS = (("steps", "stride"),)
+
+
+def config_path() -> Path:
+    override = os.environ.get("VQDIFF_CONFIG")
+    if override:
+        return Path(override).expanduser()
+    from platformdirs import user_config_path
+
+    return user_config_path("vqdiff") / "config.toml"
+
+
+def _coerce(setting: Setting, value: Any, where: str) -> Any:
+    if value is None:
+        return None
+    kind = setting.kind
+    try:
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is str and isinstance(value, str):
+            return value
+        if isinstance(value, str) and kind in (int, float):
+            return kind(value)
+    except ValueError:
+        pass
+    raise UsageError(f"{where}: '{setting.key}' must be {kind.__name__}, got {value!r}")
+
+
+def read_config(path: Path | None = None) -> tuple[dict[str, Any], Path]:
+    """The config file's settings (empty when there is no file); unknown keys and bad values are errors."""
+    path = path or config_path()
+    if not path.is_file():
+        if path.exists():
+            raise UsageError(f"config path {path} is not a file")
+        return {}, path
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read config file {path}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+    unknown = sorted(set(data) - set(SETTINGS))
+    if unknown:
+        raise UsageError(
+            f"config file {path}: unknown key(s) {', '.join(unknown)}", hint=f"known keys: {', '.join(SETTINGS)}"
+        )
+    return {k: _coerce(SETTINGS[k], v, str(path)) for k, v in data.items()}, path
+
+
+@dataclass(frozen=True)
+class Resolved:
+    values: dict[str, Any]
+    sources: dict[str, str]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+
+def resolve(
+    flags: Mapping[str, Any],
+    *,
+    image: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config: Mapping[str, Any] | None = None,
+    config_file: Path | None = None,
+    keys: tuple[str, ...] | None = None,
+) -> Resolved:
+    """Merge the layers for `keys` (default: every setting); a flag given as None counts as not given."""
+    env = os.environ if env is None else env
+    config = config or {}
+    image = image or {}
+    keys = keys or tuple(SETTINGS)
+    layers: list[tuple[str, Mapping[str, Any]]] = [
+        ("flag", {k: v for k, v in flags.items() if v is not None}),
+        ("image", {k: v for k, v in image.items() if v is not None}),
+        (
+            "env",
+            {
+                s.key: _coerce(s, env[s.env], f"environment {s.env}")
+                for s in SETTINGS.values()
+                if s.env and env.get(s.env)
+            },
+        ),
+        (f"config {config_file}" if config_file else "config", config),
+    ]
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    grouped = {k: g for g in _GROUPS for k in g}
+    for key in keys:
+        group = grouped.get(key, (key,))
+        for name, layer in layers:
+            if any(k in layer for k in group):
+                values[key] = layer.get(key)
+                sources[key] = f"{name} {SETTINGS[key].env}" if name == "env" else name
+                break
+        else:
+            values[key] = SETTINGS[key].default
+            sources[key] = "default"
+    return Resolved(values, sources)
