@@ -1,4 +1,4 @@
-"""Write completions/ from the app: `python scripts/completions.py` (tests/test_completion.py checks they are current)."""
+"""Write completions/ from the app: `python scripts/completions.py` (tests/test_completion.py checks them)."""
 
 from __future__ import annotations
 

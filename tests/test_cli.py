@@ -1,0 +1,449 @@
+"""The whole command line on a tiny checkpoint: batches, prompt files, templates, metadata and re-runs, JSON, dry runs,
+configuration precedence, progress, visual outputs, error paths and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from vqdiff_cli.cli import app
+
+
+@pytest.fixture
+def cli(tiny, tmp_path, monkeypatch):
+    """Run vqdiff in tmp_path with the tiny model as the configured default (through the environment)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VQDIFF_MODEL", str(tiny.path))
+    monkeypatch.setenv("VQDIFF_CONFIG", str(tmp_path / "config.toml"))
+    monkeypatch.delenv("VQDIFF_DEVICE", raising=False)
+    runner = CliRunner()
+
+    def invoke(*args: str, input: str | None = None):
+        return runner.invoke(app, list(args), input=input)
+
+    return invoke
+
+
+def one_line_error(result) -> str:
+    """The run's single error line (progress and info lines may precede it)."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert result.stderr.rstrip().endswith(errors[0])
+    assert "Traceback" not in result.output
+    return errors[0]
+
+
+def test_many_prompts_and_images_from_one_load(cli, tmp_path):
+    r = cli("generate", "a cat", "a dog", "-n", "2", "--seed", "100", "--steps", "4", "-b", "3")
+    assert r.exit_code == 0, r.output
+    names = r.stdout.split()
+    assert names == ["a-cat-100.png", "a-cat-101.png", "a-dog-102.png", "a-dog-103.png"]
+    for name in names:
+        assert Image.open(tmp_path / name).size == (16, 16)
+
+
+def test_prompts_file_with_comments_and_stdin(cli, tmp_path):
+    (tmp_path / "prompts.txt").write_text("# my prompts\n\na red ball\n   \na hat on a cat\n# done\n")
+    r = cli("generate", "--prompts-file", "prompts.txt", "--seed", "1", "--steps", "2", "-o", "{index}-{prompt}.png")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.split() == ["0-a-red-ball.png", "1-a-hat-on-a-cat.png"]
+    r = cli("generate", "-f", "-", "--seed", "1", "--steps", "2", "-o", "stdin-{index}.png", input="a dog\n")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.split() == ["stdin-0.png"]
+
+
+def test_empty_prompts_file_is_a_usage_error(cli, tmp_path):
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    r = cli("generate", "--prompts-file", "empty.txt")
+    assert r.exit_code == 2
+    assert "has no prompts" in one_line_error(r)
+    r = cli("generate", "--prompts-file", "missing.txt")
+    assert r.exit_code == 2
+    assert "prompts file not found" in one_line_error(r)
+    r = cli("generate")
+    assert r.exit_code == 2
+    assert "no prompts given" in one_line_error(r)
+
+
+def test_plain_name_is_numbered_and_template_fields(cli, tmp_path):
+    r = cli("generate", "a cat", "-n", "3", "--seed", "7", "--steps", "2", "-o", "pic.png")
+    assert r.stdout.split() == ["pic-0.png", "pic-1.png", "pic-2.png"]
+    r = cli("generate", "a cat", "-n", "2", "--seed", "7", "--steps", "2", "-o", "out/{seed}_{index:03d}.png")
+    assert r.exit_code == 2  # folder out/ does not exist
+    assert "does not exist" in one_line_error(r)
+    (tmp_path / "out").mkdir()
+    r = cli("generate", "a cat", "-n", "2", "--seed", "7", "--steps", "2", "-o", "out/{seed}_{index:03d}.png")
+    assert r.stdout.split() == ["out/7_000.png", "out/8_001.png"]
+    r = cli("generate", "a cat", "-o", "{bogus}.png")
+    assert r.exit_code == 2
+    assert "unknown placeholder {bogus}" in one_line_error(r)
+
+
+def test_long_prompt_slug_is_bounded(cli):
+    prompt = "a very long prompt " * 20
+    r = cli("generate", prompt, "--seed", "1", "--steps", "1")
+    assert r.exit_code == 0, r.output
+    name = r.stdout.strip()
+    assert len(name) <= 60 + len("-1.png")
+    assert name.startswith("a-very-long-prompt")
+
+
+def test_existing_output_is_named_and_kept(cli, tmp_path):
+    (tmp_path / "pic-1.png").write_bytes(b"keep me")
+    r = cli("generate", "a cat", "-n", "2", "--steps", "2", "-o", "pic.png")
+    assert r.exit_code == 2
+    assert "pic-1.png already exists" in one_line_error(r)
+    assert (tmp_path / "pic-1.png").read_bytes() == b"keep me"
+    assert not (tmp_path / "pic-0.png").exists()  # nothing is written when any output would clash
+
+
+def test_unwritable_directory(cli, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        r = cli("generate", "a cat", "--steps", "1", "-o", "locked/x.png")
+        if os.geteuid() == 0:  # root writes anywhere; the check then passes
+            assert r.exit_code == 0
+        else:
+            assert r.exit_code == 2
+            assert "not writable" in one_line_error(r)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_png_to_stdout(tiny, tmp_path):
+    r = subprocess.run(
+        ["vqdiff", "generate", "a cat", "--model", str(tiny.path), "--seed", "3", "--steps", "2", "-o", "-"],
+        capture_output=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "piped.png").write_bytes(r.stdout)
+    assert Image.open(tmp_path / "piped.png").text["vqdiff"]
+    r = subprocess.run(
+        ["vqdiff", "generate", "a cat", "-n", "2", "--model", str(tiny.path), "-o", "-"],
+        capture_output=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2
+    assert b"writes one PNG" in r.stderr
+
+
+def test_json_info_and_rerun_reproduce_tokens(cli, tmp_path):
+    r = cli(
+        "generate",
+        "a teddy bear",
+        "a red ball",
+        "--seed",
+        "40",
+        "--stride",
+        "20",
+        "-g",
+        "3",
+        "-t",
+        "0.9",
+        "--json",
+        "--save-tokens",
+        "first.npy",
+    )
+    assert r.exit_code == 0, r.output
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [rec["seed"] for rec in records] == [40, 41]
+    assert records[1]["prompt"] == "a red ball"
+    assert records[1]["settings"]["guidance"] == 3.0
+    assert "time_s" in records[0]
+    path = records[1]["path"]
+    info = cli("info", "--json", path)
+    assert info.exit_code == 0, info.output
+    meta = json.loads(info.stdout)
+    assert meta["prompt"] == "a red ball" and meta["seed"] == 41 and meta["stride"] == 20
+    assert meta["truncation"] == 0.9 and meta["dtype"] == "float32"
+    assert meta["timesteps"] == [99, 79, 59, 39, 19, 0]
+    text = Image.open(tmp_path / path).text["parameters"]
+    assert text.startswith("a red ball\nSteps: 6, Sampler: VQ-Diffusion stride 20, CFG scale: 3.0, Seed: 41")
+    rerun = cli("generate", "--from-image", path, "-o", "again.png", "--save-tokens", "again.npy")
+    assert rerun.exit_code == 0, rerun.output
+    assert (np.load(tmp_path / "again.npy")[0] == np.load(tmp_path / "first.npy")[1]).all()
+    assert json.loads(cli("info", "--json", "again.png").stdout)["seed"] == 41
+    # explicit flags override the image's settings
+    other = cli("generate", "--from-image", path, "-o", "other.png", "--seed", "5", "--steps", "3")
+    assert other.exit_code == 0
+    meta = json.loads(cli("info", "--json", "other.png").stdout)
+    assert (meta["seed"], meta["num_steps"], meta["stride"], meta["guidance"]) == (5, 3, None, 3.0)
+
+
+def test_human_info_and_errors(cli, tmp_path):
+    cli("generate", "a cat", "--seed", "1", "--steps", "2", "-o", "m.png")
+    r = cli("info", "m.png")
+    assert r.exit_code == 0
+    assert "prompt" in r.stdout and "a cat" in r.stdout
+    Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
+    r = cli("info", "plain.png")
+    assert r.exit_code == 2
+    assert "no vqdiff metadata" in one_line_error(r)
+    r = cli("info", "nothere.png")
+    assert r.exit_code == 2
+    assert "image not found" in one_line_error(r)
+    (tmp_path / "junk.png").write_bytes(b"junk")
+    assert cli("info", "junk.png").exit_code == 2
+    r = cli("generate", "--from-image", "plain.png")
+    assert r.exit_code == 2
+
+
+def test_no_metadata(cli, tmp_path):
+    cli("generate", "a cat", "--seed", "1", "--steps", "2", "-o", "bare.png", "--no-metadata")
+    assert "vqdiff" not in Image.open(tmp_path / "bare.png").text
+
+
+def test_batch_image_equals_alone(cli, tmp_path):
+    cli(
+        "generate",
+        "a cat",
+        "-n",
+        "3",
+        "--seed",
+        "20",
+        "-b",
+        "3",
+        "--steps",
+        "8",
+        "-o",
+        "b.png",
+        "--save-tokens",
+        "batch.npy",
+    )
+    cli("generate", "a cat", "--seed", "22", "--steps", "8", "-o", "alone.png", "--save-tokens", "alone.npy")
+    assert (np.load(tmp_path / "batch.npy")[2] == np.load(tmp_path / "alone.npy")[0]).all()
+
+
+def test_random_seed_is_reported(cli):
+    r = cli("generate", "a cat", "--steps", "1", "-o", "r.png")
+    assert r.exit_code == 0
+    assert "(random)" in r.stderr
+    seed = int(r.stderr.split("seed ")[1].split()[0])
+    assert json.loads(cli("info", "--json", "r.png").stdout)["seed"] == seed
+
+
+def test_quiet_and_results_only_on_stdout(cli):
+    r = cli("generate", "a cat", "--steps", "1", "-o", "q.png", "--quiet", "--seed", "1")
+    assert r.exit_code == 0
+    assert r.stdout == "q.png\n"
+    assert r.stderr == ""
+
+
+def test_dry_run_precedence(cli, tmp_path, monkeypatch, tiny):
+    (tmp_path / "config.toml").write_text(
+        f'model = "{tiny.path}"\nguidance = 2.5\ndevice = "cpu"\ntruncation = 0.7\noutput = "cfg-{{seed}}.png"\n'
+    )
+    monkeypatch.setenv("VQDIFF_DEVICE", "cpu")
+    r = cli("generate", "a cat", "--dry-run", "--json", "-t", "0.5", "--seed", "9")
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)
+    s = plan["settings"]
+    assert s["truncation"] == {"value": 0.5, "source": "flag", "env": None} or s["truncation"]["source"] == "flag"
+    assert s["truncation"]["value"] == 0.5
+    assert s["guidance"]["value"] == 2.5 and s["guidance"]["source"].startswith("config")
+    assert s["device"]["value"] == "cpu" and s["device"]["source"] == "env VQDIFF_DEVICE"
+    assert s["model"]["source"] == "env VQDIFF_MODEL"  # env beats the config file
+    assert s["steps"]["source"] == "default"
+    assert plan["outputs"] == ["cfg-9.png"]
+    assert not (tmp_path / "cfg-9.png").exists()
+    human = cli("generate", "a cat", "--dry-run", "--seed", "9")
+    assert "guidance" in human.stdout and "config" in human.stdout
+
+
+def test_bad_config_file(cli, tmp_path):
+    (tmp_path / "config.toml").write_text("guidance = 'lots'\n")
+    r = cli("generate", "a cat", "--dry-run")
+    assert r.exit_code == 2
+    assert "'guidance' must be float" in one_line_error(r)
+    (tmp_path / "config.toml").write_text("colour = 1\n")
+    assert "unknown key(s) colour" in one_line_error(cli("generate", "a cat", "--dry-run"))
+    (tmp_path / "config.toml").write_text("guidance = \n")
+    assert "not valid TOML" in one_line_error(cli("generate", "a cat", "--dry-run"))
+
+
+def test_config_commands(cli, tmp_path):
+    r = cli("config", "path")
+    assert r.stdout.strip() == str(tmp_path / "config.toml")
+    (tmp_path / "config.toml").write_text("steps = 10\n")
+    r = cli("config", "show", "--json")
+    data = json.loads(r.stdout)
+    assert data["settings"]["steps"] == {"value": 10, "source": f"config {tmp_path / 'config.toml'}", "env": None}
+
+
+def test_trajectory_animation_and_steps(cli, tmp_path):
+    r = cli(
+        "generate",
+        "a cat",
+        "-n",
+        "2",
+        "--seed",
+        "3",
+        "--stride",
+        "25",
+        "-o",
+        "v.png",
+        "--trajectory",
+        "t.npy",
+        "--animate",
+        "anim.gif",
+        "--save-steps",
+        "steps",
+    )
+    assert r.exit_code == 0, r.output
+    traj = np.load(tmp_path / "t.npy")
+    assert traj.shape == (6, 2, 4, 4)  # 99, 74, 49, 24, 0 -> 5 steps + the start
+    gif = Image.open(tmp_path / "anim-0.gif")
+    assert gif.n_frames == 6
+    first = np.asarray(gif.convert("RGB"))
+    assert (first == 128).all()  # all masked: neutral grey
+    files = sorted(p.name for p in (tmp_path / "steps").iterdir())
+    assert files[0] == "v-0-step-000.png" and len(files) == 12
+    last = np.asarray(Image.open(tmp_path / "steps" / "v-1-step-005.png").convert("RGB"))
+    assert (last == np.asarray(Image.open(tmp_path / "v-1.png").convert("RGB"))).all()
+
+
+def test_out_of_memory_message(cli, monkeypatch):
+    from vqdiff_cli import api
+
+    def boom(self, *a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        yield
+
+    monkeypatch.setattr(api.VQDiffusion, "generate_iter", boom)
+    r = cli("generate", "a cat", "--steps", "1", "-o", "o.png")
+    assert r.exit_code == 1
+    line = one_line_error(r)
+    assert "ran out of memory" in line and "--batch-size" in line
+
+
+def test_unexpected_error_and_debug(cli, monkeypatch):
+    from vqdiff_cli import api
+
+    def boom(self, *a, **k):
+        raise ZeroDivisionError("surprise")
+        yield
+
+    monkeypatch.setattr(api.VQDiffusion, "generate_iter", boom)
+    r = cli("generate", "a cat", "--steps", "1", "-o", "o.png")
+    assert r.exit_code == 1
+    assert "--debug" in one_line_error(r)
+    r = cli("--debug", "generate", "a cat", "--steps", "1", "-o", "o.png")
+    assert "Traceback" in r.stderr and "ZeroDivisionError" in r.stderr
+
+
+def test_version_and_help():
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.startswith("vqdiff ")
+    for command in ("generate", "encode", "decode", "info", "config", "completion"):
+        r = CliRunner().invoke(app, [command, "--help"])
+        assert r.exit_code == 0, command
+        assert "Usage:" in r.stdout
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from vqdiff_cli.cli import app; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_usage_error_from_typer_exit_code(cli):
+    r = cli("generate", "a cat", "--steps", "many")
+    assert r.exit_code == 2
+    r = cli("generate", "a cat", "--no-such-flag")
+    assert r.exit_code == 2
+
+
+def test_progress_bar_in_a_terminal_and_not_in_a_pipe(tiny, tmp_path):
+    import pty
+    import select
+
+    args = [
+        "vqdiff",
+        "generate",
+        "a cat",
+        "--model",
+        str(tiny.path),
+        "-n",
+        "2",
+        "--seed",
+        "1",
+        "--steps",
+        "30",
+        "-o",
+        "p.png",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, cwd=tmp_path, env=env, close_fds=True)
+    os.close(slave)
+    seen = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 60)
+        if not ready:
+            break
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    proc.wait(timeout=60)
+    os.close(master)
+    assert proc.returncode == 0
+    assert b"\x1b[" in seen  # the live bar draws with escape codes
+    assert b"step 30/30" in seen
+    assert b"it/s" in seen and b"eta" in seen
+    piped = subprocess.run([*args[:-1], "q.png"], capture_output=True, cwd=tmp_path, env=env, check=False)
+    assert piped.returncode == 0
+    assert b"\x1b" not in piped.stderr and b"\x1b" not in piped.stdout
+    assert piped.stdout.split() == [b"q-0.png", b"q-1.png"]
+
+
+def test_ctrl_c_keeps_finished_images(tiny, tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [
+            "vqdiff",
+            "generate",
+            "a cat",
+            "--model",
+            str(tiny.path),
+            "-n",
+            "400",
+            "--seed",
+            "1",
+            "-o",
+            "c.png",
+            "--quiet",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "c-1.png").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert b"interrupted" in err
+    finished = sorted(tmp_path.glob("c-*.png"))
+    assert 2 <= len(finished) < 400
+    for path in finished:
+        Image.open(path).load()  # every file that exists is a whole PNG
+    assert not list(tmp_path.glob(".*.part"))  # no temporary file left behind

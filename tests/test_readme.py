@@ -1,0 +1,66 @@
+"""The README is part of the product: its command examples run, its Python example runs, and CI runs its test
+command."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from vqdiff_cli.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
+
+
+def vqdiff_lines() -> list[str]:
+    return [line for block in blocks("console") for line in block.splitlines() if line.startswith("vqdiff ")]
+
+
+def test_ci_runs_the_readme_test_command():
+    quickstart = README.split("## Quickstart", 1)[1].split("## ", 1)[0]
+    commands = [b.strip() for b in re.findall(r"```console\n(.*?)```", quickstart, flags=re.DOTALL)]
+    assert len(commands) == 2  # one to install and run, one to install and test
+    test_command = commands[1]
+    assert "pytest" in test_command
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert test_command in ci.replace("pip install -q ", "pip install ")  # CI only quiets pip
+
+
+def test_command_examples_run(tiny, tmp_path, monkeypatch):
+    lines = vqdiff_lines()
+    assert len(lines) >= 12
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VQDIFF_MODEL", str(tiny.path))
+    monkeypatch.setenv("VQDIFF_CONFIG", str(tmp_path / "config.toml"))
+    monkeypatch.delenv("VQDIFF_DEVICE", raising=False)
+    (tmp_path / "prompts.txt").write_text("# prompts for the README example\na red ball\n\na cat in a hat\n")
+    runner = CliRunner()
+    for line in lines:
+        args = shlex.split(line)[1:]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, f"{line}\n{result.output}"
+    assert (tmp_path / "bear-again.png").is_file()
+    assert (tmp_path / "jigsaw.gif").is_file()
+
+
+def test_python_example_runs(tiny, tmp_path, monkeypatch):
+    (code,) = blocks("python")
+    assert '"microsoft/vq-diffusion-ithq"' in code
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace('"microsoft/vq-diffusion-ithq"', repr(str(tiny.path))), "README.md", "exec"), {})
+    assert (tmp_path / "bear-api.png").is_file()
+
+
+@pytest.mark.parametrize("key", ["model", "device", "dtype", "output", "steps", "guidance", "truncation"])
+def test_documented_config_keys_exist(key):
+    from vqdiff_cli.settings import SETTINGS
+
+    assert key in SETTINGS
