@@ -39,6 +39,8 @@ _vqdiff_opts() {
         "encode") echo "--output -o --keep-size --model -m --revision --variant --device --dtype --overwrite --quiet -q --help -h" ;;
         "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --model -m --revision --variant --device --dtype --from-image --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
         "info") echo "--json --help -h" ;;
+        "inpaint") echo "--mask -M --prompt -p --mask-mode --grow --start-step --known --feather --no-composite --save-token-mask --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --output -o --model -m --revision --variant --device --dtype --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
+        "vary") echo "--strength --prompt -p --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --output -o --model -m --revision --variant --device --dtype --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
     esac
 }
 _vqdiff_valued() {
@@ -52,6 +54,8 @@ _vqdiff_valued() {
         "encode") echo "--output -o --model -m --revision --variant --device --dtype" ;;
         "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --model -m --revision --variant --device --dtype --from-image --save-tokens --trajectory --animate --save-steps" ;;
         "info") echo "" ;;
+        "inpaint") echo "--mask -M --prompt -p --mask-mode --grow --start-step --known --feather --save-token-mask --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --output -o --model -m --revision --variant --device --dtype --save-tokens --trajectory --animate --save-steps" ;;
+        "vary") echo "--strength --prompt -p --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --output -o --model -m --revision --variant --device --dtype --save-tokens --trajectory --animate --save-steps" ;;
     esac
 }
 _vqdiff_paths() {
@@ -65,11 +69,13 @@ _vqdiff_paths() {
         "encode") echo "" ;;
         "generate") echo "" ;;
         "info") echo "" ;;
+        "inpaint") echo "" ;;
+        "vary") echo "" ;;
     esac
 }
 _vqdiff_subs() {
     case "$1" in
-        "") echo "completion config decode encode generate info" ;;
+        "") echo "completion config decode encode generate info inpaint vary" ;;
         "completion") echo "" ;;
         "config") echo "path show" ;;
         "config path") echo "" ;;
@@ -78,6 +84,8 @@ _vqdiff_subs() {
         "encode") echo "" ;;
         "generate") echo "" ;;
         "info") echo "" ;;
+        "inpaint") echo "" ;;
+        "vary") echo "" ;;
     esac
 }
 complete -o default -o bashdefault -F _vqdiff vqdiff

@@ -10,9 +10,16 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the real Hub
 os.environ.setdefault("NO_COLOR", "1")
+# Tiny models gain nothing from threads, and on a busy machine every small op would wait for a second thread;
+# subprocesses (`vqdiff ...`) inherit this. Ours and the diffusers reference run under the same setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+import torch  # noqa: E402
+
 from .tiny import TinyCheckpoint, TinySpec, build_tiny  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -42,21 +42,36 @@ def test_command_examples_run(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("VQDIFF_CONFIG", str(tmp_path / "config.toml"))
     monkeypatch.delenv("VQDIFF_DEVICE", raising=False)
     (tmp_path / "prompts.txt").write_text("# prompts for the README example\na red ball\n\na cat in a hat\n")
+    paint_mask(tmp_path / "bear-mask.png")
     runner = CliRunner()
     for line in lines:
         args = shlex.split(line)[1:]
         result = runner.invoke(app, args)
         assert result.exit_code == 0, f"{line}\n{result.output}"
     assert (tmp_path / "bear-again.png").is_file()
+    assert (tmp_path / "bear-ball.png").is_file()
+    assert (tmp_path / "tokens.png").is_file()
     assert (tmp_path / "jigsaw.gif").is_file()
 
 
-def test_python_example_runs(tiny, tmp_path, monkeypatch):
-    (code,) = blocks("python")
+def paint_mask(path: Path) -> None:
+    """A mask for the README's bear.png: the tiny model's images are 16 px squares."""
+    from PIL import Image, ImageDraw
+
+    mask = Image.new("L", (16, 16), 0)
+    ImageDraw.Draw(mask).rectangle((4, 4, 10, 10), fill=255)
+    mask.save(path)
+
+
+def test_python_examples_run(tiny, tmp_path, monkeypatch):
+    code = "\n".join(blocks("python"))
     assert '"microsoft/vq-diffusion-ithq"' in code
     monkeypatch.chdir(tmp_path)
-    exec(compile(code.replace('"microsoft/vq-diffusion-ithq"', repr(str(tiny.path))), "README.md", "exec"), {})
+    paint_mask(tmp_path / "bear-mask.png")
+    namespace: dict[str, object] = {}
+    exec(compile(code.replace('"microsoft/vq-diffusion-ithq"', repr(str(tiny.path))), "README.md", "exec"), namespace)
     assert (tmp_path / "bear-api.png").is_file()
+    assert namespace["inpainted"].image.size == (16, 16)
 
 
 @pytest.mark.parametrize("key", ["model", "device", "dtype", "output", "steps", "guidance", "truncation"])

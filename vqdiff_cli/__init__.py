@@ -21,6 +21,10 @@ def __getattr__(name: str) -> Any:
         from .errors import VqdiffError
 
         return VqdiffError
+    if name == "InpaintOptions":
+        from .edit import InpaintOptions
+
+        return InpaintOptions
     if name in __all__:
         from . import api
 

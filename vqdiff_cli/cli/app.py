@@ -97,8 +97,14 @@ def _main(
     _DEBUG.set(debug)
 
 
+COMMAND_MODULES = ("generate", "edit", "tokens", "info", "shell")  # in the order `vqdiff --help` lists them
+
+
 def _register() -> None:
-    from . import generate, info, shell, tokens  # noqa: F401  (commands register themselves on `app`)
+    import importlib
+
+    for name in COMMAND_MODULES:  # each module registers its commands on `app` when imported
+        importlib.import_module(f"{__package__}.{name}")
 
 
 _register()

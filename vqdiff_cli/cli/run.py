@@ -60,6 +60,7 @@ class RunPlan:
     animations: list[Path] | None = None
     save_steps: Path | None = None
     extra_metadata: dict[str, Any] = field(default_factory=dict)
+    extra_files: list[Path] = field(default_factory=list)  # written by the command itself (e.g. a token mask)
 
     @classmethod
     def build(
@@ -75,6 +76,8 @@ class RunPlan:
         visuals: dict[str, Any],
         metadata: bool,
         overwrite: bool,
+        default_output: str | None = None,
+        extra_files: tuple[Path, ...] = (),
     ) -> RunPlan:
         from ..api import GenerateOptions
 
@@ -94,6 +97,9 @@ class RunPlan:
         )
         items = [naming.Item(p, seed + i, i) for i, p in enumerate(p for p in prompts for _ in range(num_images))]
         template = settings["output"]
+        if default_output is not None and settings.sources["output"] == "default":
+            template = default_output
+            settings.values["output"] = template
         to_stdout = template == "-"
         if to_stdout and len(items) > 1:
             raise UsageError(f"-o - writes one PNG to stdout, but this run makes {len(items)} images")
@@ -117,6 +123,7 @@ class RunPlan:
             trajectory=visuals.get("trajectory"),
             animations=naming.output_paths(animate, items) if animate else None,
             save_steps=visuals.get("save_steps"),
+            extra_files=list(extra_files),
         )
         plan.check_outputs()
         return plan
@@ -128,7 +135,7 @@ class RunPlan:
     def files(self) -> list[Path]:
         paths = [*(self.outputs or []), *(self.animations or [])]
         paths += [p for p in (self.save_tokens, self.trajectory) if p is not None]
-        return paths
+        return paths + self.extra_files
 
     def check_outputs(self) -> None:
         """Every file this run writes is new (or --overwrite) and its folder writable; no name is used twice."""

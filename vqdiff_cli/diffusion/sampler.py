@@ -104,6 +104,29 @@ def q_sample(
     return gumbel_argmax(logits, gumbel_uniforms(logits.shape, generators, logits.device))
 
 
+def start_step_for(schedule: MaskAndReplaceSchedule, masked_fraction: float) -> int:
+    """The timestep whose cumulative mask probability gamma-bar_t is closest to `masked_fraction` (Improved
+    VQ-Diffusion's rule for a partly known grid); ties go to the earlier timestep."""
+    gaps = [abs(float(c) - masked_fraction) for c in schedule.cumprod_ct]
+    return min(range(len(gaps)), key=lambda t: (gaps[t], t))
+
+
+def initial_tokens(
+    x_0: torch.Tensor,
+    regenerate: torch.Tensor,
+    t: int,
+    schedule: MaskAndReplaceSchedule,
+    generators: Sequence[torch.Generator],
+    renoise: bool,
+) -> torch.Tensor:
+    """x_t to start from: [MASK] where tokens are regenerated; elsewhere x_0 itself, or (renoise) a draw of
+    q(x_t | x_0). x_0: (B, N) codes; regenerate: (B, N) bool."""
+    kept = x_0
+    if renoise:
+        kept = torch.cat([q_sample(x_0[i : i + 1], schedule, t, [g]) for i, g in enumerate(generators)])
+    return torch.where(regenerate, torch.full_like(x_0, schedule.mask_id), kept)
+
+
 def _impose_known(
     x: torch.Tensor,
     known: KnownTokens,

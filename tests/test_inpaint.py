@@ -1,0 +1,324 @@
+"""Inpainting and variations: the token-mask rule, the start step, kept tokens and pixels, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from vqdiff_cli import GenerateOptions
+from vqdiff_cli.cli import app
+from vqdiff_cli.config import SchedulerConfig
+from vqdiff_cli.diffusion.sampler import start_step_for
+from vqdiff_cli.diffusion.schedule import MaskAndReplaceSchedule
+from vqdiff_cli.edit import InpaintOptions
+from vqdiff_cli.errors import UsageError
+from vqdiff_cli.images import mask_values, token_coverage, tokens_to_regenerate
+
+
+def grid_for(mask: np.ndarray, mode: str, grow: int = 0, grid: tuple[int, int] = (8, 8)) -> np.ndarray:
+    return tokens_to_regenerate(token_coverage(mask, grid), mode, grow)
+
+
+# -- the token-mask rule on hand-made masks ---------------------------------------------------------------------
+
+
+def test_one_pixel():
+    mask = np.zeros((64, 64), bool)
+    mask[20, 41] = True  # token row 2, column 5 (8 px tokens)
+    expected = np.zeros((8, 8), bool)
+    expected[2, 5] = True
+    assert (grid_for(mask, "any") == expected).all()
+    assert not grid_for(mask, "half").any()
+    assert not grid_for(mask, "all").any()
+    grown = grid_for(mask, "any", grow=1)
+    assert grown.sum() == 9 and grown[1:4, 4:7].all()
+
+
+def test_one_pixel_at_high_resolution_is_not_lost():
+    """A painted pixel of a 1000 px image still marks its token: coverage is computed at the mask's resolution."""
+    mask = np.zeros((1000, 1000), bool)
+    mask[999, 0] = True
+    marked = grid_for(mask, "any", grid=(32, 32))
+    assert marked.sum() == 1 and marked[31, 0]
+
+
+def test_thin_line():
+    mask = np.zeros((64, 64), bool)
+    mask[30, :] = True  # one pixel high, inside token row 3
+    assert (grid_for(mask, "any") == np.eye(8, dtype=bool)[3][:, None].repeat(8, 1)).all()
+    assert not grid_for(mask, "half").any()
+    assert not grid_for(mask, "all").any()
+
+
+def test_full_and_half_patches():
+    mask = np.zeros((64, 64), bool)
+    mask[8:16, 16:24] = True  # exactly token (1, 2)
+    for mode in ("any", "half", "all"):
+        marked = grid_for(mask, mode)
+        assert marked.sum() == 1 and marked[1, 2], mode
+    mask = np.zeros((64, 64), bool)
+    mask[8:16, 20:28] = True  # the right half of (1, 2) and the left half of (1, 3)
+    assert grid_for(mask, "any").sum() == 2
+    assert grid_for(mask, "half").sum() == 2
+    assert grid_for(mask, "all").sum() == 0
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "RGB", "RGBA", "P", "I;16"])
+def test_every_image_mode(mode):
+    white = np.zeros((16, 16), bool)
+    white[4:8, 2:10] = True
+    if mode == "RGBA":  # painted strokes are opaque on a transparent layer; the colour does not matter
+        arr = np.zeros((16, 16, 4), np.uint8)
+        arr[..., 3] = white * 255
+        image = Image.fromarray(arr)
+    elif mode == "LA":
+        arr = np.zeros((16, 16, 2), np.uint8)
+        arr[..., 1] = white * 255
+        image = Image.merge("LA", [Image.fromarray(arr[..., 0]), Image.fromarray(arr[..., 1])])
+    elif mode == "I;16":
+        image = Image.fromarray((white * 65535).astype(np.uint16))
+        assert image.mode.startswith("I")
+    else:
+        image = Image.fromarray(white.astype(np.uint8) * 255, "L").convert(mode)
+    assert ((mask_values(image) >= 0.5) == white).all()
+
+
+def test_opaque_rgba_uses_luminance():
+    arr = np.zeros((8, 8, 4), np.uint8)
+    arr[..., 3] = 255
+    arr[2:4, 2:4, :3] = 255
+    assert (mask_values(Image.fromarray(arr)) >= 0.5).sum() == 4
+
+
+# -- the start step ---------------------------------------------------------------------------------------------
+
+
+def test_start_step_matches_the_schedule():
+    schedule = MaskAndReplaceSchedule.from_config(SchedulerConfig(num_vec_classes=4097, num_train_timesteps=100))
+    for fraction in (0.0, 0.01, 0.1, 0.25, 0.5, 0.73, 0.99, 1.0):
+        t = start_step_for(schedule, fraction)
+        gaps = np.abs(schedule.cumprod_ct - fraction)
+        assert gaps[t] == gaps.min()
+    assert start_step_for(schedule, 0.5) in (49, 50)
+    assert start_step_for(schedule, 1.0) == 99
+    assert start_step_for(schedule, 0.0) == 0
+
+
+def test_setup_start_step_and_override(tiny_pipe):
+    image = Image.new("RGB", (16, 16), (200, 50, 50))
+    mask = np.zeros((16, 16), bool)
+    mask[:8, :] = True  # half the tokens
+    setup = tiny_pipe.prepare_inpaint(image, mask)
+    assert setup.masked_fraction == 0.5
+    assert setup.start_step == start_step_for(tiny_pipe.schedule, 0.5)
+    assert tiny_pipe.prepare_inpaint(image, mask, InpaintOptions(start_step=40)).start_step == 40
+    with pytest.raises(UsageError, match="between 0 and 99"):
+        tiny_pipe.prepare_inpaint(image, mask, InpaintOptions(start_step=100))
+
+
+# -- sampling keeps what it should --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def photo() -> Image.Image:
+    y, x = np.mgrid[0:24, 0:32]
+    arr = np.stack([x * 7, y * 9, (x * y) % 255], axis=-1).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+@pytest.fixture
+def painted() -> np.ndarray:
+    mask = np.zeros((24, 32), bool)
+    mask[4:16, 7:25] = True
+    return mask
+
+
+@pytest.mark.parametrize("mode", ["any", "half", "all"])
+@pytest.mark.parametrize("known", ["restore", "renoise"])
+def test_known_tokens_and_pixels_are_kept(tiny_pipe, photo, painted, mode, known):
+    options = InpaintOptions(mask_mode=mode, known=known, feather=2)
+    setup = tiny_pipe.prepare_inpaint(photo, painted, options)
+    results = tiny_pipe.inpaint(
+        photo, painted, "a red ball", GenerateOptions(seed=3, num_images=2, batch_size=2), options, trajectory=True
+    )
+    keep = ~setup.regenerate
+    original = np.asarray(photo)
+    outside = setup.alpha == 0
+    assert outside.any() and (~outside).any()
+    for result in results:
+        assert torch.equal(result.tokens[keep], setup.tokens[keep])
+        assert result.image.size == photo.size
+        assert (np.asarray(result.image)[outside] == original[outside]).all()
+    # restore: known tokens are in place after every step too; renoise lets them be masked on the way
+    trajectory = results[0].trajectory.view(len(results[0].trajectory), -1)
+    flat_keep = keep.flatten()
+    if known == "restore":
+        assert (trajectory[:, flat_keep] == setup.tokens.flatten()[flat_keep]).all()
+    assert setup.regenerate.any()
+
+
+def test_first_state_masks_exactly_the_token_mask(tiny_pipe, photo, painted):
+    setup = tiny_pipe.prepare_inpaint(photo, painted)
+    result = tiny_pipe.inpaint(photo, painted, "", GenerateOptions(seed=1, steps=5), trajectory=True)[0]
+    first = result.trajectory[0]
+    assert ((first == tiny_pipe.mask_id) == setup.regenerate).all()
+    assert result.timesteps[0] == setup.start_step
+
+
+def test_no_composite_returns_the_plain_decode(tiny_pipe, photo, painted):
+    setup = tiny_pipe.prepare_inpaint(photo, painted, InpaintOptions(composite=False))
+    assert setup.alpha is None
+    result = tiny_pipe.inpaint(photo, painted, "", GenerateOptions(seed=1, steps=5), InpaintOptions(composite=False))[0]
+    expected = tiny_pipe.decode(result.tokens[None])[0].resize(photo.size, Image.Resampling.LANCZOS)
+    assert (np.asarray(result.image) == np.asarray(expected)).all()
+
+
+def test_whole_image_mask_warns_and_starts_at_t_max(tiny_pipe, photo):
+    setup = tiny_pipe.prepare_inpaint(photo, np.ones((24, 32), bool))
+    assert setup.start_step == 99
+    assert any("every token" in w for w in setup.warnings)
+
+
+# -- variations ---------------------------------------------------------------------------------------------------
+
+
+def test_strength_zero_returns_the_original_tokens(tiny_pipe, photo):
+    source = tiny_pipe.prepare_edit(photo)
+    result = tiny_pipe.vary(photo, "", 0.0, GenerateOptions(seed=4))[0]
+    assert torch.equal(result.tokens, source.tokens)
+    assert result.image.size == photo.size
+    assert result.timesteps == ()
+
+
+def test_strength_one_is_plain_generation(tiny_pipe, photo):
+    varied = tiny_pipe.vary(photo, "a cat", 1.0, GenerateOptions(seed=4, steps=20))[0]
+    generated = tiny_pipe.generate("a cat", GenerateOptions(seed=4, steps=20))[0]
+    assert torch.equal(varied.tokens, generated.tokens)
+
+
+def test_strength_sets_the_start(tiny_pipe, photo):
+    result = tiny_pipe.vary(photo, "", 0.5, GenerateOptions(seed=4), trajectory=True)[0]
+    assert result.timesteps[0] == round(0.5 * 99) == tiny_pipe.variation_start(0.5)
+    assert result.timesteps == tuple(range(result.timesteps[0], -1, -1))
+    masked = (result.trajectory[0] == tiny_pipe.mask_id).float().mean()
+    assert 0 < masked < 1  # partly noised
+    with pytest.raises(UsageError):
+        tiny_pipe.vary(photo, "", 1.5)
+
+
+# -- the commands and their errors --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def files(tmp_path, photo, painted, monkeypatch, tiny):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VQDIFF_MODEL", str(tiny.path))
+    monkeypatch.setenv("VQDIFF_CONFIG", str(tmp_path / "none.toml"))
+    photo.save(tmp_path / "photo.png")
+    Image.fromarray(painted.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    return tmp_path
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.mark.parametrize("mode", ["any", "half", "all"])
+def test_inpaint_command_keeps_tokens(files, tiny_pipe, photo, painted, mode):
+    r = run(
+        "inpaint",
+        "photo.png",
+        "--mask",
+        "mask.png",
+        "-p",
+        "a red ball",
+        "--mask-mode",
+        mode,
+        "--seed",
+        "9",
+        "--steps",
+        "10",
+        "--save-tokens",
+        "t.npy",
+        "--save-token-mask",
+        "tm.png",
+        "--feather",
+        "0",
+    )
+    assert r.exit_code == 0, r.output
+    assert r.stdout.split() == ["photo-inpaint-9.png"]
+    setup = tiny_pipe.prepare_inpaint(photo, painted, InpaintOptions(mask_mode=mode, feather=0))
+    tokens = np.load(files / "t.npy")[0]
+    keep = ~setup.regenerate.numpy()
+    assert (tokens[keep] == setup.tokens.numpy()[keep]).all()
+    token_mask = np.asarray(Image.open(files / "tm.png")) > 127
+    assert (token_mask[::4, ::4] == setup.regenerate.numpy()).all()
+    out = np.asarray(Image.open(files / "photo-inpaint-9.png"))
+    assert out.shape == (24, 32, 3)
+    assert (out[~painted] == np.asarray(photo)[~painted]).all()  # feather 0: every unpainted pixel is the original's
+    info = run("info", "--json", "photo-inpaint-9.png")
+    assert '"mode": "inpaint"' in info.stdout and f'"mask_mode": "{mode}"' in info.stdout
+
+
+def test_vary_command(files):
+    r = run("vary", "photo.png", "--strength", "0.3", "--seed", "2", "-n", "2", "--save-tokens", "v.npy")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.split() == ["photo-vary-2.png", "photo-vary-3.png"]
+    r = run("vary", "photo.png", "--strength", "0", "--save-tokens", "zero.npy", "-o", "zero.png")
+    assert r.exit_code == 0
+    assert np.load(files / "zero.npy").shape == (1, 4, 4)
+    r = run("vary", "photo.png", "--strength", "2")
+    assert r.exit_code == 2
+
+
+def _error(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_error_paths(files):
+    r = run("inpaint", "photo.png", "--mask", "nothere.png")
+    assert r.exit_code == 2 and "image not found: nothere.png" in _error(r)
+    (files / "junk.png").write_bytes(b"not an image")
+    r = run("inpaint", "photo.png", "--mask", "junk.png")
+    assert r.exit_code == 2 and "cannot read image junk.png" in _error(r)
+    Image.new("L", (32, 24), 0).save(files / "empty.png")
+    r = run("inpaint", "photo.png", "--mask", "empty.png")
+    assert r.exit_code == 2 and "is empty" in _error(r)
+    line = np.zeros((24, 32), np.uint8)
+    line[10, :] = 255
+    Image.fromarray(line).save(files / "line.png")
+    r = run("inpaint", "photo.png", "--mask", "line.png", "--mask-mode", "all", "--steps", "2")
+    assert r.exit_code == 2 and "covers no whole token with --mask-mode all" in _error(r)
+    Image.new("L", (20, 20), 255).save(files / "square.png")
+    r = run("inpaint", "photo.png", "--mask", "square.png")
+    assert r.exit_code == 2 and "aspect ratios differ" in _error(r)
+    Image.new("RGB", (3, 3)).save(files / "tiny.png")
+    Image.new("L", (3, 3), 255).save(files / "tinymask.png")
+    r = run("inpaint", "tiny.png", "--mask", "tinymask.png")
+    assert r.exit_code == 2 and "must be at least 4x4" in _error(r)
+    r = run("inpaint", "photo.png", "--mask", "mask.png", "--mask-mode", "most")
+    assert r.exit_code == 2 and "unknown --mask-mode" in _error(r)
+    r = run("inpaint", "photo.png", "--mask", "mask.png", "--known", "sometimes")
+    assert r.exit_code == 2
+    assert not list(files.glob("photo-inpaint-*"))
+
+
+def test_mask_at_another_size_with_the_same_aspect(files, photo):
+    big = np.zeros((48, 64), np.uint8)
+    big[10:28, 18:38] = 255
+    Image.fromarray(big).save(files / "big.png")
+    r = run("inpaint", "photo.png", "--mask", "big.png", "--seed", "1", "--steps", "3")
+    assert r.exit_code == 0, r.output
+
+
+def test_whole_mask_warns(files):
+    Image.new("L", (32, 24), 255).save(files / "all.png")
+    r = run("inpaint", "photo.png", "--mask", "all.png", "--seed", "1", "--steps", "3")
+    assert r.exit_code == 0
+    assert "warning: the mask covers every token" in r.stderr

@@ -1,0 +1,283 @@
+"""`vqdiff inpaint` (regenerate a masked region) and `vqdiff vary` (variations of an image)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from ..console import Output
+from .app import app, report_errors
+from .options import (
+    BatchSizeOpt,
+    DeviceOpt,
+    DryRunOpt,
+    DtypeOpt,
+    GuidanceOpt,
+    JsonOpt,
+    ModelOpt,
+    NoMetadataOpt,
+    OverwriteOpt,
+    QuietOpt,
+    RevisionOpt,
+    SeedOpt,
+    StepsOpt,
+    StrideOpt,
+    TruncationOpt,
+    VariantOpt,
+    VisualsOpts,
+)
+from .run import RunPlan, execute
+
+if TYPE_CHECKING:
+    from ..api import GeneratedImage, GenerateOptions, VQDiffusion
+
+ImageArg = Annotated[
+    Path, typer.Argument(help="The image to edit (any size; worked on at the model's size).", show_default=False)
+]
+PromptOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--prompt", "-p", help="Prompt (repeat for several); default: none (unconditional).", show_default=False
+    ),
+]
+NumImagesOpt = Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt.")]
+OutputOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="File name template with {prompt}, {seed}, {index}, {step}; a plain name gets "
+        "-0, -1, ... for several images. [default: <image>-<command>-{seed}.png]",
+        show_default=False,
+    ),
+]
+
+
+def _template_stem(path: Path) -> str:
+    return path.stem.replace("{", "{{").replace("}", "}}")
+
+
+@app.command()
+@report_errors
+def inpaint(
+    image: ImageArg,
+    mask: Annotated[
+        Path, typer.Option("--mask", "-M", help="Mask image: white (or opaque) = regenerate.", show_default=False)
+    ],
+    prompt: PromptOpt = None,
+    mask_mode: Annotated[
+        str,
+        typer.Option(
+            "--mask-mode",
+            help="Regenerate a token when any / at least half / all of its pixel patch is painted: any, half or all.",
+        ),
+    ] = "any",
+    grow: Annotated[int, typer.Option("--grow", help="Dilate the token mask by this many tokens.")] = 0,
+    start_step: Annotated[
+        int | None,
+        typer.Option(
+            "--start-step",
+            help="Timestep to start from. [default: the t whose cumulative mask rate matches the masked fraction]",
+            show_default=False,
+        ),
+    ] = None,
+    known: Annotated[
+        str,
+        typer.Option(
+            "--known",
+            help="Known tokens after every step: restore (put back) or "
+            "renoise (re-noised to the current level, RePaint-style).",
+        ),
+    ] = "restore",
+    feather: Annotated[
+        int, typer.Option("--feather", help="Pixels over which the composite fades out beyond the mask.")
+    ] = 4,
+    no_composite: Annotated[
+        bool,
+        typer.Option(
+            "--no-composite",
+            help="Return the plain decode instead of pasting the result into the original through the mask.",
+        ),
+    ] = False,
+    save_token_mask: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-token-mask", help="Write the token mask as a PNG (white = regenerated).", show_default=False
+        ),
+    ] = None,
+    num_images: NumImagesOpt = 1,
+    seed: SeedOpt = None,
+    steps: StepsOpt = None,
+    stride: StrideOpt = None,
+    guidance: GuidanceOpt = None,
+    truncation: TruncationOpt = None,
+    batch_size: BatchSizeOpt = None,
+    output: OutputOpt = None,
+    model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    variant: VariantOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    save_tokens: VisualsOpts.SaveTokens = None,
+    trajectory: VisualsOpts.Trajectory = None,
+    animate: VisualsOpts.Animate = None,
+    save_steps: VisualsOpts.SaveSteps = None,
+    no_metadata: NoMetadataOpt = False,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Regenerate the masked part of an image and keep the rest."""
+    from ..edit import InpaintOptions, mask_to_image_size
+    from ..errors import UsageError
+    from ..images import load_mask, load_rgb, mask_image, save_png
+
+    out = Output(quiet=quiet, json_mode=json_out)
+    inpaint_options = InpaintOptions(
+        mask_mode=mask_mode, grow=grow, start_step=start_step, known=known, feather=feather, composite=not no_composite
+    )
+    # 1. inputs, read and checked before anything loads
+    picture = load_rgb(image)
+    pixels = mask_to_image_size(load_mask(mask), picture.size)
+    if not pixels.any():
+        raise UsageError(f"the mask {mask} is empty: nothing is painted white", hint="white marks what to regenerate")
+    # 2. settings and outputs
+    plan = RunPlan.build(
+        out,
+        mode="inpaint",
+        prompts=list(prompt or [""]),
+        num_images=num_images,
+        seed=seed,
+        flags={
+            "model": model,
+            "revision": revision,
+            "variant": variant,
+            "device": device,
+            "dtype": dtype,
+            "output": output,
+            "steps": steps,
+            "stride": stride,
+            "guidance": guidance,
+            "truncation": truncation,
+            "batch_size": batch_size,
+        },
+        image_settings=None,
+        visuals={"save_tokens": save_tokens, "trajectory": trajectory, "animate": animate, "save_steps": save_steps},
+        metadata=not no_metadata,
+        overwrite=overwrite,
+        default_output=f"{_template_stem(image)}-inpaint-{{seed}}.png",
+        extra_files=(save_token_mask,) if save_token_mask else (),
+    )
+    plan.extra_metadata = {
+        "source_image": str(image),
+        "mask": str(mask),
+        "mask_mode": mask_mode,
+        "grow": grow,
+        "known": known,
+        "feather": feather,
+        "composite": not no_composite,
+    }
+    if dry_run:
+        plan.print_dry_run(out)
+        return
+
+    # 3. load, reduce the mask to tokens, pick the start step, sample
+    def sample(pipe: VQDiffusion, options: GenerateOptions, **kw: Any) -> Iterator[GeneratedImage]:
+        setup = pipe.prepare_inpaint(picture, pixels, inpaint_options)
+        for warning in setup.warnings:
+            out.warn(warning)
+        out.info(
+            f"regenerating {int(setup.regenerate.sum())} of {setup.regenerate.numel()} tokens "
+            f"({setup.masked_fraction:.0%}) from timestep {setup.start_step}"
+        )
+        plan.extra_metadata["start_step"] = setup.start_step
+        if save_token_mask is not None:
+            grid = setup.regenerate.numpy()
+            save_png(mask_image(grid, pipe.config.vqvae.downsample_factor), save_token_mask, overwrite=overwrite)
+        return pipe.inpaint_iter(setup, plan.prompts, options, inpaint_options, **kw)
+
+    execute(out, plan, sample)
+
+
+@app.command()
+@report_errors
+def vary(
+    image: ImageArg,
+    strength: Annotated[
+        float,
+        typer.Option("--strength", help="How far to noise the image's tokens: 0 keeps them, 1 is plain generation."),
+    ] = 0.5,
+    prompt: PromptOpt = None,
+    num_images: NumImagesOpt = 1,
+    seed: SeedOpt = None,
+    steps: StepsOpt = None,
+    stride: StrideOpt = None,
+    guidance: GuidanceOpt = None,
+    truncation: TruncationOpt = None,
+    batch_size: BatchSizeOpt = None,
+    output: OutputOpt = None,
+    model: ModelOpt = None,
+    revision: RevisionOpt = None,
+    variant: VariantOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    save_tokens: VisualsOpts.SaveTokens = None,
+    trajectory: VisualsOpts.Trajectory = None,
+    animate: VisualsOpts.Animate = None,
+    save_steps: VisualsOpts.SaveSteps = None,
+    no_metadata: NoMetadataOpt = False,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Make variations of an image (noise its tokens, then denoise)."""
+    from ..errors import UsageError
+    from ..images import load_rgb
+
+    out = Output(quiet=quiet, json_mode=json_out)
+    if not 0 <= strength <= 1:
+        raise UsageError(f"--strength must be between 0 and 1, got {strength}")
+    picture = load_rgb(image)
+    plan = RunPlan.build(
+        out,
+        mode="vary",
+        prompts=list(prompt or [""]),
+        num_images=num_images,
+        seed=seed,
+        flags={
+            "model": model,
+            "revision": revision,
+            "variant": variant,
+            "device": device,
+            "dtype": dtype,
+            "output": output,
+            "steps": steps,
+            "stride": stride,
+            "guidance": guidance,
+            "truncation": truncation,
+            "batch_size": batch_size,
+        },
+        image_settings=None,
+        visuals={"save_tokens": save_tokens, "trajectory": trajectory, "animate": animate, "save_steps": save_steps},
+        metadata=not no_metadata,
+        overwrite=overwrite,
+        default_output=f"{_template_stem(image)}-vary-{{seed}}.png",
+    )
+    plan.extra_metadata = {"source_image": str(image), "strength": strength}
+    if dry_run:
+        plan.print_dry_run(out)
+        return
+
+    def sample(pipe: VQDiffusion, options: GenerateOptions, **kw: Any) -> Iterator[GeneratedImage]:
+        source = pipe.prepare_edit(picture)
+        for warning in source.warnings:
+            out.warn(warning)
+        plan.extra_metadata["start_step"] = pipe.variation_start(strength)
+        return pipe.vary_iter(source, plan.prompts, strength, options, **kw)
+
+    execute(out, plan, sample)

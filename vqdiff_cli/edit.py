@@ -1,0 +1,112 @@
+"""Inpainting and variations: from an image (and a mask) to the token grid, the tokens to keep and the timestep
+to start from; and from the decoded result back to the original image's pixels.
+
+The work happens at the model's native size: the image (any size; a non-square one is stretched) is resized to it
+and encoded, the mask is reduced to the token grid at its own resolution (`images.token_coverage`), and the result
+is scaled back and composited into the original through the feathered pixel mask, so pixels the user did not paint
+stay the original's, bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import images as imageio
+from .errors import UsageError
+
+KNOWN_MODES = ("restore", "renoise")
+ASPECT_TOLERANCE = 0.02  # relative difference of width/height ratios accepted between image and mask
+STRETCH_WARNING = 1.25  # warn when the image's aspect ratio is further than this from square
+
+
+@dataclass(frozen=True)
+class InpaintOptions:
+    """How the mask becomes a token mask, where sampling starts, and how the result is put back."""
+
+    mask_mode: str = "any"  # a token is regenerated when any / at least half / all of its patch is painted
+    grow: int = 0  # then dilate the token mask by this many tokens
+    start_step: int | None = None  # default: the t whose gamma-bar_t is closest to the masked fraction
+    known: str = "restore"  # known tokens after every step: restored, or re-noised to the current level
+    feather: int = 4  # pixels over which the composite fades out beyond the painted area
+    composite: bool = True  # paste into the original through the mask; False returns the plain decode
+
+    def __post_init__(self) -> None:
+        if self.mask_mode not in imageio.MASK_MODES:
+            raise UsageError(
+                f"unknown --mask-mode '{self.mask_mode}'", hint=f"use one of: {', '.join(imageio.MASK_MODES)}"
+            )
+        if self.grow < 0:
+            raise UsageError(f"--grow must be >= 0, got {self.grow}")
+        if self.known not in KNOWN_MODES:
+            raise UsageError(f"unknown --known '{self.known}'", hint=f"use one of: {', '.join(KNOWN_MODES)}")
+        if self.feather < 0:
+            raise UsageError(f"--feather must be >= 0, got {self.feather}")
+        if self.start_step is not None and self.start_step < 0:
+            raise UsageError(f"--start-step must be >= 0, got {self.start_step}")
+
+
+@dataclass
+class EditSource:
+    """An image prepared for editing: the original, its native-size version and its token grid."""
+
+    original: Image.Image  # RGB, the user's size
+    native: Image.Image  # RGB, native size
+    tokens: torch.Tensor  # (h, w) codes of the native image
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class InpaintSetup(EditSource):
+    regenerate: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))  # (h, w) bool
+    start_step: int = 0
+    alpha: np.ndarray | None = None  # (H, W) composite weights at the original size; None: no composite
+
+    @property
+    def masked_fraction(self) -> float:
+        return float(self.regenerate.float().mean())
+
+
+def check_image_size(image: Image.Image, grid: tuple[int, int], native: int) -> list[str]:
+    """Errors for images too small to edit; warnings for ones that will be stretched or upscaled."""
+    w, h = image.size
+    if w < grid[1] or h < grid[0]:
+        raise UsageError(f"image is {w}x{h}; it must be at least {grid[1]}x{grid[0]} pixels (one per token)")
+    warnings = []
+    ratio = max(w, h) / min(w, h)
+    if ratio > STRETCH_WARNING:
+        warnings.append(f"the {w}x{h} image is stretched to {native}x{native} for the model and back afterwards")
+    if min(w, h) < native:
+        warnings.append(f"the {w}x{h} image is upscaled to the model's {native}x{native}; expect a soft result")
+    return warnings
+
+
+def mask_to_image_size(mask: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """A bool mask at the image's size; a mask of another size must have the same aspect ratio."""
+    mh, mw = mask.shape
+    w, h = image_size
+    if (mw, mh) == (w, h):
+        return mask
+    if abs((mw / mh) / (w / h) - 1) > ASPECT_TOLERANCE:
+        raise UsageError(
+            f"the mask is {mw}x{mh} but the image is {w}x{h}: their aspect ratios differ",
+            hint="make the mask from the image, at its size",
+        )
+    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)
+    return np.asarray(resized) >= 128
+
+
+def regenerate_mask(mask: np.ndarray, grid: tuple[int, int], options: InpaintOptions) -> np.ndarray:
+    """The token mask (h, w) for a pixel mask, with errors for masks that select nothing."""
+    if not mask.any():
+        raise UsageError("the mask is empty: nothing is painted white", hint="white marks what to regenerate")
+    marked = imageio.tokens_to_regenerate(imageio.token_coverage(mask, grid), options.mask_mode, options.grow)
+    if not marked.any():
+        raise UsageError(
+            f"the mask covers no whole token with --mask-mode {options.mask_mode}",
+            hint="use --mask-mode any, --grow 1, or paint a larger area",
+        )
+    return marked
