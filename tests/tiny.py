@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vqdiff_cli.synthetic import write_clip_tokenizer
+from vqdiff_cli.synthetic import hub_vq_names, write_clip_tokenizer
 
 WORDS = ["a", "teddy", "bear", "in", "the", "pool", "red", "ball", "cat", "dog", "on", "hat"]
 
@@ -140,19 +140,6 @@ def build_tiny(path: Path, spec: TinySpec | None = None) -> TinyCheckpoint:
     return TinyCheckpoint(path, spec, vqvae, transformer, text_encoder, tokenizer, scheduler, null)
 
 
-OLD_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-
-
-def old_vq_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        if ".attentions." in key:
-            for new, old in OLD_NAMES.items():
-                key = key.replace(f".{new}.", f".{old}.")
-        out[key] = value
-    return out
-
-
 def save_hub_layout(path: Path, vqvae: Any, transformer: Any, text_encoder: Any, scheduler: Any, null: Any) -> None:
     """What the Hub's microsoft/vq-diffusion-ithq main branch looks like, at tiny size."""
     index = {
@@ -180,7 +167,7 @@ def save_hub_layout(path: Path, vqvae: Any, transformer: Any, text_encoder: Any,
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
         state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
         if name == "vqvae":
-            state = old_vq_names(state)
+            state = hub_vq_names(state)
         torch.save(state, folder / "diffusion_pytorch_model.bin")
     folder = path / "text_encoder"
     folder.mkdir(exist_ok=True)

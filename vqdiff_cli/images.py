@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,19 +18,25 @@ if TYPE_CHECKING:
     import torch
 
 
+@contextlib.contextmanager
+def _reading(path: Path, kind: str) -> Iterator[None]:
+    """Turn the ways reading a file fails into one-line usage errors naming the file."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise UsageError(f"{kind} not found: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory, not a {kind}") from None
+    except (UnidentifiedImageError, OSError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        raise UsageError(f"cannot read {kind} {path}: {e}") from None
+
+
 def open_image(path: Path | str) -> Image.Image:
     """Read any image Pillow knows, fully, or raise a UsageError naming the file."""
     path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except FileNotFoundError:
-        raise UsageError(f"image not found: {path}") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path} is a directory, not an image") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UsageError(f"cannot read image {path}: {e}") from None
+    with _reading(path, "image"), Image.open(path) as im:
+        im.load()
+        return im.copy()
 
 
 def load_rgb(path: Path | str) -> Image.Image:
@@ -88,14 +95,8 @@ def save_tokens(tokens: np.ndarray, path: Path, overwrite: bool = False) -> None
 def load_tokens(path: Path | str) -> np.ndarray:
     """A .npy of integer token grids, (H, W) or (N, H, W); returned as (N, H, W) int64."""
     path = Path(path)
-    try:
+    with _reading(path, "token file"):
         arr = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise UsageError(f"token file not found: {path}") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path} is a directory, not a token file") from None
-    except (OSError, ValueError, EOFError) as e:
-        raise UsageError(f"cannot read token grids from {path}: {e}") from None
     if not np.issubdtype(arr.dtype, np.integer):
         raise UsageError(f"{path} holds {arr.dtype} values; token grids must be integers")
     if arr.ndim == 2:
@@ -108,18 +109,11 @@ def load_tokens(path: Path | str) -> np.ndarray:
 def read_png_text(path: Path | str) -> dict[str, str]:
     """The text chunks (tEXt, zTXt, iTXt) of a PNG, without decoding its pixels."""
     path = Path(path)
-    try:
-        with Image.open(path) as im:
-            if im.format != "PNG":
-                raise UsageError(f"{path} is a {im.format} image; metadata is read from PNG files")
-            im.load()  # text chunks after the image data are read on load
-            return {str(k): str(v) for k, v in getattr(im, "text", {}).items()}
-    except FileNotFoundError:
-        raise UsageError(f"image not found: {path}") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path} is a directory, not an image") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UsageError(f"cannot read image {path}: {e}") from None
+    with _reading(path, "image"), Image.open(path) as im:
+        if im.format != "PNG":
+            raise UsageError(f"{path} is a {im.format} image; metadata is read from PNG files")
+        im.load()  # text chunks after the image data are read on load
+        return {str(k): str(v) for k, v in getattr(im, "text", {}).items()}
 
 
 MASK_GREY = (128, 128, 128)

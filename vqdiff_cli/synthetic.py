@@ -99,7 +99,8 @@ def write_clip_tokenizer(folder: Path, words: list[str] | None = None, vocab_siz
     return len(vocab)
 
 
-def _hub_vq_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def hub_vq_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The VQ-VAE attention key names of the Hub's 2022 fp32 files (query/key/value/proj_attn)."""
     out = {}
     for key, value in state.items():
         if ".attentions." in key:
@@ -171,7 +172,7 @@ def write_random_checkpoint(
     modules = random_modules(cfg, seed)
     states: dict[str, dict[str, torch.Tensor]] = {
         "transformer": modules["transformer"].state_dict(),  # type: ignore[union-attr]
-        "vqvae": _hub_vq_names(modules["vqvae"].state_dict()),  # type: ignore[union-attr]
+        "vqvae": hub_vq_names(modules["vqvae"].state_dict()),  # type: ignore[union-attr]
         "text_encoder": {f"text_model.{k}": v for k, v in modules["text_encoder"].state_dict().items()},  # type: ignore[union-attr]
     }
     if "learned_classifier_free_sampling_embeddings" in modules:

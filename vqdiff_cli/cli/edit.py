@@ -150,28 +150,11 @@ def inpaint(
         out,
         mode="inpaint",
         prompts=list(prompt or [""]),
-        num_images=num_images,
-        seed=seed,
-        flags={
-            "model": model,
-            "revision": revision,
-            "variant": variant,
-            "device": device,
-            "dtype": dtype,
-            "output": output,
-            "steps": steps,
-            "stride": stride,
-            "guidance": guidance,
-            "truncation": truncation,
-            "batch_size": batch_size,
-        },
-        image_settings=None,
-        visuals={"save_tokens": save_tokens, "trajectory": trajectory, "animate": animate, "save_steps": save_steps},
-        metadata=not no_metadata,
-        overwrite=overwrite,
+        params=locals(),
         default_output=f"{_template_stem(image)}-inpaint-{{seed}}.png",
         extra_files=(save_token_mask,) if save_token_mask else (),
     )
+
     plan.extra_metadata = {
         "source_image": str(image),
         "mask": str(mask),
@@ -247,27 +230,10 @@ def vary(
         out,
         mode="vary",
         prompts=list(prompt or [""]),
-        num_images=num_images,
-        seed=seed,
-        flags={
-            "model": model,
-            "revision": revision,
-            "variant": variant,
-            "device": device,
-            "dtype": dtype,
-            "output": output,
-            "steps": steps,
-            "stride": stride,
-            "guidance": guidance,
-            "truncation": truncation,
-            "batch_size": batch_size,
-        },
-        image_settings=None,
-        visuals={"save_tokens": save_tokens, "trajectory": trajectory, "animate": animate, "save_steps": save_steps},
-        metadata=not no_metadata,
-        overwrite=overwrite,
+        params=locals(),
         default_output=f"{_template_stem(image)}-vary-{{seed}}.png",
     )
+
     plan.extra_metadata = {"source_image": str(image), "strength": strength}
     if dry_run:
         plan.print_dry_run(out)

@@ -109,26 +109,10 @@ def generate(
         out,
         mode="generate",
         prompts=prompt_list,
-        num_images=num_images,
-        seed=seed,
-        flags={
-            "model": model,
-            "revision": revision,
-            "variant": variant,
-            "device": device,
-            "dtype": dtype,
-            "output": output,
-            "steps": steps,
-            "stride": stride,
-            "guidance": guidance,
-            "truncation": truncation,
-            "batch_size": batch_size,
-        },
+        params=locals(),
         image_settings=metadata.rerun_settings(record) if record else None,
-        visuals={"save_tokens": save_tokens, "trajectory": trajectory, "animate": animate, "save_steps": save_steps},
-        metadata=not no_metadata,
-        overwrite=overwrite,
     )
+
     if dry_run:
         plan.print_dry_run(out)
         return

@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..console import Output
 from ..errors import UsageError
 from ..files import check_writable
-from ..settings import Resolved, read_config, resolve
+from ..settings import SETTINGS, Resolved, read_config, resolve
 from . import naming
 from .common import load_model
 
@@ -69,18 +69,17 @@ class RunPlan:
         *,
         mode: str,
         prompts: list[str],
-        num_images: int,
-        seed: int | None,
-        flags: dict[str, Any],
-        image_settings: dict[str, Any] | None,
-        visuals: dict[str, Any],
-        metadata: bool,
-        overwrite: bool,
+        params: Mapping[str, Any],
+        image_settings: dict[str, Any] | None = None,
         default_output: str | None = None,
         extra_files: tuple[Path, ...] = (),
     ) -> RunPlan:
+        """`params` are the command's parameters (its `locals()`): those named like a setting are flags (None =
+        not given), plus num_images, seed, overwrite, no_metadata and the visual outputs."""
         from ..api import GenerateOptions
 
+        flags = {k: params[k] for k in SETTINGS if k in params}
+        num_images, seed, overwrite = params["num_images"], params["seed"], params["overwrite"]
         config, config_file = read_config()
         settings = resolve(flags, image=image_settings, config=config, config_file=config_file)
         seed_was_random = seed is None
@@ -106,7 +105,7 @@ class RunPlan:
         if to_stdout and out.json_mode:
             raise UsageError("-o - and --json both want stdout; choose one")
         outputs = None if to_stdout else naming.output_paths(template, items)
-        animate = visuals.get("animate")
+        animate = params.get("animate")
         if animate is not None:
             naming.check_template(animate)
         plan = cls(
@@ -117,12 +116,12 @@ class RunPlan:
             items=items,
             outputs=outputs,
             seed_was_random=seed_was_random,
-            metadata=metadata,
+            metadata=not params.get("no_metadata", False),
             overwrite=overwrite,
-            save_tokens=visuals.get("save_tokens"),
-            trajectory=visuals.get("trajectory"),
+            save_tokens=params.get("save_tokens"),
+            trajectory=params.get("trajectory"),
             animations=naming.output_paths(animate, items) if animate else None,
-            save_steps=visuals.get("save_steps"),
+            save_steps=params.get("save_steps"),
             extra_files=list(extra_files),
         )
         plan.check_outputs()
