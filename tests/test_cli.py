@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -365,10 +366,33 @@ def test_usage_error_from_typer_exit_code(cli):
     assert r.exit_code == 2
 
 
-def test_progress_bar_in_a_terminal_and_not_in_a_pipe(tiny, tmp_path):
+def _run_in_terminal(args: list[str], cwd, env) -> bytes:
+    """Run a command with a pseudo-terminal as stdin/stdout/stderr; return everything it wrote."""
     import pty
     import select
 
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env, close_fds=True)
+    os.close(slave)
+    seen = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 60)
+        if not ready:
+            break
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    proc.wait(timeout=60)
+    os.close(master)
+    assert proc.returncode == 0, seen
+    return seen
+
+
+def test_progress_bar_in_a_terminal_and_not_in_a_pipe(tiny, tmp_path):
     args = [
         "vqdiff",
         "generate",
@@ -385,27 +409,13 @@ def test_progress_bar_in_a_terminal_and_not_in_a_pipe(tiny, tmp_path):
         "p.png",
     ]
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, cwd=tmp_path, env=env, close_fds=True)
-    os.close(slave)
-    seen = b""
-    while True:
-        ready, _, _ = select.select([master], [], [], 60)
-        if not ready:
-            break
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-    proc.wait(timeout=60)
-    os.close(master)
-    assert proc.returncode == 0
+    seen = _run_in_terminal(args, tmp_path, env)
     assert b"\x1b[" in seen  # the live bar draws with escape codes
     assert b"step 30/30" in seen
     assert b"it/s" in seen and b"eta" in seen
+    colourless = _run_in_terminal([*args[:-1], "nc.png"], tmp_path, {**env, "NO_COLOR": "1"})
+    assert re.search(rb"\x1b\[[0-9;]*m", colourless.replace(b"\x1b[0m", b"")) is None  # no colour codes
+    assert b"step 30/30" in colourless
     piped = subprocess.run([*args[:-1], "q.png"], capture_output=True, cwd=tmp_path, env=env, check=False)
     assert piped.returncode == 0
     assert b"\x1b" not in piped.stderr and b"\x1b" not in piped.stdout

@@ -261,6 +261,8 @@ def test_inpaint_command_keeps_tokens(files, tiny_pipe, photo, painted, mode):
     assert (out[~painted] == np.asarray(photo)[~painted]).all()  # feather 0: every unpainted pixel is the original's
     info = run("info", "--json", "photo-inpaint-9.png")
     assert '"mode": "inpaint"' in info.stdout and f'"mask_mode": "{mode}"' in info.stdout
+    rerun = run("generate", "--from-image", "photo-inpaint-9.png")
+    assert rerun.exit_code == 2 and "made by `vqdiff inpaint`" in _error(rerun)
 
 
 def test_vary_command(files):

@@ -94,6 +94,11 @@ def generate(
     out = Output(quiet=quiet, json_mode=json_out)
     # 1. what to re-run, if anything
     record = metadata.parse(read_png_text(from_image), str(from_image)) if from_image else None
+    if record is not None and record.get("mode", "generate") != "generate":
+        raise UsageError(
+            f"{from_image} was made by `vqdiff {record['mode']}`; --from-image re-runs generated images",
+            hint="see its settings with `vqdiff info`",
+        )
     # 2. the prompts: arguments, then the prompts file, else the image's
     prompt_list = list(prompts or [])
     if prompts_file is not None:
