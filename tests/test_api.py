@@ -101,3 +101,22 @@ def test_decoded_image_size(tiny_pipe):
     images = tiny_pipe.decode(torch.zeros(2, 3, 5, dtype=torch.long))
     assert [im.size for im in images] == [(20, 12), (20, 12)]
     assert np.asarray(images[0]).dtype == np.uint8
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_on_cpu(tiny, dtype, image_file):
+    """Every path runs in half precision on the CPU; the diffusion math stays float32."""
+    from vqdiff_cli import VQDiffusion
+
+    pipe = VQDiffusion.from_pretrained(tiny.path, device="cpu", dtype=dtype)
+    picture = Image.open(image_file)
+    assert pipe.generate("a cat", GenerateOptions(seed=1, steps=3))[0].tokens.shape == (4, 4)
+    assert pipe.encode([picture])[0].shape == (4, 4)
+    mask = np.zeros((20, 24), bool)
+    mask[5:15, 5:15] = True
+    assert pipe.inpaint(picture, mask, "", GenerateOptions(seed=1, steps=3))[0].image.size == (24, 20)
+    assert pipe.vary(picture, "", 0.5, GenerateOptions(seed=1, steps=3))[0].image.size == (24, 20)
+    log_p = pipe.components.transformer(
+        torch.zeros(1, 16, dtype=torch.long), torch.zeros(1, 77, 32, dtype=pipe.dtype), 5
+    )
+    assert log_p.dtype == torch.float32

@@ -184,8 +184,8 @@ class VectorQuantizer(nn.Module):
     def indices(self, z: torch.Tensor) -> torch.Tensor:
         """(B, E, h, w) latents -> (B, h, w) codebook indices."""
         b, e, height, width = z.shape
-        flat = z.permute(0, 2, 3, 1).contiguous().view(-1, e)  # (B*h*w, E)
-        idx = torch.argmin(torch.cdist(flat, self.embedding.weight.to(flat.dtype)), dim=1)
+        flat = z.permute(0, 2, 3, 1).contiguous().view(-1, e).float()  # (B*h*w, E); distances in float32
+        idx = torch.argmin(torch.cdist(flat, self.embedding.weight.float()), dim=1)
         return idx.view(b, height, width)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
