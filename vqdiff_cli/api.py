@@ -22,15 +22,7 @@ from . import edit
 from . import images as imageio
 from .config import PipelineConfig
 from .device import dtype_name, make_generators, resolve_device, resolve_dtype
-from .diffusion.sampler import (
-    KnownTokens,
-    TextContext,
-    denoise,
-    initial_tokens,
-    plan_timesteps,
-    q_sample,
-    start_step_for,
-)
+from .diffusion.sampler import KnownTokens, TextContext, denoise, plan_timesteps
 from .diffusion.schedule import MaskAndReplaceSchedule
 from .edit import EditSource, InpaintOptions, InpaintSetup
 from .errors import UsageError, WeightsError
@@ -227,9 +219,9 @@ class VQDiffusion:
             return torch.full((len(generators), h * w), self.mask_id, dtype=torch.long, device=self.device), None
 
         timesteps = options.timesteps(self.num_train_timesteps)
-        yield from self._run(prompts, options, timesteps, all_masked, trajectory, on_step)
+        yield from self.run_sampling(prompts, options, timesteps, all_masked, trajectory, on_step)
 
-    def _run(
+    def run_sampling(
         self,
         prompts: str | Sequence[str],
         options: GenerateOptions,
@@ -326,41 +318,17 @@ class VQDiffusion:
             for b, job in enumerate(batch)
         ]
 
-    # -- editing: inpainting and variations --------------------------------------------------------------------
+    # -- editing: inpainting and variations (the work is in edit.py) -------------------------------------------
 
-    @torch.inference_mode()
     def prepare_edit(self, image: Image.Image) -> EditSource:
         """The image at the native size (stretched if it is not square) and its token grid."""
-        original = image.convert("RGB")
-        size = self.config.image_size
-        warnings = edit.check_image_size(original, self.token_grid, size)
-        native = original if original.size == (size, size) else original.resize((size, size), Image.Resampling.LANCZOS)
-        tokens = self.components.vqvae.encode(imageio.to_tensor([native]).to(self.device, self.dtype))[0].cpu()
-        return EditSource(original, native, tokens, warnings)
+        return edit.prepare_edit(self, image)
 
     def prepare_inpaint(
         self, image: Image.Image, mask: Image.Image | np.ndarray, options: InpaintOptions | None = None
     ) -> InpaintSetup:
         """Everything inpainting needs before sampling: tokens, the token mask, the start step, the composite."""
-        options = options or InpaintOptions()
-        source = self.prepare_edit(image)
-        pixels = mask if isinstance(mask, np.ndarray) else imageio.mask_values(mask) >= 0.5
-        pixels = edit.mask_to_image_size(pixels.astype(bool), source.original.size)
-        grid = edit.regenerate_mask(pixels, self.token_grid, options)
-        regenerate = torch.from_numpy(grid)
-        t_max = self.num_train_timesteps - 1
-        if options.start_step is not None:
-            if options.start_step > t_max:
-                raise UsageError(f"--start-step must be between 0 and {t_max}, got {options.start_step}")
-            start = options.start_step
-        else:
-            start = start_step_for(self.schedule, float(regenerate.float().mean()))
-        warnings = list(source.warnings)
-        if bool(regenerate.all()):
-            warnings.append("the mask covers every token: this is plain generation from the prompt")
-            start = t_max if options.start_step is None else start
-        alpha = imageio.feather(pixels, options.feather) if options.composite else None
-        return InpaintSetup(source.original, source.native, source.tokens, warnings, regenerate, start, alpha)
+        return edit.prepare_inpaint(self, image, mask, options or InpaintOptions())
 
     def inpaint(
         self,
@@ -373,6 +341,7 @@ class VQDiffusion:
         trajectory: bool = False,
         on_step: StepCallback | None = None,
     ) -> list[GeneratedImage]:
+        """Regenerate the masked part of `image` (white in `mask`) and keep the rest; results at the image's size."""
         setup = self.prepare_inpaint(image, mask, inpaint_options)
         return list(self.inpaint_iter(setup, prompts, options, inpaint_options, trajectory=trajectory, on_step=on_step))
 
@@ -386,25 +355,9 @@ class VQDiffusion:
         trajectory: bool = False,
         on_step: StepCallback | None = None,
     ) -> Iterator[GeneratedImage]:
-        """Regenerate the masked tokens from `setup.start_step`, keeping the others; results at the original size."""
-        options = options or GenerateOptions()
-        renoise = (inpaint_options or InpaintOptions()).known == "renoise"
-        x_0 = setup.tokens.view(1, -1).to(self.device)
-        regenerate = setup.regenerate.view(1, -1).to(self.device)
-
-        def start(generators: list[torch.Generator]) -> tuple[torch.Tensor, KnownTokens | None]:
-            b = len(generators)
-            x0, regen = x_0.expand(b, -1), regenerate.expand(b, -1)
-            x_t = initial_tokens(x0, regen, setup.start_step, self.schedule, generators, renoise)
-            return x_t, KnownTokens(x0, regen, renoise)
-
-        timesteps = options.timesteps(self.num_train_timesteps, start=setup.start_step)
-        for result in self._run(prompts, options, timesteps, start, trajectory, on_step):
-            if setup.alpha is not None:
-                result.image = imageio.composite(setup.original, result.image, setup.alpha)
-            else:
-                result.image = result.image.resize(setup.original.size, Image.Resampling.LANCZOS)
-            yield result
+        return edit.inpaint_iter(
+            self, setup, prompts, options or GenerateOptions(), inpaint_options or InpaintOptions(), trajectory, on_step
+        )
 
     def vary(
         self,
@@ -416,15 +369,10 @@ class VQDiffusion:
         trajectory: bool = False,
         on_step: StepCallback | None = None,
     ) -> list[GeneratedImage]:
+        """Variations: the image's tokens noised to round(strength * (T-1)), then denoised."""
         return list(
             self.vary_iter(self.prepare_edit(image), prompts, strength, options, trajectory=trajectory, on_step=on_step)
         )
-
-    def variation_start(self, strength: float) -> int | None:
-        """The timestep round(strength * (T-1)) that a variation starts from; None for strength 0 (no change)."""
-        if not 0 <= strength <= 1:
-            raise UsageError(f"--strength must be between 0 and 1, got {strength}")
-        return None if strength == 0 else round(strength * (self.num_train_timesteps - 1))
 
     def vary_iter(
         self,
@@ -436,27 +384,11 @@ class VQDiffusion:
         trajectory: bool = False,
         on_step: StepCallback | None = None,
     ) -> Iterator[GeneratedImage]:
-        """Noise the image's tokens with the forward process to round(strength * (T-1)) and denoise from there.
+        return edit.vary_iter(self, source, prompts, strength, options or GenerateOptions(), trajectory, on_step)
 
-        Strength 0 returns the encoded tokens unchanged; strength 1 starts from the all-mask grid, which is plain
-        generation (the same tokens as `generate` with the same seed and prompt)."""
-        options = options or GenerateOptions()
-        t0 = self.variation_start(strength)
-        x_0 = source.tokens.view(1, -1).to(self.device)
-        t_max = self.num_train_timesteps - 1
-
-        def start(generators: list[torch.Generator]) -> tuple[torch.Tensor, KnownTokens | None]:
-            b = len(generators)
-            if t0 is None:
-                return x_0.expand(b, -1).clone(), None
-            if t0 == t_max:
-                return torch.full((b, x_0.shape[1]), self.mask_id, dtype=torch.long, device=self.device), None
-            return q_sample(x_0.expand(b, -1), self.schedule, t0, generators), None
-
-        timesteps = () if t0 is None else options.timesteps(self.num_train_timesteps, start=t0)
-        for result in self._run(prompts, options, timesteps, start, trajectory, on_step):
-            result.image = result.image.resize(source.original.size, Image.Resampling.LANCZOS)
-            yield result
+    def variation_start(self, strength: float) -> int | None:
+        """The timestep round(strength * (T-1)) that a variation starts from; None for strength 0 (no change)."""
+        return edit.variation_start(strength, self.num_train_timesteps)
 
     # -- tokens <-> images ------------------------------------------------------------------------------------
 

@@ -9,14 +9,20 @@ stay the original's, bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from . import images as imageio
+from .diffusion.sampler import KnownTokens, initial_tokens, q_sample, start_step_for
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .api import GeneratedImage, GenerateOptions, StepCallback, VQDiffusion
 
 KNOWN_MODES = ("restore", "renoise")
 ASPECT_TOLERANCE = 0.02  # relative difference of width/height ratios accepted between image and mask
@@ -110,3 +116,105 @@ def regenerate_mask(mask: np.ndarray, grid: tuple[int, int], options: InpaintOpt
             hint="use --mask-mode any, --grow 1, or paint a larger area",
         )
     return marked
+
+
+# -- the steps, on a loaded pipeline -------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def prepare_edit(pipe: VQDiffusion, image: Image.Image) -> EditSource:
+    original = image.convert("RGB")
+    size = pipe.config.image_size
+    warnings = check_image_size(original, pipe.token_grid, size)
+    native = original if original.size == (size, size) else original.resize((size, size), Image.Resampling.LANCZOS)
+    tokens = pipe.components.vqvae.encode(imageio.to_tensor([native]).to(pipe.device, pipe.dtype))[0].cpu()
+    return EditSource(original, native, tokens, warnings)
+
+
+def prepare_inpaint(
+    pipe: VQDiffusion, image: Image.Image, mask: Image.Image | np.ndarray, options: InpaintOptions
+) -> InpaintSetup:
+    source = prepare_edit(pipe, image)
+    pixels = mask if isinstance(mask, np.ndarray) else imageio.mask_values(mask) >= 0.5
+    pixels = mask_to_image_size(pixels.astype(bool), source.original.size)
+    regenerate = torch.from_numpy(regenerate_mask(pixels, pipe.token_grid, options))
+    t_max = pipe.num_train_timesteps - 1
+    if options.start_step is not None and options.start_step > t_max:
+        raise UsageError(f"--start-step must be between 0 and {t_max}, got {options.start_step}")
+    warnings = list(source.warnings)
+    if options.start_step is not None:
+        start = options.start_step
+    elif bool(regenerate.all()):
+        start = t_max
+    else:
+        start = start_step_for(pipe.schedule, float(regenerate.float().mean()))
+    if bool(regenerate.all()):
+        warnings.append("the mask covers every token: this is plain generation from the prompt")
+    alpha = imageio.feather(pixels, options.feather) if options.composite else None
+    return InpaintSetup(source.original, source.native, source.tokens, warnings, regenerate, start, alpha)
+
+
+def inpaint_iter(
+    pipe: VQDiffusion,
+    setup: InpaintSetup,
+    prompts: str | Sequence[str],
+    options: GenerateOptions,
+    inpaint_options: InpaintOptions,
+    trajectory: bool,
+    on_step: StepCallback | None,
+) -> Iterator[GeneratedImage]:
+    """Regenerate the masked tokens from `setup.start_step`, keeping the others; results at the original size."""
+    renoise = inpaint_options.known == "renoise"
+    x_0 = setup.tokens.view(1, -1).to(pipe.device)
+    regenerate = setup.regenerate.view(1, -1).to(pipe.device)
+
+    def start(generators: list[torch.Generator]) -> tuple[torch.Tensor, KnownTokens | None]:
+        b = len(generators)
+        x0, regen = x_0.expand(b, -1), regenerate.expand(b, -1)
+        x_t = initial_tokens(x0, regen, setup.start_step, pipe.schedule, generators, renoise)
+        return x_t, KnownTokens(x0, regen, renoise)
+
+    timesteps = options.timesteps(pipe.num_train_timesteps, start=setup.start_step)
+    for result in pipe.run_sampling(prompts, options, timesteps, start, trajectory, on_step):
+        if setup.alpha is not None:
+            result.image = imageio.composite(setup.original, result.image, setup.alpha)
+        else:
+            result.image = result.image.resize(setup.original.size, Image.Resampling.LANCZOS)
+        yield result
+
+
+def variation_start(strength: float, num_train_timesteps: int) -> int | None:
+    if not 0 <= strength <= 1:
+        raise UsageError(f"--strength must be between 0 and 1, got {strength}")
+    return None if strength == 0 else round(strength * (num_train_timesteps - 1))
+
+
+def vary_iter(
+    pipe: VQDiffusion,
+    source: EditSource,
+    prompts: str | Sequence[str],
+    strength: float,
+    options: GenerateOptions,
+    trajectory: bool,
+    on_step: StepCallback | None,
+) -> Iterator[GeneratedImage]:
+    """Noise the image's tokens with the forward process to round(strength * (T-1)) and denoise from there.
+
+    Strength 0 returns the encoded tokens unchanged; strength 1 starts from the all-mask grid, which is plain
+    generation (the same tokens as `generate` with the same seed and prompt)."""
+    t0 = variation_start(strength, pipe.num_train_timesteps)
+    x_0 = source.tokens.view(1, -1).to(pipe.device)
+    t_max = pipe.num_train_timesteps - 1
+
+    def start(generators: list[torch.Generator]) -> tuple[torch.Tensor, KnownTokens | None]:
+        b = len(generators)
+        if t0 is None:
+            return x_0.expand(b, -1).clone(), None
+        if t0 == t_max:
+            return torch.full((b, x_0.shape[1]), pipe.mask_id, dtype=torch.long, device=pipe.device), None
+        return q_sample(x_0.expand(b, -1), pipe.schedule, t0, generators), None
+
+    timesteps = () if t0 is None else options.timesteps(pipe.num_train_timesteps, start=t0)
+    for result in pipe.run_sampling(prompts, options, timesteps, start, trajectory, on_step):
+        result.image = result.image.resize(source.original.size, Image.Resampling.LANCZOS)
+        yield result
