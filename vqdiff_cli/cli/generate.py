@@ -10,7 +10,18 @@ import typer
 from ..console import Output
 from .app import app, report_errors
 from .common import load_model
-from .options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, OverwriteOpt, QuietOpt, VariantOpt
+from .options import (
+    DEFAULT_MODEL,
+    CacheDirOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    OfflineOpt,
+    OverwriteOpt,
+    QuietOpt,
+    RevisionOpt,
+    VariantOpt,
+)
 
 
 def numbered_paths(output: Path, count: int) -> list[Path]:
@@ -48,6 +59,9 @@ def generate(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     variant: VariantOpt = "auto",
+    revision: RevisionOpt = None,
+    offline: OfflineOpt = False,
+    cache_dir: CacheDirOpt = None,
     save_tokens: Annotated[
         Path | None,
         typer.Option("--save-tokens", help="Write the final token grids, (N, H, W) int64 .npy.", show_default=False),
@@ -85,7 +99,16 @@ def generate(
     for path in [*paths, *(p for p in (save_tokens, trajectory) if p is not None)]:
         check_writable(path, overwrite)
 
-    pipe = load_model(out, model, device=device, dtype=dtype, variant=variant)
+    pipe = load_model(
+        out,
+        model,
+        device=device,
+        dtype=dtype,
+        variant=variant,
+        revision=revision,
+        offline=offline,
+        cache_dir=cache_dir,
+    )
     total_steps = len(options.timesteps(pipe.num_train_timesteps))
     results = []
     with out.progress(total_steps * len(paths), "generating") as bar:

@@ -13,6 +13,24 @@ ModelOpt = Annotated[
     str,
     typer.Option("--model", "-m", help="Local diffusers-format folder or Hub repo id.", envvar="VQDIFF_MODEL"),
 ]
+RevisionOpt = Annotated[
+    str | None,
+    typer.Option("--revision", help="Hub branch, tag or commit hash (default: main).", show_default=False),
+]
+OfflineOpt = Annotated[
+    bool,
+    typer.Option("--offline", help="Use cached files only, never the network (as HF_HUB_OFFLINE=1 does)."),
+]
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        help="vqdiff's cache of converted models (default: the user cache folder).",
+        envvar="VQDIFF_CACHE_DIR",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
 DeviceOpt = Annotated[
     str,
     typer.Option("--device", help="auto, cpu, cuda (or cuda:N) or mps.", envvar="VQDIFF_DEVICE"),

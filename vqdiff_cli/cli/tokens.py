@@ -11,7 +11,18 @@ from ..console import Output
 from .app import app, report_errors
 from .common import load_model
 from .generate import numbered_paths
-from .options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, OverwriteOpt, QuietOpt, VariantOpt
+from .options import (
+    DEFAULT_MODEL,
+    CacheDirOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    OfflineOpt,
+    OverwriteOpt,
+    QuietOpt,
+    RevisionOpt,
+    VariantOpt,
+)
 
 
 @app.command()
@@ -32,6 +43,9 @@ def encode(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     variant: VariantOpt = "auto",
+    revision: RevisionOpt = None,
+    offline: OfflineOpt = False,
+    cache_dir: CacheDirOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -45,7 +59,16 @@ def encode(
     out = Output(quiet=quiet)
     check_writable(output, overwrite)
     pictures = [load_rgb(p) for p in images]
-    pipe = load_model(out, model, device=device, dtype=dtype, variant=variant)
+    pipe = load_model(
+        out,
+        model,
+        device=device,
+        dtype=dtype,
+        variant=variant,
+        revision=revision,
+        offline=offline,
+        cache_dir=cache_dir,
+    )
     grids = pipe.encode(pictures, keep_size=keep_size)
     shapes = {tuple(g.shape) for g in grids}
     if len(shapes) > 1:
@@ -65,6 +88,9 @@ def decode(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     variant: VariantOpt = "auto",
+    revision: RevisionOpt = None,
+    offline: OfflineOpt = False,
+    cache_dir: CacheDirOpt = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -79,7 +105,16 @@ def decode(
     paths = numbered_paths(output, grids.shape[0])
     for path in paths:
         check_writable(path, overwrite)
-    pipe = load_model(out, model, device=device, dtype=dtype, variant=variant)
+    pipe = load_model(
+        out,
+        model,
+        device=device,
+        dtype=dtype,
+        variant=variant,
+        revision=revision,
+        offline=offline,
+        cache_dir=cache_dir,
+    )
     for path, picture in zip(paths, pipe.decode(grids), strict=True):
         save_png(picture, path, overwrite=overwrite)
         out.result(str(path))
