@@ -16,10 +16,13 @@ test releases it, a file the listing names but the server does not have.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -36,22 +39,42 @@ class Request:
     authorization: str | None
 
 
-@dataclass
 class HubFile:
-    data: bytes
-    lfs: bool
+    """A file of a published commit, read from disk when asked for (so multi-GB checkpoints can be served)."""
 
-    @property
-    def git_sha1(self) -> str:
-        return hashlib.sha1(b"blob %d\0" % len(self.data) + self.data).hexdigest()
+    def __init__(self, path: Path, lfs: bool) -> None:
+        self.path = path
+        self.lfs = lfs
+        self.size = path.stat().st_size
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        return digest.hexdigest()
+
+    @functools.cached_property
+    def git_sha1(self) -> str:
+        """The git blob id: of the file itself, or of its LFS pointer file for weights."""
+        if self.lfs:
+            data = f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.sha256}\nsize {self.size}\n".encode()
+        else:
+            data = self.path.read_bytes()
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
     @property
     def etag(self) -> str:
         return self.sha256 if self.lfs else self.git_sha1
+
+    def chunks(self, start: int, end: int) -> Iterator[bytes]:
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            left = end - start
+            while left > 0 and (block := f.read(min(left, 1 << 20))):
+                left -= len(block)
+                yield block
 
 
 @dataclass
@@ -82,7 +105,7 @@ class FakeHub:
     def publish(self, repo_id: str, folder: Path, branch: str = "main") -> str:
         """Publish every file under `folder` as one commit of `repo_id`, and point `branch` at it."""
         files = {
-            p.relative_to(folder).as_posix(): HubFile(p.read_bytes(), p.name.endswith(LFS_SUFFIXES))
+            p.relative_to(folder).as_posix(): HubFile(p, p.name.endswith(LFS_SUFFIXES))
             for p in sorted(folder.rglob("*"))
             if p.is_file()
         }
@@ -161,9 +184,9 @@ class FakeHub:
     def listing(self, repo_id: str, commit: str) -> dict[str, object]:
         siblings = []
         for path, f in self.commits[repo_id][commit].items():
-            entry: dict[str, object] = {"rfilename": path, "size": len(f.data), "blobId": f.git_sha1}
+            entry: dict[str, object] = {"rfilename": path, "size": f.size, "blobId": f.git_sha1}
             if f.lfs:
-                entry["lfs"] = {"size": len(f.data), "sha256": f.sha256, "pointerSize": 134}
+                entry["lfs"] = {"size": f.size, "sha256": f.sha256, "pointerSize": 134}
             siblings.append(entry)
         return {"_id": commit[:24], "id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
                 "tags": [], "siblings": siblings}  # fmt: skip
@@ -173,9 +196,9 @@ class FakeHub:
         for path, f in self.commits[repo_id][commit].items():
             if prefix and not path.startswith(prefix.rstrip("/") + "/"):
                 continue
-            entry: dict[str, object] = {"type": "file", "oid": f.git_sha1, "size": len(f.data), "path": path}
+            entry: dict[str, object] = {"type": "file", "oid": f.git_sha1, "size": f.size, "path": path}
             if f.lfs:
-                entry["lfs"] = {"oid": f.sha256, "size": len(f.data), "pointerSize": 134}
+                entry["lfs"] = {"oid": f.sha256, "size": f.size, "pointerSize": 134}
             out.append(entry)
         return out
 
@@ -234,7 +257,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             f = hub.commits[repo_id][commit].get(path)
             if f is None or path in hub.hidden:
                 return self.error(404, "EntryNotFound", commit)
-            size = len(f.data)
+            size = f.size
             start = 0
             rng = self.headers.get("Range")
             if body and rng and rng.startswith("bytes="):
@@ -258,17 +281,25 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             fault = hub.faults.get(path) if start == 0 else None
             if fault is not None and fault.times > 0:
                 fault.times -= 1
-                self.wfile.write(f.data[: fault.after])
+                self.send(f, 0, fault.after)
                 self.wfile.flush()
                 fault.reached.set()
                 if fault.kind == "hold":
                     self.wait(fault, path)
                     if fault.wait_for_heads:  # held for others to catch up, not to be cut off: finish
-                        self.wfile.write(f.data[fault.after :])
+                        self.send(f, fault.after, size)
                         return
-                self.connection.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):  # already gone if the client was killed
+                    self.connection.shutdown(socket.SHUT_RDWR)
                 return
-            self.wfile.write(f.data[start:])
+            self.send(f, start, size)
+
+        def send(self, f: HubFile, start: int, end: int) -> None:
+            try:
+                for block in f.chunks(start, end):
+                    self.wfile.write(block)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client went away (killed, or it stopped reading)
 
         def wait(self, fault: Fault, path: str) -> None:
             def heads() -> int:

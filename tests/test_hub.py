@@ -370,7 +370,7 @@ def test_a_dropped_connection_is_resumed_or_restarted(hub, tmp_path, local_token
 
     if chunk is not None:
         monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", chunk)
-    size = len(hub.commits[REPO][main_commit(hub)][BIN].data)
+    size = hub.commits[REPO][main_commit(hub)][BIN].size
     hub.drop_once(BIN, size // 2)
     r = generate(tmp_path, REPO)
     assert r.exit_code == 0, r.output
@@ -384,7 +384,7 @@ def test_a_dropped_connection_is_resumed_or_restarted(hub, tmp_path, local_token
 
 
 def test_a_download_killed_halfway_starts_again_cleanly(hub, tmp_path, local_tokens):
-    size = len(hub.commits[REPO][main_commit(hub)][BIN].data)
+    size = hub.commits[REPO][main_commit(hub)][BIN].size
     fault = hub.hold(BIN, size // 2)
     proc = vqdiff("download", REPO, "--device", "cpu")
     try:
@@ -401,7 +401,7 @@ def test_a_download_killed_halfway_starts_again_cleanly(hub, tmp_path, local_tok
 
 
 def test_two_processes_at_once_leave_one_good_entry(hub, tmp_path):
-    size = len(hub.commits[REPO][main_commit(hub)][BIN].data)
+    size = hub.commits[REPO][main_commit(hub)][BIN].size
     hub.hold(BIN, size // 2, wait_for_heads=2)  # the first transfer waits until both processes have asked for it
     procs = [vqdiff("download", REPO, "--device", "cpu", "--json") for _ in range(2)]
     results = [p.communicate(timeout=600) for p in procs]
