@@ -15,6 +15,22 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 from .tiny import TinyCheckpoint, TinySpec, build_tiny  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_caches(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """No test reads or writes the user's Hub cache or vqdiff cache (tests/test_hub.py points them elsewhere too)."""
+    root = tmp_path_factory.mktemp("caches")
+    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_CACHE", "VQDIFF_CACHE_DIR")}
+    os.environ["HF_HOME"] = str(root / "hf")
+    os.environ.pop("HF_HUB_CACHE", None)
+    os.environ["VQDIFF_CACHE_DIR"] = str(root / "vqdiff")
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
     """Learned null embeddings, 4x4 tokens, 16 codes, T = 100, in the Hub's layout (.bin, old VQ key names)."""
