@@ -198,7 +198,7 @@ class _Preparer:
         again = f" --revision {self.revision}" if self.revision != DEFAULT_REVISION else ""
         return DownloadError(
             f"{self.repo_id}{revision} is not available: {where}, and {why}",
-            hint=f"run `vqdiff download {self.repo_id}{again}` while online (HF_HUB_CACHE and --cache-dir as now)",
+            hint=f"run `vqdiff download {self.repo_id}{again}` while online",
         )
 
     # -- the network ------------------------------------------------------------------------------------------
@@ -241,8 +241,11 @@ class _Preparer:
     def convert(self, commit: str, snapshot: Path) -> Entry:
         def write(folder: Path) -> dict[str, Any]:
             def on_component(component: str, converting: bool) -> None:
-                verb = "converting" if converting else "linking"
-                self.emit("convert", f"{verb} {component} weights to safetensors ({dtype_name(self.dtype)})")
+                stored = dtype_name(weights.stored_dtype(component, self.dtype))
+                if converting:
+                    self.emit("convert", f"converting {component} weights to {stored} safetensors (once)")
+                else:
+                    self.emit("convert", f"linking {component} weights (already {stored} safetensors)")
 
             done = weights.write_converted(snapshot, folder, self.dtype, self.variant, on_component)
             return {
