@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig, VQVAEConfig
-from .errors import WeightsError
+from .errors import UsageError, WeightsError
 
 COMPONENTS = (
     "vqvae",
@@ -143,7 +143,7 @@ def variant_order(variant: str, dtype: torch.dtype | None = None) -> tuple[str, 
     if variant == "fp16":
         return ("fp16",)
     if variant != "auto":
-        raise WeightsError(f"unknown variant '{variant}'", hint=f"use one of: {', '.join(VARIANTS)}")
+        raise UsageError(f"unknown variant '{variant}'", hint=f"use one of: {', '.join(VARIANTS)}")
     half = dtype in (torch.float16, torch.bfloat16)
     return ("fp16", "fp32") if half else ("fp32", "fp16")
 
