@@ -301,6 +301,12 @@ def test_offline_works_with_the_server_stopped(hub, tmp_path, monkeypatch, local
     r = generate(tmp_path, REPO)
     assert r.exit_code == 0, r.output
     assert "using the cached commit" in r.output
+    # a real process, told by the environment alone
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    proc = vqdiff("decode", str(tmp_path / "out.npy"), "--model", REPO, "-o", str(tmp_path / "d.png"))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert (tmp_path / "d.png").is_file() and "cannot reach" not in err
 
 
 def test_offline_with_nothing_cached_says_how_to_download(hub, tmp_path):

@@ -98,7 +98,7 @@ class Hub:
                 revision=commit,
                 cache_dir=str(self.cache_dir),
                 endpoint=self.endpoint,
-                tqdm_class=_byte_counter(on_bytes),  # type: ignore[arg-type]
+                tqdm_class=_byte_counter(on_bytes),
             )
         return Path(str(local))
 

@@ -391,14 +391,14 @@ def save_safetensors(state: Mapping[str, torch.Tensor], path: Path) -> None:
     """Write a flat state dict; tensors sharing memory are copied apart (safetensors stores each one once)."""
     from safetensors.torch import save_file
 
-    seen: set[tuple[int, int]] = set()
+    seen: set[int] = set()  # storages of the tensors kept so far
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         tensor = value.contiguous()
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if ident in seen and tensor.numel():
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in seen and tensor.numel():
             tensor = tensor.clone()
-        seen.add(ident)
+        seen.add(storage)
         out[key] = tensor
     save_file(out, str(path), metadata={"format": "pt"})
 
@@ -414,6 +414,7 @@ def expected_shapes(cfg: PipelineConfig, component: str) -> dict[str, tuple[int,
 
     if component == "learned_classifier_free_sampling_embeddings":
         return {"embeddings": (cfg.null_embedding.length or 0, cfg.null_embedding.hidden_size or 0)}
+    module: nn.Module
     if component == "text_encoder":
         module = build_clip_text_model(cfg.text_encoder)
     else:
