@@ -230,4 +230,12 @@ def _byte_counter(on_bytes: ByteCallback | None) -> type:
                 on_bytes(int(n))
             return super().update(n)  # type: ignore[no-any-return]
 
+        # Having these makes huggingface_hub report network bytes here too instead of on a second bar (Xet
+        # downloads): only the bytes written, counted by `update`, are passed on.
+        def update_transfer(self, n: float | None = 1) -> None:
+            pass
+
+        def set_transfer_postfix_str(self, text: str, refresh: bool = False) -> None:
+            pass
+
     return ByteCounter
