@@ -267,14 +267,16 @@ class ModelCache:
                 os.rename(entry.path, trash)
             shutil.rmtree(trash, ignore_errors=True)
         commit_dir = entry.path.parent
-        if commit_dir.is_dir() and not any(p for p in commit_dir.iterdir() if not p.name.startswith(".")):
-            shutil.rmtree(commit_dir, ignore_errors=True)
-            repo = commit_dir.parent
-            for name, commit in self.refs(entry.key.repo_id).items():
-                if commit == entry.key.commit:
-                    (repo / "refs" / quote(name, safe="")).unlink(missing_ok=True)
-            if not any(p.is_dir() and p.name != "refs" for p in repo.iterdir()):
-                shutil.rmtree(repo, ignore_errors=True)
+        try:
+            commit_dir.rmdir()  # only when empty: another process may be building a sibling entry in it
+        except OSError:
+            return
+        repo = commit_dir.parent
+        for name, commit in self.refs(entry.key.repo_id).items():
+            if commit == entry.key.commit:
+                (repo / "refs" / quote(name, safe="")).unlink(missing_ok=True)
+        if not any(p.is_dir() and p.name != "refs" for p in repo.iterdir()):
+            shutil.rmtree(repo, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:
