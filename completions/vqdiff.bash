@@ -35,12 +35,17 @@ _vqdiff_opts() {
         "config") echo "--help -h" ;;
         "config path") echo "--help -h" ;;
         "config show") echo "--json --help -h" ;;
-        "decode") echo "--output -o --model -m --revision --variant --device --dtype --overwrite --quiet -q --help -h" ;;
-        "encode") echo "--output -o --keep-size --model -m --revision --variant --device --dtype --overwrite --quiet -q --help -h" ;;
-        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --model -m --revision --variant --device --dtype --from-image --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
+        "decode") echo "--output -o --model -m --revision --offline --cache-dir --variant --device --dtype --overwrite --quiet -q --help -h" ;;
+        "download") echo "--revision --variant --dtype --device --offline --cache-dir --json --quiet -q --help -h" ;;
+        "encode") echo "--output -o --keep-size --model -m --revision --offline --cache-dir --variant --device --dtype --overwrite --quiet -q --help -h" ;;
+        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --model -m --revision --offline --cache-dir --variant --device --dtype --from-image --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
         "info") echo "--json --help -h" ;;
-        "inpaint") echo "--mask -M --prompt -p --mask-mode --grow --start-step --known --feather --no-composite --save-token-mask --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --output -o --model -m --revision --variant --device --dtype --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
-        "vary") echo "--strength --prompt -p --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --output -o --model -m --revision --variant --device --dtype --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
+        "inpaint") echo "--mask -M --prompt -p --mask-mode --grow --start-step --known --feather --no-composite --save-token-mask --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --output -o --model -m --revision --offline --cache-dir --variant --device --dtype --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
+        "models") echo "--help -h" ;;
+        "models list") echo "--cache-dir --json --help -h" ;;
+        "models path") echo "--revision --dtype --cache-dir --json --help -h" ;;
+        "models rm") echo "--revision --yes -y --cache-dir --json --help -h" ;;
+        "vary") echo "--strength --prompt -p --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --output -o --model -m --revision --offline --cache-dir --variant --device --dtype --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
     esac
 }
 _vqdiff_valued() {
@@ -50,12 +55,17 @@ _vqdiff_valued() {
         "config") echo "" ;;
         "config path") echo "" ;;
         "config show") echo "" ;;
-        "decode") echo "--output -o --model -m --revision --variant --device --dtype" ;;
-        "encode") echo "--output -o --model -m --revision --variant --device --dtype" ;;
-        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --model -m --revision --variant --device --dtype --from-image --save-tokens --trajectory --animate --save-steps" ;;
+        "decode") echo "--output -o --model -m --revision --cache-dir --variant --device --dtype" ;;
+        "download") echo "--revision --variant --dtype --device --cache-dir" ;;
+        "encode") echo "--output -o --model -m --revision --cache-dir --variant --device --dtype" ;;
+        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --model -m --revision --cache-dir --variant --device --dtype --from-image --save-tokens --trajectory --animate --save-steps" ;;
         "info") echo "" ;;
-        "inpaint") echo "--mask -M --prompt -p --mask-mode --grow --start-step --known --feather --save-token-mask --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --output -o --model -m --revision --variant --device --dtype --save-tokens --trajectory --animate --save-steps" ;;
-        "vary") echo "--strength --prompt -p --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --output -o --model -m --revision --variant --device --dtype --save-tokens --trajectory --animate --save-steps" ;;
+        "inpaint") echo "--mask -M --prompt -p --mask-mode --grow --start-step --known --feather --save-token-mask --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --output -o --model -m --revision --cache-dir --variant --device --dtype --save-tokens --trajectory --animate --save-steps" ;;
+        "models") echo "" ;;
+        "models list") echo "--cache-dir" ;;
+        "models path") echo "--revision --dtype --cache-dir" ;;
+        "models rm") echo "--revision --cache-dir" ;;
+        "vary") echo "--strength --prompt -p --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --output -o --model -m --revision --cache-dir --variant --device --dtype --save-tokens --trajectory --animate --save-steps" ;;
     esac
 }
 _vqdiff_paths() {
@@ -66,25 +76,35 @@ _vqdiff_paths() {
         "config path") echo "" ;;
         "config show") echo "" ;;
         "decode") echo "" ;;
+        "download") echo "" ;;
         "encode") echo "" ;;
         "generate") echo "" ;;
         "info") echo "" ;;
         "inpaint") echo "" ;;
+        "models") echo "" ;;
+        "models list") echo "" ;;
+        "models path") echo "" ;;
+        "models rm") echo "" ;;
         "vary") echo "" ;;
     esac
 }
 _vqdiff_subs() {
     case "$1" in
-        "") echo "completion config decode encode generate info inpaint vary" ;;
+        "") echo "completion config decode download encode generate info inpaint models vary" ;;
         "completion") echo "" ;;
         "config") echo "path show" ;;
         "config path") echo "" ;;
         "config show") echo "" ;;
         "decode") echo "" ;;
+        "download") echo "" ;;
         "encode") echo "" ;;
         "generate") echo "" ;;
         "info") echo "" ;;
         "inpaint") echo "" ;;
+        "models") echo "list path rm" ;;
+        "models list") echo "" ;;
+        "models path") echo "" ;;
+        "models rm") echo "" ;;
         "vary") echo "" ;;
     esac
 }

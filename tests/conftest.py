@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -17,9 +19,28 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 import torch  # noqa: E402
 
+from vqdiff_cli.weights import WEIGHT_COMPONENTS  # noqa: E402
+
+from .hub_server import FakeHub  # noqa: E402
 from .tiny import TinyCheckpoint, TinySpec, build_tiny  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_caches(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """No test reads or writes the user's Hub cache or vqdiff cache (tests/test_hub.py points them elsewhere too)."""
+    root = tmp_path_factory.mktemp("caches")
+    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_CACHE", "VQDIFF_CACHE_DIR")}
+    os.environ["HF_HOME"] = str(root / "hf")
+    os.environ.pop("HF_HUB_CACHE", None)
+    os.environ["VQDIFF_CACHE_DIR"] = str(root / "vqdiff")
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +74,60 @@ def image_file(tmp_path: Path) -> Path:
     path = tmp_path / "picture.png"
     Image.fromarray(arr).save(path)
     return path
+
+
+# -- a stand-in for the Hub (tests/hub_server.py) ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def hub_folder(tiny, tmp_path_factory) -> Path:
+    """The tiny checkpoint as microsoft/vq-diffusion-ithq is laid out on the Hub's main branch: fp32 `.bin` files,
+    the fp16 variant as both `.fp16.safetensors` and `.fp16.bin`, a README and .gitattributes."""
+    from safetensors.torch import save_file
+
+    dst = tmp_path_factory.mktemp("hubrepo") / "main"
+    shutil.copytree(tiny.path, dst)
+    for component in WEIGHT_COMPONENTS:
+        src = next((dst / component).glob("*.bin"))
+        half = {
+            k: v.half() if v.is_floating_point() else v.clone() for k, v in torch.load(src, weights_only=True).items()
+        }
+        stem = src.name.removesuffix(".bin")
+        torch.save(half, dst / component / f"{stem}.fp16.bin")
+        st_stem = "model" if component == "text_encoder" else stem
+        save_file({k: v.contiguous() for k, v in half.items()}, str(dst / component / f"{st_stem}.fp16.safetensors"))
+    (dst / "README.md").write_text("# tiny VQ-Diffusion\n")
+    (dst / ".gitattributes").write_text("*.bin filter=lfs diff=lfs merge=lfs -text\n")
+    return dst
+
+
+@pytest.fixture(scope="session")
+def old_fp16_folder(hub_folder, tmp_path_factory) -> Path:
+    """Like the Hub's old `fp16` branch: no learned null embeddings, and model_index.json does not list them."""
+    dst = tmp_path_factory.mktemp("hubrepo") / "fp16"
+    shutil.copytree(hub_folder, dst)
+    shutil.rmtree(dst / "learned_classifier_free_sampling_embeddings")
+    index = json.loads((dst / "model_index.json").read_text())
+    del index["learned_classifier_free_sampling_embeddings"]
+    (dst / "model_index.json").write_text(json.dumps(index))
+    return dst
+
+
+def start_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, repos: dict[tuple[str, str], Path]) -> FakeHub:
+    """Serve `repos` ((repo id, branch) -> folder) on 127.0.0.1 and point huggingface_hub at it, online, with every
+    cache in tmp_path."""
+    import huggingface_hub.constants
+
+    server = FakeHub()
+    for (repo_id, branch), folder in repos.items():
+        server.publish(repo_id, folder, branch=branch)
+    server.start()
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("VQDIFF_CACHE_DIR", str(tmp_path / "vq"))
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("VQDIFF_MODEL", raising=False)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import (this file sets it for every other test): online here.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return server

@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 
 from vqdiff_cli.cli import app
 
+from .conftest import start_hub
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -20,8 +22,22 @@ def blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
 
 
-def vqdiff_lines() -> list[str]:
-    return [line for block in blocks("console") for line in block.splitlines() if line.startswith("vqdiff ")]
+def vqdiff_lines(hub: bool) -> list[str]:
+    """The `vqdiff ...` lines of the console blocks that fetch from the Hub (`hub`), or of the others."""
+    return [
+        line
+        for block in blocks("console")
+        if ("vqdiff download" in block) == hub
+        for line in block.splitlines()
+        if line.startswith("vqdiff ")
+    ]
+
+
+def run_lines(lines: list[str]) -> None:
+    runner = CliRunner()
+    for line in lines:
+        result = runner.invoke(app, shlex.split(line, comments=True)[1:])
+        assert result.exit_code == 0, f"{line}\n{result.output}"
 
 
 def test_ci_runs_the_readme_test_command():
@@ -35,7 +51,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_command_examples_run(tiny, tmp_path, monkeypatch):
-    lines = vqdiff_lines()
+    lines = vqdiff_lines(hub=False)
     assert len(lines) >= 12
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VQDIFF_MODEL", str(tiny.path))
@@ -43,15 +59,25 @@ def test_command_examples_run(tiny, tmp_path, monkeypatch):
     monkeypatch.delenv("VQDIFF_DEVICE", raising=False)
     (tmp_path / "prompts.txt").write_text("# prompts for the README example\na red ball\n\na cat in a hat\n")
     paint_mask(tmp_path / "bear-mask.png")
-    runner = CliRunner()
-    for line in lines:
-        args = shlex.split(line)[1:]
-        result = runner.invoke(app, args)
-        assert result.exit_code == 0, f"{line}\n{result.output}"
+    run_lines(lines)
     assert (tmp_path / "bear-again.png").is_file()
     assert (tmp_path / "bear-ball.png").is_file()
     assert (tmp_path / "tokens.png").is_file()
     assert (tmp_path / "jigsaw.gif").is_file()
+
+
+def test_model_command_examples_run(hub_folder, tmp_path, monkeypatch):
+    """The download / models examples, against the stand-in Hub serving the tiny checkpoint under the real name."""
+    lines = vqdiff_lines(hub=True)
+    assert any(line.startswith("vqdiff models rm") for line in lines)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VQDIFF_CONFIG", str(tmp_path / "config.toml"))
+    server = start_hub(monkeypatch, tmp_path, {("microsoft/vq-diffusion-ithq", "main"): hub_folder})
+    try:
+        run_lines(lines)
+    finally:
+        server.stop()
+    assert (tmp_path / "bear.png").is_file()
 
 
 def paint_mask(path: Path) -> None:

@@ -153,3 +153,26 @@ def test_mismatched_components(tiny, tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(WeightsError, match="num_vec_classes=99"):
         VQDiffusion.from_pretrained(path, device="cpu")
+
+
+def test_safetensors_written_with_shared_storage_and_checked(tmp_path):
+    from safetensors.torch import load_file
+
+    from vqdiff_cli.weights import safetensors_header, save_safetensors
+
+    base = torch.arange(12.0)
+    path = tmp_path / "w.safetensors"
+    save_safetensors({"a": base[:6], "b": base[6:], "tied": base[:6]}, path)
+    assert {k: v.tolist() for k, v in load_file(str(path)).items()} == {
+        "a": base[:6].tolist(),
+        "b": base[6:].tolist(),
+        "tied": base[:6].tolist(),
+    }
+    assert safetensors_header(path)["a"]["shape"] == [6]
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 1)
+    with pytest.raises(WeightsError, match="truncated or damaged"):
+        safetensors_header(path)
+    path.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
+    with pytest.raises(WeightsError, match="not a safetensors file"):
+        safetensors_header(path)

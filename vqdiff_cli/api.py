@@ -1,7 +1,7 @@
 """The Python API: `VQDiffusion` wires the loaded networks to the sampler. The CLI is a thin layer over it.
 
     from vqdiff_cli import VQDiffusion, GenerateOptions
-    pipe = VQDiffusion.from_pretrained("path/to/vq-diffusion-ithq")
+    pipe = VQDiffusion.from_pretrained("microsoft/vq-diffusion-ithq")  # or a local diffusers-format folder
     images = pipe.generate("a teddy bear in a pool", GenerateOptions(seed=0))
 
 The library never prints and never exits: progress leaves through the `on_step` callback, failures as VqdiffError.
@@ -25,7 +25,8 @@ from .device import dtype_name, make_generators, resolve_device, resolve_dtype
 from .diffusion.sampler import KnownTokens, TextContext, denoise, plan_timesteps
 from .diffusion.schedule import MaskAndReplaceSchedule
 from .edit import EditSource, InpaintOptions, InpaintSetup
-from .errors import UsageError, WeightsError
+from .errors import UsageError
+from .store import LoadCallback, prepare
 from .weights import VARIANTS, Components, load_components
 
 MAX_SEED = 2**63 - 1
@@ -80,11 +81,11 @@ class GenerateOptions:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where the weights came from, for metadata: a Hub repo id (with its revision) or a local folder."""
+    """Where the weights came from, for metadata: a Hub repo id (with its commit) or a local folder."""
 
-    name: str
-    path: Path
-    revision: str | None = None
+    name: str  # the repo id, or the folder as given
+    path: Path  # the folder read: vqdiff's cache entry for a Hub model, else the local folder
+    revision: str | None = None  # Hub models: the commit hash of the files
 
 
 @dataclass
@@ -143,22 +144,32 @@ class VQDiffusion:
         dtype: str = "auto",
         variant: str = "auto",
         revision: str | None = None,
+        offline: bool = False,
+        cache_dir: str | Path | None = None,
+        on_progress: LoadCallback | None = None,
     ) -> VQDiffusion:
-        """Load a diffusers-format folder (the Hub's microsoft/vq-diffusion-ithq layout)."""
+        """Load a local diffusers-format folder, or a Hub repo id (e.g. microsoft/vq-diffusion-ithq).
+
+        A Hub model is fetched into the Hub cache the first time (only the files this dtype and variant need), and
+        converted once into vqdiff's cache (`cache_dir`, default VQDIFF_CACHE_DIR or the user cache folder); later
+        loads memory-map the converted safetensors. `offline` (or HF_HUB_OFFLINE=1) uses cached files only.
+        `on_progress` receives download and conversion events.
+        """
         if variant not in VARIANTS:
             raise UsageError(f"unknown variant '{variant}'", hint=f"use one of: {', '.join(VARIANTS)}")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        path = Path(model).expanduser()
-        if not path.is_dir():
-            if path.exists():
-                raise WeightsError(f"{model} is a file, not a checkpoint folder")
-            raise WeightsError(
-                f"model '{model}' is not a local folder",
-                hint="pass a folder in diffusers' format (downloading from the Hub is not available in this version)",
-            )
-        components = load_components(path, dev, dt, variant)
-        return cls(components, dev, dt, ModelSource(str(model), path.resolve(), revision))
+        prepared = prepare(
+            model,
+            dtype=dt,
+            variant=variant,
+            revision=revision,
+            offline=offline,
+            cache_dir=Path(cache_dir) if cache_dir is not None else None,
+            on_event=on_progress,
+        )
+        components = load_components(prepared.folder, dev, dt, variant)
+        return cls(components, dev, dt, ModelSource(prepared.name, prepared.folder, prepared.commit))
 
     # -- properties -------------------------------------------------------------------------------------------
 

@@ -10,19 +10,24 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
+
+if TYPE_CHECKING:
+    from .store import LoadEvent
 
 
 def _stderr_console() -> Console:
@@ -97,3 +102,53 @@ class StepProgress:
         self.bar.update(self.task, advance=advance, detail=detail)
         speed = self.bar.tasks[0].speed
         self.bar.update(self.task, rate=f"{speed:.2f} it/s" if speed else "")
+
+
+class LoadReporter:
+    """Turns the library's model-loading events into a download bar (on a terminal) and one-line messages."""
+
+    def __init__(self, out: Output) -> None:
+        self.out = out
+        self.bar: Progress | None = None
+        self.task: TaskID | None = None
+        self.file = ""
+
+    def __enter__(self) -> LoadReporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+    def __call__(self, event: LoadEvent) -> None:
+        if event.kind != "download":
+            self._close()
+            self.out.info(event.message)
+            return
+        if self.out.quiet:
+            return
+        if event.message != self.file:
+            self.file = event.message
+            if not self.out.err.is_terminal:
+                self.out.info(f"downloading {event.message}")
+        if self.bar is None:
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=self.out.err,
+                disable=not self.out.err.is_terminal,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("downloading", total=None)
+        assert self.task is not None
+        name = event.message.rsplit("/", 2)
+        self.bar.update(self.task, completed=event.done, total=event.total or None, description="/".join(name[-2:]))
+
+    def _close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+            self.task = None

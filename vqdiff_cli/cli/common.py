@@ -1,34 +1,71 @@
-"""What several commands share: loading the model the options name."""
+"""What several commands share: loading the model the options name, with download and conversion progress."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..console import Output
+from ..console import LoadReporter, Output
 
 if TYPE_CHECKING:
     from ..api import VQDiffusion
+    from ..settings import Resolved
 
 
 def load_model(
-    out: Output, model: str, *, device: str, dtype: str, variant: str, revision: str | None = None
+    out: Output,
+    model: str,
+    *,
+    device: str,
+    dtype: str,
+    variant: str,
+    revision: str | None = None,
+    offline: bool = False,
+    cache_dir: Path | None = None,
 ) -> VQDiffusion:
-    """Load `model` on the requested device and dtype, saying so on stderr."""
+    """Load `model` (a local folder or a Hub repo id, fetched and converted on first use), saying so on stderr."""
     from ..api import VQDiffusion
 
-    out.info(f"loading {model}")
-    return VQDiffusion.from_pretrained(model, device=device, dtype=dtype, variant=variant, revision=revision)
+    out.info(f"loading {model}" + (f" ({revision})" if revision else ""))
+    with LoadReporter(out) as report:
+        return VQDiffusion.from_pretrained(
+            model,
+            device=device,
+            dtype=dtype,
+            variant=variant,
+            revision=revision,
+            offline=offline,
+            cache_dir=cache_dir,
+            on_progress=report,
+        )
 
 
 MODEL_KEYS = ("model", "revision", "variant", "device", "dtype", "cache_dir")
 
 
-def load_from_flags(out: Output, **flags: str | None) -> VQDiffusion:
-    """Resolve the model settings (flag > env > config > default) and load the model."""
+def model_settings(**flags: str | Path | None) -> Resolved:
+    """The model settings (flag > env > config > default) of a command that loads or fetches a model."""
     from ..settings import read_config, resolve
 
     config, config_file = read_config()
-    s = resolve(flags, config=config, config_file=config_file, keys=MODEL_KEYS)
+    flags = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}
+    return resolve(flags, config=config, config_file=config_file, keys=MODEL_KEYS)
+
+
+def cache_dir_of(settings: Resolved) -> Path | None:
+    return Path(settings["cache_dir"]).expanduser() if settings["cache_dir"] else None
+
+
+def load_from_flags(out: Output, *, offline: bool = False, **flags: str | Path | None) -> VQDiffusion:
+    """Resolve the model settings and load the model."""
+    s = model_settings(**flags)
     return load_model(
-        out, s["model"], device=s["device"], dtype=s["dtype"], variant=s["variant"], revision=s["revision"]
+        out,
+        s["model"],
+        device=s["device"],
+        dtype=s["dtype"],
+        variant=s["variant"],
+        revision=s["revision"],
+        offline=offline,
+        cache_dir=cache_dir_of(s),
     )

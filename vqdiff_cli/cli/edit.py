@@ -12,6 +12,7 @@ from ..console import Output
 from .app import app, report_errors
 from .options import (
     BatchSizeOpt,
+    CacheDirOpt,
     DeviceOpt,
     DryRunOpt,
     DtypeOpt,
@@ -19,6 +20,7 @@ from .options import (
     JsonOpt,
     ModelOpt,
     NoMetadataOpt,
+    OfflineOpt,
     OverwriteOpt,
     QuietOpt,
     RevisionOpt,
@@ -118,6 +120,8 @@ def inpaint(
     output: OutputOpt = None,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
+    offline: OfflineOpt = False,
+    cache_dir: CacheDirOpt = None,
     variant: VariantOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -205,6 +209,8 @@ def vary(
     output: OutputOpt = None,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
+    offline: OfflineOpt = False,
+    cache_dir: CacheDirOpt = None,
     variant: VariantOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,

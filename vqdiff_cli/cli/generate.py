@@ -12,6 +12,7 @@ from ..errors import UsageError
 from .app import app, report_errors
 from .options import (
     BatchSizeOpt,
+    CacheDirOpt,
     DeviceOpt,
     DryRunOpt,
     DtypeOpt,
@@ -19,6 +20,7 @@ from .options import (
     JsonOpt,
     ModelOpt,
     NoMetadataOpt,
+    OfflineOpt,
     OverwriteOpt,
     QuietOpt,
     RevisionOpt,
@@ -66,6 +68,8 @@ def generate(
     batch_size: BatchSizeOpt = None,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
+    offline: OfflineOpt = False,
+    cache_dir: CacheDirOpt = None,
     variant: VariantOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,

@@ -28,7 +28,20 @@ ModelOpt = Annotated[
     ),
 ]
 RevisionOpt = Annotated[
-    str | None, typer.Option("--revision", help="Hub revision: branch, tag or commit.", show_default=False)
+    str | None,
+    typer.Option("--revision", help="Hub branch, tag or commit hash (default: main).", show_default=False),
+]
+OfflineOpt = Annotated[
+    bool,
+    typer.Option("--offline", help="Use cached files only, never the network (as HF_HUB_OFFLINE=1 does)."),
+]
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        help="vqdiff's cache of converted models (env VQDIFF_CACHE_DIR). [default: the user cache folder]",
+        show_default=False,
+    ),
 ]
 DeviceOpt = Annotated[
     str | None,

@@ -59,6 +59,7 @@ class RunPlan:
     trajectory: Path | None = None
     animations: list[Path] | None = None
     save_steps: Path | None = None
+    offline: bool = False
     extra_metadata: dict[str, Any] = field(default_factory=dict)
     extra_files: list[Path] = field(default_factory=list)  # written by the command itself (e.g. a token mask)
 
@@ -78,7 +79,7 @@ class RunPlan:
         not given), plus num_images, seed, overwrite, no_metadata and the visual outputs."""
         from ..api import GenerateOptions
 
-        flags = {k: params[k] for k in SETTINGS if k in params}
+        flags = {k: str(v) if isinstance(v, Path) else v for k, v in params.items() if k in SETTINGS}
         num_images, seed, overwrite = params["num_images"], params["seed"], params["overwrite"]
         config, config_file = read_config()
         settings = resolve(flags, image=image_settings, config=config, config_file=config_file)
@@ -122,6 +123,7 @@ class RunPlan:
             trajectory=params.get("trajectory"),
             animations=naming.output_paths(animate, items) if animate else None,
             save_steps=params.get("save_steps"),
+            offline=bool(params.get("offline", False)),
             extra_files=list(extra_files),
         )
         plan.check_outputs()
@@ -202,7 +204,14 @@ def execute(out: Output, plan: RunPlan, sample: Sampler) -> list[GeneratedImage]
 
     s = plan.settings.values
     pipe = load_model(
-        out, s["model"], device=s["device"], dtype=s["dtype"], variant=s["variant"], revision=s["revision"]
+        out,
+        s["model"],
+        device=s["device"],
+        dtype=s["dtype"],
+        variant=s["variant"],
+        revision=s["revision"],
+        offline=plan.offline,
+        cache_dir=Path(s["cache_dir"]).expanduser() if s["cache_dir"] else None,
     )
     if plan.seed_was_random:
         out.info(f"seed {plan.items[0].seed} (random)")

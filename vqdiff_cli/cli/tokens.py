@@ -10,7 +10,17 @@ import typer
 from ..console import Output
 from .app import app, report_errors
 from .common import load_from_flags
-from .options import DeviceOpt, DtypeOpt, ModelOpt, OverwriteOpt, QuietOpt, RevisionOpt, VariantOpt
+from .options import (
+    CacheDirOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    OfflineOpt,
+    OverwriteOpt,
+    QuietOpt,
+    RevisionOpt,
+    VariantOpt,
+)
 
 
 @app.command()
@@ -29,6 +39,8 @@ def encode(
     ] = False,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
+    offline: OfflineOpt = False,
+    cache_dir: CacheDirOpt = None,
     variant: VariantOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -45,7 +57,16 @@ def encode(
     out = Output(quiet=quiet)
     check_writable(output, overwrite)
     pictures = [load_rgb(p) for p in images]
-    pipe = load_from_flags(out, model=model, revision=revision, variant=variant, device=device, dtype=dtype)
+    pipe = load_from_flags(
+        out,
+        offline=offline,
+        model=model,
+        revision=revision,
+        variant=variant,
+        device=device,
+        dtype=dtype,
+        cache_dir=cache_dir,
+    )
     grids = pipe.encode(pictures, keep_size=keep_size)
     shapes = sorted({tuple(g.shape) for g in grids})
     if len(shapes) > 1:
@@ -63,6 +84,8 @@ def decode(
     ),
     model: ModelOpt = None,
     revision: RevisionOpt = None,
+    offline: OfflineOpt = False,
+    cache_dir: CacheDirOpt = None,
     variant: VariantOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -83,7 +106,16 @@ def decode(
     )
     for path in paths:
         check_writable(path, overwrite)
-    pipe = load_from_flags(out, model=model, revision=revision, variant=variant, device=device, dtype=dtype)
+    pipe = load_from_flags(
+        out,
+        offline=offline,
+        model=model,
+        revision=revision,
+        variant=variant,
+        device=device,
+        dtype=dtype,
+        cache_dir=cache_dir,
+    )
     for path, picture in zip(paths, pipe.decode(grids), strict=True):
         save_png(picture, path, overwrite=overwrite)
         out.result(str(path))

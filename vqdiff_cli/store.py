@@ -1,0 +1,294 @@
+"""From a model name to a folder `weights.load_components` reads: a local folder as it is, or a Hub repository
+resolved to a commit, fetched (only the files a load needs) and converted once into vqdiff's cache.
+
+The rules, in order:
+1. A local folder is read in place: vqdiff never copies or converts a user's own files.
+2. A revision pinned by commit hash with a valid cache entry is used with no network call at all; so is one whose files
+   are all in the Hub cache (it is converted first).
+3. Offline (`offline=True` or HF_HUB_OFFLINE=1) a branch or tag is resolved from the refs recorded by earlier runs;
+   only cached files are used, and anything missing is an error that says how to download it.
+4. Online, one request lists the repository at the revision (the commit and every file with its size); the files a
+   load needs are fetched unless cached, then converted. If the Hub cannot be reached, rule 3 applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from . import weights
+from .cache import Entry, EntryKey, ModelCache
+from .device import dtype_name
+from .errors import DownloadError, UsageError, WeightsError
+from .hub import Hub, HubUnreachable, RepoListing, env_offline, is_commit, is_repo_id
+
+DEFAULT_REVISION = "main"
+
+
+@dataclass(frozen=True)
+class LoadEvent:
+    """Progress of preparing a model, for a progress bar or a log line."""
+
+    kind: Literal["download", "convert", "note"]
+    message: str  # a file (download), a component (convert) or a sentence (note)
+    done: int = 0  # bytes so far, over all files of this download
+    total: int = 0  # bytes to download in all
+
+
+LoadCallback = Callable[[LoadEvent], None]
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """A folder ready for `weights.load_components`, and where it came from."""
+
+    name: str  # the repo id or the folder as given
+    folder: Path
+    commit: str | None = None  # Hub models: the commit the files belong to
+    entry: Entry | None = None  # Hub models: the cache entry `folder` is
+
+
+def prepare(
+    model: str | Path,
+    *,
+    dtype: torch.dtype,
+    variant: str = "auto",
+    revision: str | None = None,
+    offline: bool = False,
+    cache_dir: Path | None = None,
+    on_event: LoadCallback | None = None,
+) -> PreparedModel:
+    """Resolve `model` (a local folder or a Hub repo id) to a loadable folder, fetching and converting as needed."""
+    weights.variant_order(variant)  # validates
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise WeightsError(f"{model} is a file, not a checkpoint folder")
+        if revision is not None:
+            raise UsageError("--revision applies to Hub repo ids, not to a local folder")
+        return PreparedModel(str(model), path.resolve())
+    name = str(model)
+    if not is_repo_id(name):
+        raise WeightsError(
+            f"model '{model}' is not a local folder or a Hub repo id",
+            hint="pass a folder in diffusers' format, or a repo id such as microsoft/vq-diffusion-ithq",
+        )
+    return _Preparer(name, revision or DEFAULT_REVISION, dtype, variant, offline, cache_dir, on_event).run()
+
+
+class _Preparer:
+    """One Hub model being prepared: the steps of `prepare`'s rules 2-4."""
+
+    def __init__(
+        self,
+        repo_id: str,
+        revision: str,
+        dtype: torch.dtype,
+        variant: str,
+        offline: bool,
+        cache_dir: Path | None,
+        on_event: LoadCallback | None,
+    ) -> None:
+        self.repo_id = repo_id
+        self.revision = revision
+        self.dtype = dtype
+        self.variant = variant
+        self.offline = offline or env_offline()
+        self.cache = ModelCache(cache_dir)
+        self.hub = Hub.from_env()
+        self.on_event = on_event
+
+    def emit(self, kind: Literal["download", "convert", "note"], message: str, done: int = 0, total: int = 0) -> None:
+        if self.on_event is not None:
+            self.on_event(LoadEvent(kind, message, done, total))
+
+    def key(self, commit: str) -> EntryKey:
+        return EntryKey(self.repo_id, commit, self.variant, dtype_name(self.dtype))
+
+    def run(self) -> PreparedModel:
+        # Rule 2: pinned by commit, and already here.
+        if is_commit(self.revision):
+            ready = self.from_cache(self.revision)
+            if ready is not None:
+                return ready
+        # Rule 4: ask the Hub which commit and which files.
+        listing = None
+        if not self.offline:
+            try:
+                listing = self.hub.list_files(self.repo_id, self.revision)
+            except HubUnreachable as e:
+                commit = self.cached_commit()
+                if commit is None:
+                    raise
+                self.emit("note", f"{e.message}; using the cached commit {commit[:12]}")
+        if listing is None:
+            # Rule 3: offline, or the Hub is out of reach.
+            commit = self.cached_commit()
+            if commit is None:
+                raise self.not_cached()
+            ready = self.from_cache(commit)
+            if ready is None:
+                raise self.not_cached(self.missing_locally(commit))
+            return ready
+        self.cache.write_ref(self.repo_id, self.revision, listing.commit)
+        entry = self.cache.find(self.key(listing.commit))
+        if entry is not None:
+            return self.ready(entry)
+        snapshot = self.fetch(listing)
+        return self.ready(self.convert(listing.commit, snapshot))
+
+    # -- the cache --------------------------------------------------------------------------------------------
+
+    def cached_commit(self) -> str | None:
+        if is_commit(self.revision):
+            return self.revision
+        return self.cache.read_ref(self.repo_id, self.revision) or self.hub.cached_commit(self.repo_id, self.revision)
+
+    def from_cache(self, commit: str) -> PreparedModel | None:
+        """The converted entry, or one converted now from complete files in the Hub cache; None otherwise."""
+        entry = self.cache.find(self.key(commit))
+        if entry is not None:
+            return self.ready(entry)
+        snapshot = self.hub.cached_snapshot(self.repo_id, commit)
+        if snapshot is None or self.needed(snapshot[1], snapshot[0], strict=False) is None:
+            return None
+        return self.ready(self.convert(commit, snapshot[0]))
+
+    def missing_locally(self, commit: str) -> str:
+        snapshot = self.hub.cached_snapshot(self.repo_id, commit)
+        if snapshot is None:
+            return "nothing of it is cached"
+        try:
+            self.needed(snapshot[1], snapshot[0], strict=True)
+        except WeightsError as e:
+            return e.message.replace("the checkpoint has", "the cached files have")
+        return "its cached files are incomplete"
+
+    def needed(self, files: Collection[str], folder: Path, strict: bool) -> list[str] | None:
+        """Every file a load reads, chosen from `files` (in `folder`): None (or, strict, an error) if one is missing."""
+        try:
+            if "model_index.json" not in files:
+                raise WeightsError("the checkpoint has no model_index.json")
+            weights.check_model_index(folder)
+            chosen = weights.metadata_files(files)
+            cfg = weights.read_pipeline_config(folder)
+            for component in weights.weight_files_needed(cfg):
+                path = weights.listed_weight_file(files, component, self.variant, self.dtype)
+                chosen.append(path)
+                if path.endswith(".index.json"):
+                    chosen += weights.shard_files(folder / path, component)
+        except WeightsError:
+            if strict:
+                raise
+            return None
+        missing = [f for f in chosen if f not in files]
+        if missing:
+            if strict:
+                raise WeightsError(f"the checkpoint has no {', '.join(missing)}")
+            return None
+        return chosen
+
+    def not_cached(self, why: str = "it was never downloaded") -> DownloadError:
+        revision = f" (revision {self.revision})" if self.revision != DEFAULT_REVISION else ""
+        where = "offline mode is on" if self.offline else "the Hub cannot be reached"
+        again = f" --revision {self.revision}" if self.revision != DEFAULT_REVISION else ""
+        return DownloadError(
+            f"{self.repo_id}{revision} is not available: {where}, and {why}",
+            hint=f"run `vqdiff download {self.repo_id}{again}` while online",
+        )
+
+    # -- the network ------------------------------------------------------------------------------------------
+
+    def fetch(self, listing: RepoListing) -> Path:
+        """Fetch what a load needs at `listing.commit` into the Hub cache, small files first; the snapshot folder."""
+        where = f"{self.repo_id} at {listing.commit[:12]}"
+        progress = _Bytes(self, listing)
+        try:
+            if "model_index.json" not in listing.files:
+                raise WeightsError(f"{where} is not a diffusers checkpoint: it has no model_index.json")
+            index = self.hub.download(self.repo_id, listing.commit, "model_index.json")
+            folder = index.parent
+            weights.check_model_index(folder)
+            progress.fetch(weights.metadata_files(listing.files))
+            cfg = weights.read_pipeline_config(folder)
+            big = [
+                weights.listed_weight_file(listing.files, c, self.variant, self.dtype)
+                for c in weights.weight_files_needed(cfg)
+            ]
+            progress.fetch(big)
+            shards = [
+                s
+                for path in big
+                if path.endswith(".index.json")
+                for s in weights.shard_files(folder / path, path.split("/", 1)[0])
+            ]
+            missing = [s for s in shards if s not in listing.files]
+            if missing:
+                raise WeightsError(f"the checkpoint has no {', '.join(missing)} (named by its shard index)")
+            progress.fetch(shards)
+        except WeightsError as e:
+            if e.message.startswith("the checkpoint"):
+                raise WeightsError(f"{where}: {e.message.removeprefix('the checkpoint ')}", hint=e.hint) from None
+            raise
+        return folder
+
+    # -- converting -------------------------------------------------------------------------------------------
+
+    def convert(self, commit: str, snapshot: Path) -> Entry:
+        def write(folder: Path) -> dict[str, Any]:
+            def on_component(component: str, converting: bool) -> None:
+                stored = dtype_name(weights.stored_dtype(component, self.dtype))
+                if converting:
+                    self.emit("convert", f"converting {component} weights to {stored} safetensors (once)")
+                else:
+                    self.emit("convert", f"linking {component} weights (already {stored} safetensors)")
+
+            done = weights.write_converted(snapshot, folder, self.dtype, self.variant, on_component)
+            return {
+                "revision": self.revision,
+                "variants": {c.component: c.variant for c in done},
+                "sources": {c.component: [_identity(snapshot, p) for p in c.sources] for c in done},
+            }
+
+        def on_wait() -> None:
+            self.emit("note", "waiting for another vqdiff process that is preparing the same model")
+
+        return self.cache.build(self.key(commit), write, on_wait)
+
+    def ready(self, entry: Entry) -> PreparedModel:
+        return PreparedModel(self.repo_id, entry.path, entry.key.commit, entry)
+
+
+class _Bytes:
+    """Downloads a list of files, reporting bytes over everything not yet cached."""
+
+    def __init__(self, preparer: _Preparer, listing: RepoListing) -> None:
+        self.p = preparer
+        self.listing = listing
+        self.done = 0
+        self.total = 0
+
+    def fetch(self, paths: list[str]) -> None:
+        repo, commit = self.listing.repo_id, self.listing.commit
+        todo = [f for f in paths if self.p.hub.cached_path(repo, commit, f) is None]
+        self.total += sum(self.listing.sizes.get(f) or 0 for f in todo)
+        for path in paths:
+            if path not in todo:
+                self.p.hub.download(repo, commit, path)  # cached: returns without a request
+                continue
+
+            def count(n: int, path: str = path) -> None:
+                self.done += n
+                self.p.emit("download", path, self.done, self.total)
+
+            self.p.emit("download", path, self.done, self.total)
+            self.p.hub.download(repo, commit, path, count)
+
+
+def _identity(root: Path, path: Path) -> dict[str, Any]:
+    """A source file as the manifest records it: its path in the repo, size, and blob name (the Hub's etag)."""
+    return {"file": path.relative_to(root).as_posix(), "size": path.stat().st_size, "blob": path.resolve().name}
