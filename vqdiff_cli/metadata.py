@@ -29,8 +29,8 @@ def build(
     mode: str = "generate",
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON record of one image; `settings` holds model, revision, model_path, variant, device, dtype, steps,
-    stride, guidance, truncation."""
+    """The JSON record of one image; `settings` holds model, revision, model_path, variant (as requested),
+    weights_variant (the files read), device, dtype, steps, stride, guidance, truncation."""
     record = {
         "schema": SCHEMA,
         "vqdiff_version": __version__,
@@ -42,6 +42,7 @@ def build(
         "revision": settings.get("revision"),
         "model_path": settings.get("model_path"),
         "variant": settings.get("variant"),
+        "weights_variant": settings.get("weights_variant"),
         "device": settings.get("device"),
         "dtype": settings.get("dtype"),
         "steps": settings.get("steps"),

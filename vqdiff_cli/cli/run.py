@@ -185,7 +185,8 @@ def _settings_for_metadata(plan: RunPlan, pipe: VQDiffusion) -> dict[str, Any]:
         "model": pipe.source.name,
         "revision": pipe.source.revision,
         "model_path": str(pipe.source.path),
-        "variant": pipe.components.variants.get("transformer"),
+        "variant": s["variant"],  # as requested (auto follows the dtype): what a re-run asks for
+        "weights_variant": pipe.components.variants.get("transformer"),  # the files that were read
         "device": pipe.device.type,
         "dtype": pipe.dtype_name,
         "steps": s["steps"],
