@@ -10,6 +10,7 @@ The library never prints and never exits: progress leaves through the `on_step` 
 from __future__ import annotations
 
 import secrets
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +19,20 @@ import torch
 from PIL import Image
 
 from . import images as imageio
+from .accel import Acceleration
 from .config import PipelineConfig
 from .device import dtype_name, make_generators, resolve_device, resolve_dtype
+from .diffusion.fast import denoise_fast
 from .diffusion.sampler import KnownTokens, TextContext, denoise, plan_timesteps
 from .diffusion.schedule import MaskAndReplaceSchedule
+from .diffusion.streams import seed_words
 from .errors import UsageError, WeightsError
+from .fastpath import FastSessions, SessionKey
 from .weights import VARIANTS, Components, load_components
 
 MAX_SEED = 2**63 - 1
+SAMPLERS = ("auto", "reference", "fast")
+PROGRESS_LAG = 2  # with a progress callback on a GPU, the host runs at most this many steps ahead of the device
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,9 @@ class GenerateOptions:
     seed: int | None = None  # image i gets seed + i; None: a random seed, reported in the results
     num_images: int = 1  # per prompt
     batch_size: int = 1  # images per network call
+    # "reference": diffusers' op order, per image (bit-identical to diffusers on CPU float32); "fast": batched
+    # closed-form sampler with its own noise stream (the same distribution, different tokens); "auto": fast on CUDA
+    sampler: str = "auto"
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.stride is not None:
@@ -57,6 +67,8 @@ class GenerateOptions:
             raise UsageError(f"--num-images must be at least 1, got {self.num_images}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.sampler not in SAMPLERS:
+            raise UsageError(f"unknown sampler '{self.sampler}'", hint=f"use one of: {', '.join(SAMPLERS)}")
 
     @property
     def guided(self) -> bool:
@@ -122,12 +134,20 @@ class _Job:
 class VQDiffusion:
     """A loaded VQ-Diffusion checkpoint on one device and dtype."""
 
-    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype, source: ModelSource):
+    def __init__(
+        self,
+        components: Components,
+        device: torch.device,
+        dtype: torch.dtype,
+        source: ModelSource,
+        acceleration: Acceleration | None = None,
+    ):
         self.components = components
         self.device = device
         self.dtype = dtype
         self.source = source
         self.schedule = MaskAndReplaceSchedule.from_config(components.config.scheduler)
+        self.fast_sessions = FastSessions(acceleration or Acceleration())
 
     @classmethod
     def from_pretrained(
@@ -138,8 +158,14 @@ class VQDiffusion:
         dtype: str = "auto",
         variant: str = "auto",
         revision: str | None = None,
+        compile: bool | None = None,
+        cuda_graphs: bool | None = None,
     ) -> VQDiffusion:
-        """Load a diffusers-format folder (the Hub's microsoft/vq-diffusion-ithq layout)."""
+        """Load a diffusers-format folder (the Hub's microsoft/vq-diffusion-ithq layout).
+
+        `compile` and `cuda_graphs` speed up the fast sampler (None: on for CUDA); either falls back to plain
+        execution when unavailable, noted in `acceleration_notes`.
+        """
         if variant not in VARIANTS:
             raise UsageError(f"unknown variant '{variant}'", hint=f"use one of: {', '.join(VARIANTS)}")
         dev = resolve_device(device)
@@ -153,7 +179,8 @@ class VQDiffusion:
                 hint="pass a folder in diffusers' format (downloading from the Hub is not available in this version)",
             )
         components = load_components(path, dev, dt, variant)
-        return cls(components, dev, dt, ModelSource(str(model), path.resolve(), revision))
+        acceleration = Acceleration(compile, cuda_graphs)
+        return cls(components, dev, dt, ModelSource(str(model), path.resolve(), revision), acceleration)
 
     # -- properties -------------------------------------------------------------------------------------------
 
@@ -177,6 +204,14 @@ class VQDiffusion:
     @property
     def dtype_name(self) -> str:
         return dtype_name(self.dtype)
+
+    @property
+    def acceleration_notes(self) -> list[str]:
+        """Why torch.compile or CUDA graphs were not used, when they were asked for and failed."""
+        return self.fast_sessions.notes
+
+    def uses_fast_sampler(self, options: GenerateOptions) -> bool:
+        return options.sampler == "fast" or (options.sampler == "auto" and self.device.type == "cuda")
 
     # -- text-to-image ----------------------------------------------------------------------------------------
 
@@ -236,6 +271,11 @@ class VQDiffusion:
             states[prompt], truncated[prompt] = self.components.text.encode_ids(ids.ids), ids.truncated[0]
         return states, truncated
 
+    def text_context(self, prompts: Sequence[str], guided: bool) -> TextContext:
+        """Text conditioning of one batch, one prompt per image (what a batch of `generate` feeds the sampler)."""
+        states, _ = self._encode_prompts(list(prompts))
+        return self._context([states[p] for p in prompts], guided)
+
     @torch.inference_mode()
     def _context(self, cond: list[torch.Tensor], guided: bool) -> TextContext:
         uncond = self.components.text.unconditional(len(cond)) if guided else None
@@ -256,11 +296,12 @@ class VQDiffusion:
     ) -> list[GeneratedImage]:
         """Denoise one batch from x_t over `timesteps`, decode it, and package the results."""
         h, w = self.token_grid
-        generators = make_generators([j.seed for j in batch], self.device)
-        steps = [x_t.cpu()] if keep_trajectory else []
-        x = x_t
-        for i, x in enumerate(
-            denoise(
+        seeds = [j.seed for j in batch]
+        if self.uses_fast_sampler(options):
+            chain = self._denoise_fast(x_t, context, timesteps, options, seeds, known)
+        else:
+            generators = make_generators(seeds, self.device)
+            chain = denoise(
                 self._denoiser(),
                 x_t,
                 timesteps,
@@ -271,10 +312,18 @@ class VQDiffusion:
                 options.truncation_rate,
                 known,
             )
-        ):
+        steps = [x_t.cpu()] if keep_trajectory else []
+        pace: deque[torch.cuda.Event] = deque()
+        x = x_t
+        for i, x in enumerate(chain):
             if keep_trajectory:
                 steps.append(x.cpu())
             if on_step is not None:
+                if self.device.type == "cuda":  # keep progress honest without ever letting the GPU idle
+                    pace.append(torch.cuda.Event())
+                    pace[-1].record()
+                    if len(pace) > PROGRESS_LAG:
+                        pace.popleft().synchronize()
                 on_step(StepEvent(i + 1, len(timesteps), timesteps[i], batch[0].index, len(batch), total, x))
         tokens = x.view(len(batch), h, w).cpu()
         pictures = self.decode(tokens)
@@ -291,6 +340,29 @@ class VQDiffusion:
             )
             for b, job in enumerate(batch)
         ]
+
+    def _denoise_fast(
+        self,
+        x_t: torch.Tensor,
+        context: TextContext,
+        timesteps: tuple[int, ...],
+        options: GenerateOptions,
+        seeds: list[int],
+        known: KnownTokens | None,
+    ) -> Iterator[torch.Tensor]:
+        if self.device.type == "mps":
+            raise UsageError("the fast sampler needs float64, which MPS lacks", hint="use --sampler reference")
+        rows = context.cond if context.uncond is None else torch.cat([context.uncond, context.cond])
+        key = SessionKey(
+            batch=x_t.shape[0],
+            guidance_scale=options.guidance_scale if context.guided else None,
+            truncation_rate=options.truncation_rate,
+            known=known is not None,
+            renoise=known is not None and known.renoise,
+        )
+        words = seed_words(seeds, self.device)
+        session = self.fast_sessions.session(self.components.transformer, key, rows.to(self.dtype), words, known)
+        return denoise_fast(session.runner, x_t, timesteps, self.schedule)
 
     # -- tokens <-> images ------------------------------------------------------------------------------------
 

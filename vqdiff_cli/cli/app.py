@@ -97,7 +97,7 @@ def _main(
 
 
 def _register() -> None:
-    from . import generate, tokens  # noqa: F401  (commands register themselves on `app`)
+    from . import bench, generate, tokens  # noqa: F401  (commands register themselves on `app`)
 
 
 _register()

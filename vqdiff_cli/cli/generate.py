@@ -10,7 +10,19 @@ import typer
 from ..console import Output
 from .app import app, report_errors
 from .common import load_model
-from .options import DEFAULT_MODEL, DeviceOpt, DtypeOpt, ModelOpt, OverwriteOpt, QuietOpt, VariantOpt
+from .options import (
+    DEFAULT_MODEL,
+    CompileOpt,
+    CudaGraphsOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelOpt,
+    OverwriteOpt,
+    QuietOpt,
+    SamplerOpt,
+    ThreadsOpt,
+    VariantOpt,
+)
 
 
 def numbered_paths(output: Path, count: int) -> list[Path]:
@@ -45,9 +57,13 @@ def generate(
     ] = None,
     num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt.")] = 1,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per network call.")] = 1,
+    sampler: SamplerOpt = "auto",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     variant: VariantOpt = "auto",
+    compile: CompileOpt = None,
+    cuda_graphs: CudaGraphsOpt = None,
+    threads: ThreadsOpt = None,
     save_tokens: Annotated[
         Path | None,
         typer.Option("--save-tokens", help="Write the final token grids, (N, H, W) int64 .npy.", show_default=False),
@@ -80,12 +96,22 @@ def generate(
         seed=seed,
         num_images=num_images,
         batch_size=batch_size,
+        sampler=sampler,
     )
     paths = numbered_paths(output, len(prompts) * num_images)
     for path in [*paths, *(p for p in (save_tokens, trajectory) if p is not None)]:
         check_writable(path, overwrite)
 
-    pipe = load_model(out, model, device=device, dtype=dtype, variant=variant)
+    pipe = load_model(
+        out,
+        model,
+        device=device,
+        dtype=dtype,
+        variant=variant,
+        compile=compile,
+        cuda_graphs=cuda_graphs,
+        threads=threads,
+    )
     total_steps = len(options.timesteps(pipe.num_train_timesteps))
     results = []
     with out.progress(total_steps * len(paths), "generating") as bar:
@@ -104,4 +130,6 @@ def generate(
     if trajectory is not None:
         grids = torch.stack([r.trajectory for r in results if r.trajectory is not None], dim=1)
         write_tokens(grids.numpy(), trajectory, overwrite=overwrite)
+    for note in pipe.acceleration_notes:
+        out.warn(note)
     out.info(f"seed {results[0].seed}" + (f"..{results[-1].seed}" if len(results) > 1 else ""))

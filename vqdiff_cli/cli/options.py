@@ -27,3 +27,33 @@ VariantOpt = Annotated[
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
 OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Output file.")]
+SamplerOpt = Annotated[
+    str,
+    typer.Option(
+        "--sampler",
+        help="auto (fast on CUDA), reference (diffusers' op order: bit-identical to diffusers on CPU float32) or "
+        "fast (batched closed-form sampler: the same distribution, its own noise stream).",
+    ),
+]
+CompileOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--compile/--no-compile",
+        help="torch.compile the fast sampler's step (default: on for CUDA); falls back to plain execution.",
+        show_default=False,
+    ),
+]
+CudaGraphsOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--cuda-graphs/--no-cuda-graphs",
+        help="Replay the fast sampler's step from a CUDA graph (default: on for CUDA).",
+        show_default=False,
+    ),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads", help="CPU threads (default: OMP_NUM_THREADS, else the CPUs available).", show_default=False
+    ),
+]

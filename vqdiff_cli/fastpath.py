@@ -1,0 +1,104 @@
+"""The fast sampler wired to the transformer: one session per batch shape, its buffers reused batch after batch.
+
+A session holds the batch's fixed inputs in tensors of its own (text states, their cross-attention keys and values,
+seed words, known tokens) and a `StepRunner` over a step that reads them. The next batch of the same shape copies
+its values into those tensors, so compiled code and captured CUDA graphs are made once per shape, not per batch.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .accel import Acceleration, StepRunner
+from .diffusion.fast import make_step
+from .diffusion.sampler import KnownTokens
+from .models.transformer import DiffusionTransformer
+
+MAX_SESSIONS = 4  # batch shapes kept warm per pipeline (a run usually needs one, plus a smaller last batch)
+
+
+@dataclass(frozen=True)
+class SessionKey:
+    batch: int
+    guidance_scale: float | None  # None: no guidance
+    truncation_rate: float
+    known: bool  # inpainting: known tokens are imposed after every step
+    renoise: bool
+
+
+class FastSession:
+    """Buffers and a step runner for one batch shape."""
+
+    def __init__(
+        self,
+        transformer: DiffusionTransformer,
+        key: SessionKey,
+        context: torch.Tensor,
+        words: torch.Tensor,
+        known: KnownTokens | None,
+        acceleration: Acceleration,
+    ) -> None:
+        self.key = key
+        self.context = context.clone()  # (rows, L, C) in the transformer's dtype
+        self.context_kv = transformer.context_kv(self.context)
+        self.words = words.clone()  # (B, 2) seed words
+        self.known = None if known is None else KnownTokens(known.tokens.clone(), known.regenerate.clone(), key.renoise)
+
+        def logits(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return transformer.logits(x, self.context, t, self.context_kv)
+
+        num_codes = transformer.config.num_vector_embeds - 1
+        step = make_step(logits, self.words, key.guidance_scale, key.truncation_rate, num_codes, self.known)
+        compile_on, graphs_on = acceleration.resolve(context.device)
+        self.runner = StepRunner(step, compile_on, graphs_on)
+
+    def load(
+        self, transformer: DiffusionTransformer, context: torch.Tensor, words: torch.Tensor, known: KnownTokens | None
+    ) -> None:
+        """Copy another batch's fixed inputs into this session's buffers."""
+        self.context.copy_(context)
+        for (k_buf, v_buf), (k, v) in zip(self.context_kv, transformer.context_kv(context), strict=True):
+            k_buf.copy_(k)
+            v_buf.copy_(v)
+        self.words.copy_(words)
+        if self.known is not None and known is not None:
+            self.known.tokens.copy_(known.tokens)
+            self.known.regenerate.copy_(known.regenerate)
+
+
+class FastSessions:
+    """The few most recently used sessions of one pipeline."""
+
+    def __init__(self, acceleration: Acceleration) -> None:
+        self.acceleration = acceleration
+        self._sessions: OrderedDict[SessionKey, FastSession] = OrderedDict()
+
+    @property
+    def notes(self) -> list[str]:
+        """Why compile or CUDA graphs fell back to plain execution, if they did (each reason once)."""
+        return list(dict.fromkeys(n for s in self._sessions.values() for n in s.runner.notes))
+
+    def session(
+        self,
+        transformer: DiffusionTransformer,
+        key: SessionKey,
+        context: torch.Tensor,
+        words: torch.Tensor,
+        known: KnownTokens | None,
+    ) -> FastSession:
+        found = self._sessions.get(key)
+        if found is not None:
+            found.load(transformer, context, words, known)
+            self._sessions.move_to_end(key)
+            return found
+        created = FastSession(transformer, key, context, words, known, self.acceleration)
+        self._sessions[key] = created
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+        return created
+
+    def clear(self) -> None:
+        self._sessions.clear()
