@@ -163,8 +163,8 @@ class VQDiffusion:
     ) -> VQDiffusion:
         """Load a diffusers-format folder (the Hub's microsoft/vq-diffusion-ithq layout).
 
-        `compile` and `cuda_graphs` speed up the fast sampler (None: on for CUDA); either falls back to plain
-        execution when unavailable, noted in `acceleration_notes`.
+        `compile` (torch.compile, default off) and `cuda_graphs` (default on for CUDA) speed up the fast sampler;
+        either falls back to plain execution when unavailable, noted in `acceleration_notes`.
         """
         if variant not in VARIANTS:
             raise UsageError(f"unknown variant '{variant}'", hint=f"use one of: {', '.join(VARIANTS)}")

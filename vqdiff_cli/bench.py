@@ -13,7 +13,6 @@ pipelines read the same weights from the same memory.
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import platform
 import re
@@ -23,23 +22,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from . import __version__
 from .accel import Acceleration
-from .api import GenerateOptions, ModelSource, VQDiffusion
+from .api import ModelSource, VQDiffusion
+from .bench_engines import DIFFUSERS, DiffusersEngine, Engine, OurEngine, diffusers_pipeline
 from .config import TransformerConfig
 from .device import DTYPES, device_name, native_dtypes, resolve_device
-from .diffusion.fast import fast_step, step_coefficients
-from .diffusion.sampler import sample_step
-from .diffusion.streams import seed_words
 from .errors import UsageError
 from .weights import read_json
 
 SCHEMA = "vqdiff.bench/1"
-REFERENCE, FAST, DIFFUSERS = "vqdiff-reference", "vqdiff-fast", "diffusers"
 PHASES = ("text", "transformer", "sampling", "decode")
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, matched in order on the device
@@ -103,7 +99,8 @@ class PhaseResult:
     per_image_s: float
     tflops: float | None = None  # transformer only: achieved model TFLOP/s
     peak_fraction: float | None = None  # of the device's dense peak (GPUs only)
-    peak_memory_bytes: int | None = None
+    peak_memory_bytes: int | None = None  # CUDA: peak allocated; CPU: peak resident set of the process
+    peak_reserved_bytes: int | None = None  # CUDA: peak reserved, CUDA-graph memory pools included
 
 
 @dataclass
@@ -118,6 +115,7 @@ class EndToEnd:
     images_per_s: float
     runs_s: list[float] = field(default_factory=list)
     peak_memory_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
 
 
 @dataclass
@@ -169,27 +167,41 @@ def device_peak_tflops(name: str) -> float | None:
 
 
 class PeakMemory:
-    """CUDA: the allocator's peak. CPU: the process's peak resident set (Linux), reset through /proc when allowed."""
+    """CUDA: the allocator's peaks, allocated and reserved (graph pools are reserved, and replays allocate nothing).
+    CPU: the process's peak resident set (Linux), reset through /proc when allowed."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
     def reset(self) -> None:
         if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # what one engine left cached does not count against the next
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.device.type == "cpu":
             with contextlib.suppress(OSError):  # not Linux, or not allowed: the peak is then the process's
                 Path("/proc/self/clear_refs").write_text("5", encoding="ascii")
 
-    def read(self) -> int | None:
+    def read(self) -> tuple[int | None, int | None]:
+        """(peak allocated or resident bytes, peak reserved bytes)."""
         if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
+            return int(torch.cuda.max_memory_allocated(self.device)), int(torch.cuda.max_memory_reserved(self.device))
         try:
             status = Path("/proc/self/status").read_text(encoding="ascii")
         except OSError:
-            return None
+            return None, None
         m = re.search(r"VmHWM:\s+(\d+) kB", status)
-        return int(m.group(1)) * 1024 if m else None
+        return (int(m.group(1)) * 1024 if m else None), None
+
+
+@dataclass
+class Timed:
+    runs_s: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
+    reserved_bytes: int | None = None
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.runs_s)
 
 
 def _sync(device: torch.device) -> None:
@@ -197,16 +209,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(
-    runs: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: torch.device
-) -> dict[str, tuple[list[float], int | None]]:
+def measure(runs: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: torch.device) -> dict[str, Timed]:
     """Time each callable `repeats` times after `warmup` untimed calls, alternating between them run by run."""
     memory = PeakMemory(device)
     for _ in range(warmup):
         for fn in runs.values():
             fn()
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    peaks: dict[str, int | None] = dict.fromkeys(runs)
+    timed = {k: Timed() for k in runs}
     for _ in range(repeats):
         for key, fn in runs.items():
             _sync(device)
@@ -214,206 +223,13 @@ def measure(
             start = time.perf_counter()
             fn()
             _sync(device)
-            times[key].append(time.perf_counter() - start)
-            peak = memory.read()
+            timed[key].runs_s.append(time.perf_counter() - start)
+            peak, reserved = memory.read()
             if peak is not None:
-                peaks[key] = max(peak, peaks[key] or 0)
-    return {k: (times[k], peaks[k]) for k in runs}
-
-
-# -- the engines --------------------------------------------------------------------------------------------------
-
-
-class Engine(Protocol):
-    name: str
-
-    def prepare(self, prompts: list[str]) -> None: ...  # text conditioning for the phase runs
-    def text(self, prompts: list[str]) -> Any: ...
-    def forward(self, x: torch.Tensor, t: int) -> torch.Tensor: ...
-    def sampling(self, out: torch.Tensor, x_t: torch.Tensor, t: int, s: int | None) -> torch.Tensor: ...
-    def decode(self, tokens: torch.Tensor) -> Any: ...
-    def generate(self, prompts: list[str], steps: int) -> Any: ...
-
-
-class OurEngine:
-    """vqdiff with the reference (diffusers-order) or the fast sampler, each phase as that sampler runs it."""
-
-    def __init__(self, pipe: VQDiffusion, sampler: str, settings: BenchSettings) -> None:
-        self.pipe, self.sampler, self.settings = pipe, sampler, settings
-        self.name = FAST if sampler == "fast" else REFERENCE
-        self.guided = settings.guidance_scale != 1.0
-        self.rows: torch.Tensor | None = None
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-
-    def text(self, prompts: list[str]) -> Any:
-        with torch.inference_mode():
-            context = self.pipe.text_context(prompts, self.guided)
-            rows = context.cond if context.uncond is None else torch.cat([context.uncond, context.cond])
-            rows = rows.to(self.pipe.dtype)
-            kv = self.pipe.components.transformer.context_kv(rows) if self.sampler == "fast" else None
-        return rows, kv
-
-    def prepare(self, prompts: list[str]) -> None:
-        self.rows, self.kv = self.text(prompts)
-
-    @torch.inference_mode()
-    def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        transformer = self.pipe.components.transformer
-        x = torch.cat([x, x]) if self.guided else x
-        if self.sampler == "fast":
-            return transformer.logits(x, self.rows, torch.tensor(t, device=x.device), self.kv)
-        return transformer(x, self.rows, t)
-
-    @torch.inference_mode()
-    def sampling(self, out: torch.Tensor, x_t: torch.Tensor, t: int, s: int | None) -> torch.Tensor:
-        st = self.settings
-        seeds = [st.seed + b for b in range(x_t.shape[0])]
-        if self.sampler == "fast":
-            coef = torch.tensor(step_coefficients(self.pipe.schedule, t, s), dtype=torch.float64, device=x_t.device)
-            scale = st.guidance_scale if self.guided else None
-            words, salt = seed_words(seeds, x_t.device), torch.tensor(2 * t, device=x_t.device)
-            return fast_step(out, x_t, coef, words, salt, scale, st.truncation_rate, s is None)
-        log_p = out.chunk(2) if self.guided else (out,)
-        generators = [torch.Generator(x_t.device).manual_seed(seed) for seed in seeds]
-        return torch.cat(
-            [
-                sample_step(
-                    tuple(p[b : b + 1] for p in log_p),
-                    x_t[b : b + 1],
-                    t,
-                    s,
-                    self.pipe.schedule,
-                    st.guidance_scale,
-                    st.truncation_rate,
-                    generators[b : b + 1],
-                )
-                for b in range(x_t.shape[0])
-            ]
-        )
-
-    def decode(self, tokens: torch.Tensor) -> Any:
-        h, w = self.pipe.token_grid
-        return self.pipe.decode(tokens.view(-1, h, w))
-
-    def generate(self, prompts: list[str], steps: int) -> Any:
-        st = self.settings
-        options = GenerateOptions(
-            steps=steps,
-            guidance_scale=st.guidance_scale,
-            truncation_rate=st.truncation_rate,
-            seed=st.seed,
-            batch_size=len(prompts),
-            sampler=self.sampler,
-        )
-        return self.pipe.generate(prompts, options)
-
-
-class DiffusersEngine:
-    """diffusers' VQDiffusionPipeline, built from components on our weights; its loop body timed phase by phase."""
-
-    name = DIFFUSERS
-
-    def __init__(self, pipe: Any, settings: BenchSettings) -> None:
-        self.pipe, self.settings = pipe, settings
-        self.guided = settings.guidance_scale > 1.0  # diffusers' own rule
-        self.rows: torch.Tensor | None = None
-
-    def text(self, prompts: list[str]) -> Any:
-        with torch.inference_mode():
-            return self.pipe._encode_prompt(prompts, 1, self.guided)
-
-    def prepare(self, prompts: list[str]) -> None:
-        self.rows = self.text(prompts)
-
-    @torch.inference_mode()
-    def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        x = torch.cat([x, x]) if self.guided else x
-        return self.pipe.transformer(
-            x, encoder_hidden_states=self.rows, timestep=torch.tensor(t, device=x.device)
-        ).sample
-
-    @torch.inference_mode()
-    def sampling(self, out: torch.Tensor, x_t: torch.Tensor, t: int, s: int | None) -> torch.Tensor:
-        st = self.settings
-        if self.guided:  # the pipeline's loop body, line for line
-            uncond, text = out.chunk(2)
-            out = uncond + st.guidance_scale * (text - uncond)
-            out -= torch.logsumexp(out, dim=1, keepdim=True)
-        out = self.pipe.truncate(out, st.truncation_rate).clamp(-70)
-        generator = torch.Generator(x_t.device).manual_seed(st.seed)
-        # diffusers always steps from t to t - 1 (s is that here), and samples x_0 directly at t = 0
-        return self.pipe.scheduler.step(out, timestep=t, sample=x_t, generator=generator).prev_sample
-
-    @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor) -> Any:
-        vqvae = self.pipe.vqvae
-        side = self.pipe.transformer.height
-        shape = (tokens.shape[0], side, side, vqvae.config.vq_embed_dim)
-        image = vqvae.decode(vqvae.quantize.get_codebook_entry(tokens, shape=shape), force_not_quantize=True).sample
-        image = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
-        return self.pipe.numpy_to_pil(image)
-
-    def generate(self, prompts: list[str], steps: int) -> Any:
-        st = self.settings
-        generator = torch.Generator(self.pipe.transformer.device).manual_seed(st.seed)
-        return self.pipe(
-            prompts,
-            num_inference_steps=steps,
-            guidance_scale=st.guidance_scale,
-            truncation_rate=st.truncation_rate,
-            generator=generator,
-        ).images
-
-
-def diffusers_pipeline(pipe: VQDiffusion, configs: dict[str, dict[str, Any]], dtype: torch.dtype) -> tuple[Any, str]:
-    """diffusers' VQDiffusionPipeline on `pipe`'s own tensors (shared memory), built from components: its
-    `from_pretrained` cannot load this pipeline in 0.42.1. Returns the pipeline and a note on what differs."""
-    from diffusers import Transformer2DModel, VQDiffusionPipeline, VQDiffusionScheduler, VQModel
-    from diffusers.pipelines.deprecated.vq_diffusion import LearnedClassifierFreeSamplingEmbeddings
-
-    def init_args(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in d.items() if not k.startswith("_")}
-
-    comps = pipe.components
-    with torch.device("meta"):
-        transformer = Transformer2DModel(**{**init_args(configs["transformer"]), "norm_type": "ada_norm"})
-        vqvae = VQModel(**init_args(configs["vqvae"]))
-    transformer.load_state_dict(comps.transformer.state_dict(), strict=True, assign=True)
-    vqvae.load_state_dict(comps.vqvae.state_dict(), strict=True, assign=True)
-    note = ""
-    if dtype == torch.bfloat16:  # the pipeline's numpy() of its decoded images fails on bfloat16
-        vqvae = vqvae.float()
-        note = "diffusers bfloat16: its VQ-VAE runs in float32 (the pipeline cannot turn bfloat16 images into numpy)"
-    text_model = comps.text.text_model
-    if dtype != torch.float32:  # diffusers feeds the text states to the transformer as they come
-        text_model = copy.deepcopy(text_model).to(dtype)
-    null_cfg = comps.config.null_embedding
-    null = LearnedClassifierFreeSamplingEmbeddings(
-        learnable=null_cfg.learnable, hidden_size=null_cfg.hidden_size, length=null_cfg.length
-    )
-    if comps.text.null_embedding is not None:
-        null.embeddings = torch.nn.Parameter(comps.text.null_embedding.detach().to(dtype), requires_grad=False)
-    s = comps.config.scheduler
-    scheduler = VQDiffusionScheduler(
-        num_vec_classes=s.num_vec_classes,
-        num_train_timesteps=s.num_train_timesteps,
-        alpha_cum_start=s.alpha_cum_start,
-        alpha_cum_end=s.alpha_cum_end,
-        gamma_cum_start=s.gamma_cum_start,
-        gamma_cum_end=s.gamma_cum_end,
-    )
-    for module in (transformer, vqvae, text_model, null):
-        module.eval().requires_grad_(False)
-    result = VQDiffusionPipeline(
-        vqvae=vqvae,
-        text_encoder=text_model,
-        tokenizer=comps.text.tokenizer,
-        transformer=transformer,
-        scheduler=scheduler,
-        learned_classifier_free_sampling_embeddings=null.to(pipe.device),
-    )
-    result.set_progress_bar_config(disable=True)
-    return result, note
+                timed[key].peak_bytes = max(peak, timed[key].peak_bytes or 0)
+            if reserved is not None:
+                timed[key].reserved_bytes = max(reserved, timed[key].reserved_bytes or 0)
+    return timed
 
 
 # -- the benchmark ------------------------------------------------------------------------------------------------
@@ -521,7 +337,10 @@ def run_bench(
         settings={**asdict(settings), "dtypes": list(dtypes), "diffusers_dtypes": list(theirs_dtypes)},
     )
     for dtype in dict.fromkeys((*dtypes, *theirs_dtypes)):
-        say(f"building the {dtype} model" + (" and diffusers' pipeline on the same weights" if theirs_dtypes else ""))
+        say(
+            f"building the {dtype} model"
+            + (" and diffusers' pipeline on its weights" if dtype in theirs_dtypes else "")
+        )
         pipe = load.pipeline(dtype)
         if not report.model:
             cfg = pipe.config.transformer
@@ -569,10 +388,11 @@ def _bench_batch(
     by = {e.name: e for e in engines}
     results: dict[tuple[str, str, int | None], PhaseResult] = {}
 
-    def record(phase: str, t: int | None, timed: dict[str, tuple[list[float], int | None]]) -> None:
-        for engine, (runs, peak) in timed.items():
-            median = statistics.median(runs)
-            result = PhaseResult(engine, dtype, batch, phase, t, runs, median, median / batch, peak_memory_bytes=peak)
+    def record(phase: str, t: int | None, timed: dict[str, Timed]) -> None:
+        for engine, m in timed.items():
+            median = m.median_s
+            result = PhaseResult(engine, dtype, batch, phase, t, m.runs_s, median, median / batch)
+            result.peak_memory_bytes, result.peak_reserved_bytes = m.peak_bytes, m.reserved_bytes
             if phase == "transformer":
                 result.tflops = flops / median / 1e12
                 result.peak_fraction = result.tflops / peak_tflops if peak_tflops else None
@@ -642,27 +462,24 @@ def _bench_batch(
             st.repeats,
             dev,
         )
-        for name, (runs, peak) in timed.items():
-            median = statistics.median(runs)
-            report.end_to_end.append(
-                EndToEnd(name, dtype, batch, steps, "measured", median, median / batch, batch / median, runs, peak)
-            )
+        for name, m in timed.items():
+            median = m.median_s
+            row = EndToEnd(name, dtype, batch, steps, "measured", median, median / batch, batch / median, m.runs_s)
+            row.peak_memory_bytes, row.peak_reserved_bytes = m.peak_bytes, m.reserved_bytes
+            report.end_to_end.append(row)
 
 
 def _speedups(rows: list[EndToEnd]) -> list[Speedup]:
-    """Each vqdiff configuration against diffusers at the same batch and steps, in every dtype diffusers ran."""
-    best: dict[tuple[str, str, int, int], EndToEnd] = {}
-    for row in rows:  # a measured figure replaces the derived one
-        key = (row.engine, row.dtype, row.batch, row.steps)
-        if key not in best or row.kind == "measured":
-            best[key] = row
+    """Each vqdiff configuration against diffusers at the same batch and steps, in every dtype diffusers ran:
+    derived against derived always, and measured against measured where both ran end to end."""
+    by_key = {(r.engine, r.dtype, r.batch, r.steps, r.kind): r for r in rows}
     out = []
-    for (engine, dtype, batch, steps), ours in best.items():
+    for (engine, dtype, batch, steps, kind), ours in by_key.items():
         if engine == DIFFUSERS:
             continue
-        for (other, base_dtype, b, st), base in best.items():
-            if other != DIFFUSERS or b != batch or st != steps:
-                continue
-            kind = "measured" if ours.kind == base.kind == "measured" else "derived"
-            out.append(Speedup(engine, dtype, DIFFUSERS, base_dtype, batch, steps, kind, base.median_s / ours.median_s))
+        for (other, base_dtype, b, st, base_kind), base in by_key.items():
+            if other == DIFFUSERS and (b, st, base_kind) == (batch, steps, kind):
+                out.append(
+                    Speedup(engine, dtype, DIFFUSERS, base_dtype, batch, steps, kind, base.median_s / ours.median_s)
+                )
     return out

@@ -39,7 +39,8 @@ CompileOpt = Annotated[
     bool | None,
     typer.Option(
         "--compile/--no-compile",
-        help="torch.compile the fast sampler's step (default: on for CUDA); falls back to plain execution.",
+        help="torch.compile the fast sampler's step (default: off; compiling takes minutes once per batch shape); "
+        "falls back to plain execution.",
         show_default=False,
     ),
 ]

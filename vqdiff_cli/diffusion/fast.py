@@ -105,7 +105,7 @@ def guided_weights(logits: torch.Tensor, guidance_scale: float | None) -> torch.
 def truncate_weights(weights: torch.Tensor, rate: float) -> torch.Tensor:
     """Zero every class ranked below the smallest top set holding `rate` of the mass (the top class always stays)."""
     ranked, order = weights.sort(dim=-1, descending=True, stable=True)
-    cum = ranked.double().cumsum(dim=-1)
+    cum = ranked.cumsum(dim=-1, dtype=torch.float64)
     keep_ranked = (cum - ranked) < rate * cum[..., -1:]  # mass ranked above the class is below the rate
     keep = torch.empty_like(keep_ranked).scatter_(-1, order, keep_ranked)
     return weights.masked_fill(~keep, 0.0)
@@ -135,7 +135,7 @@ def sample_columns(
     the uniform part, then the class itself (by inverse CDF, skipping j's interval when j may not be drawn).
     """
     n = weights.shape[-1]
-    cdf = weights.double().cumsum(dim=-1)  # (B, N, n)
+    cdf = weights.cumsum(dim=-1, dtype=torch.float64)  # (B, N, n)
     total = cdf[..., -1]
     if final:  # x_0 ~ p(x_0 | x_t) for every column, as diffusers' last step
         return _invert_cdf(cdf, u[..., 2] * total)
