@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vqdiff_cli import GenerateOptions, VQDiffusion
-from vqdiff_cli.accel import Acceleration, StepRunner
+from vqdiff_cli.accel import Acceleration, Compiled, StepRunner
 from vqdiff_cli.config import SchedulerConfig
 from vqdiff_cli.diffusion.fast import (
     FastPlan,
@@ -278,14 +278,28 @@ def test_a_failing_compile_falls_back_with_a_note(monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
+    notes: list[str] = []
     calls = []
 
-    def step(x, t, coef, salt, final):
-        calls.append(final)
+    def add_one(x):
+        calls.append(x)
         return x + 1
 
-    runner = StepRunner(step, compile=True, cuda_graphs=False)
+    compiled = Compiled(add_one, notes)
+    assert torch.equal(compiled(torch.zeros(3)), torch.ones(3))
+    assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0))
+    assert notes == ["torch.compile failed, running eagerly (RuntimeError: backend exploded)"]
+    assert len(calls) == 2
+
+
+def test_step_runner_without_graphs_calls_the_step():
+    seen = []
+
+    def step(x, t, coef, salt, final):
+        seen.append(final)
+        return x + 1
+
+    runner = StepRunner(step, cuda_graphs=False)
     x = torch.zeros(2, 3, dtype=torch.long)
-    assert torch.equal(runner(x, torch.tensor(5), torch.zeros(9), torch.tensor(10), False), x + 1)
-    assert runner.notes == ["torch.compile failed, running eagerly (RuntimeError: backend exploded)"]
-    assert calls == [False]
+    assert torch.equal(runner(x, torch.tensor(5), torch.zeros(9), torch.tensor(10), True), x + 1)
+    assert seen == [True] and runner.notes == []

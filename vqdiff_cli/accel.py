@@ -1,8 +1,10 @@
-"""Optional acceleration of the fast sampler's step: torch.compile (inductor) and CUDA graphs, each with a fallback.
+"""Optional acceleration of the fast sampler: torch.compile (inductor) and CUDA graphs, each with a fallback.
 
-A step is a pure function of device tensors, so it can be compiled (fused kernels) and, on CUDA, captured once into a
-graph and replayed with one launch per step. When a mechanism is unavailable or fails (no compiler, an op that cannot
-be captured), the step runs without it and the reason is kept in `StepRunner.notes`; the library never prints.
+`Compiled` wraps a function in torch.compile; the fast path compiles one transformer block (one graph serves all
+36, so compiling takes seconds, not minutes) and the sampling math. `StepRunner` captures a whole step, network
+and sampling, into a CUDA graph once and replays it with one launch per step. When a mechanism is unavailable or
+fails (no compiler, an op that cannot be captured), the work runs without it and the reason is kept in a notes list;
+the library never prints.
 """
 
 from __future__ import annotations
@@ -20,15 +22,15 @@ GRAPH_WARMUP = 2  # eager (or compiling) runs on a side stream before a capture:
 
 @dataclass(frozen=True)
 class Acceleration:
-    """How the fast sampler's step runs.
+    """How the fast sampler runs.
 
     CUDA graphs are on by default on CUDA: capturing costs a few steps' time once per batch shape and removes the
-    launch overhead that dominates small batches. torch.compile is opt-in everywhere: compiling the 36-block step
-    takes minutes, more than a handful of images take, and it only fuses the element-wise work between matmuls.
+    launch overhead that dominates small batches. torch.compile is opt-in: it fuses the element-wise work between
+    the matmuls (about 10% of a CPU forward), and compiling costs tens of seconds per process and batch shape.
     """
 
-    compile: bool | None = None  # torch.compile (inductor, default mode) of the whole step; None: off
-    cuda_graphs: bool | None = None  # capture the step into a CUDA graph and replay it; None: on for CUDA
+    compile: bool | None = None  # torch.compile (inductor, default mode) of a block and of the step math; None: off
+    cuda_graphs: bool | None = None  # capture each step into a CUDA graph and replay it; None: on for CUDA
 
     def resolve(self, device: torch.device) -> tuple[bool, bool]:
         cuda = device.type == "cuda"
@@ -44,7 +46,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
 
-class _Compiled:
+class Compiled:
     """torch.compile of `fn`; on the first failure, `fn` itself from then on (errors of `fn` still surface)."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], notes: list[str]) -> None:
@@ -97,42 +99,39 @@ class _Graph:
 
 
 class StepRunner:
-    """Runs a `FastStep` for one batch shape: eagerly, compiled, and/or from one CUDA graph per variant.
+    """Runs a `FastStep` for one batch shape: as it is, or replayed from one CUDA graph per variant (final or not).
 
     The step's fixed inputs (text states, seeds, known tokens) are read from tensors it closed over; a caller that
     reuses the runner for another batch of the same shape copies the new values into those tensors in place, so the
     captured graphs stay valid.
     """
 
-    def __init__(self, step: FastStep, compile: bool, cuda_graphs: bool) -> None:
-        self.notes: list[str] = []
+    def __init__(self, step: FastStep, cuda_graphs: bool, notes: list[str] | None = None) -> None:
+        self.step = step
         self.cuda_graphs = cuda_graphs
-        self._variants: dict[bool, Callable[..., torch.Tensor]] = {}
-        for final in (False, True):
-
-            def variant(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, s: torch.Tensor, f: bool = final):
-                return step(x, t, c, s, f)
-
-            self._variants[final] = _Compiled(variant, self.notes) if compile else variant
+        self.notes = notes if notes is not None else []
         self._graphs: dict[bool, _Graph] = {}
         self._pool: Any = None
 
     def __call__(
         self, x: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, salt: torch.Tensor, final: bool
     ) -> torch.Tensor:
-        fn = self._variants[final]
         if not self.cuda_graphs:
-            return fn(x, t, coef, salt)
+            return self.step(x, t, coef, salt, final)
         graph = self._graphs.get(final)
         if graph is None:
+
+            def variant(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+                return self.step(x, t, c, s, final)
+
             try:
-                graph = _Graph(fn, (x, t, coef, salt), self._pool)
+                graph = _Graph(variant, (x, t, coef, salt), self._pool)
             except Exception as e:
                 if _is_out_of_memory(e):
                     raise
                 self.notes.append(f"CUDA graph capture failed, running without graphs ({_first_line(e)})")
                 self.cuda_graphs = False
-                return fn(x, t, coef, salt)
+                return self.step(x, t, coef, salt, final)
             self._pool = graph.graph.pool()
             self._graphs[final] = graph
         return graph(x, t, coef, salt)

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .accel import Acceleration, StepRunner
-from .diffusion.fast import make_step
+from .accel import Acceleration, Compiled, StepRunner
+from .diffusion.fast import fast_step, make_step
 from .diffusion.sampler import KnownTokens
-from .models.transformer import DiffusionTransformer
+from .models.transformer import DiffusionTransformer, call_block
 
 MAX_SESSIONS = 4  # batch shapes kept warm per pipeline (a run usually needs one, plus a smaller last batch)
 
@@ -47,13 +47,17 @@ class FastSession:
         self.words = words.clone()  # (B, 2) seed words
         self.known = None if known is None else KnownTokens(known.tokens.clone(), known.regenerate.clone(), key.renoise)
 
+        compile_on, graphs_on = acceleration.resolve(context.device)
+        notes: list[str] = []
+        run_block = Compiled(call_block, notes) if compile_on else None
+        step_math = Compiled(fast_step, notes) if compile_on else fast_step
+
         def logits(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return transformer.logits(x, self.context, t, self.context_kv)
+            return transformer.logits(x, self.context, t, self.context_kv, run_block)
 
         num_codes = transformer.config.num_vector_embeds - 1
-        step = make_step(logits, self.words, key.guidance_scale, key.truncation_rate, num_codes, self.known)
-        compile_on, graphs_on = acceleration.resolve(context.device)
-        self.runner = StepRunner(step, compile_on, graphs_on)
+        step = make_step(logits, self.words, key.guidance_scale, key.truncation_rate, num_codes, self.known, step_math)
+        self.runner = StepRunner(step, graphs_on, notes)
 
     def load(
         self, transformer: DiffusionTransformer, context: torch.Tensor, words: torch.Tensor, known: KnownTokens | None

@@ -231,15 +231,17 @@ def make_step(
     truncation_rate: float,
     num_codes: int,
     known: KnownTokens | None = None,
+    step_math: Callable[..., torch.Tensor] = fast_step,
 ) -> FastStep:
     """Bind the network and the batch's fixed inputs (seed words, known tokens) into one step function.
 
     `guidance_scale` None means no guidance: the network sees x once, not [x, x] with the unconditional half first.
+    `step_math` is `fast_step` or a compiled version of it.
     """
 
     def step(x: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, salt: torch.Tensor, final: bool) -> torch.Tensor:
         logits = logits_fn(x if guidance_scale is None else torch.cat([x, x]), t)
-        x_s = fast_step(logits, x, coef, words, salt, guidance_scale, truncation_rate, final)
+        x_s = step_math(logits, x, coef, words, salt, guidance_scale, truncation_rate, final)
         if known is not None:
             x_s = impose_known(x_s, known, coef, words, salt, final, num_codes)
         return x_s

@@ -7,6 +7,8 @@ Shapes: B batch, N = H*W latent tokens, K classes including the mask, L text tok
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -129,6 +131,22 @@ class TransformerBlock(nn.Module):
         return self.ff(self.norm3(x)) + x
 
 
+def call_block(
+    block: TransformerBlock,
+    x: torch.Tensor,
+    context: torch.Tensor,
+    timestep: torch.Tensor,
+    context_kv: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    return block(x, context, timestep, context_kv)
+
+
+BlockRunner = Callable[
+    [TransformerBlock, torch.Tensor, torch.Tensor, torch.Tensor, "tuple[torch.Tensor, torch.Tensor] | None"],
+    torch.Tensor,
+]
+
+
 class DiffusionTransformer(nn.Module):
     """p(x_0 | x_t, text): returns float32 log-probabilities of shape (B, K-1, N)."""
 
@@ -151,13 +169,19 @@ class DiffusionTransformer(nn.Module):
         context: torch.Tensor,
         timestep: int | torch.Tensor,
         context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        run_block: BlockRunner | None = None,
     ) -> torch.Tensor:
-        """Unnormalised scores (B, N, K-1) in the model's dtype; `context_kv` from `context_kv(context)` skips the
-        per-call key and value projections of the text (the same numbers)."""
+        """Unnormalised scores (B, N, K-1) in the model's dtype.
+
+        `context_kv` from `context_kv(context)` skips the per-call key and value projections of the text (the same
+        numbers); `run_block(block, h, context, t, kv)` replaces `block(h, context, t, kv)`, e.g. by a compiled
+        version of `call_block` (one compiled graph serves every block).
+        """
         t = torch.as_tensor(timestep, dtype=torch.long, device=x_t.device)  # one scalar t for the whole batch
+        run = run_block or call_block
         h = self.latent_image_embedding(x_t)  # (B, N, D)
         for i, block in enumerate(self.transformer_blocks):
-            h = block(h, context, t, None if context_kv is None else context_kv[i])
+            h = run(block, h, context, t, None if context_kv is None else context_kv[i])
         return self.out(self.norm_out(h))
 
     def forward(self, x_t: torch.Tensor, context: torch.Tensor, timestep: int | torch.Tensor) -> torch.Tensor:
