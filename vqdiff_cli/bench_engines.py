@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from .api import GenerateOptions, VQDiffusion
-from .diffusion.fast import fast_step, step_coefficients
+from .diffusion.fast import step_coefficients
 from .diffusion.sampler import sample_step
 from .diffusion.streams import seed_words
 
@@ -60,7 +60,8 @@ class OurEngine:
         transformer = self.pipe.components.transformer
         x = torch.cat([x, x]) if self.guided else x
         if self.sampler == "fast":
-            return transformer.logits(x, self.rows, torch.tensor(t, device=x.device), self.kv)
+            run_block = self.pipe.fast_sessions.kernels().run_block
+            return transformer.logits(x, self.rows, torch.tensor(t, device=x.device), self.kv, run_block)
         return transformer(x, self.rows, t)
 
     @torch.inference_mode()
@@ -71,7 +72,8 @@ class OurEngine:
             coef = torch.tensor(step_coefficients(self.pipe.schedule, t, s), dtype=torch.float64, device=x_t.device)
             scale = st.guidance_scale if self.guided else None
             words, salt = seed_words(seeds, x_t.device), torch.tensor(2 * t, device=x_t.device)
-            return fast_step(out, x_t, coef, words, salt, scale, st.truncation_rate, s is None)
+            step_math = self.pipe.fast_sessions.kernels().step_math
+            return step_math(out, x_t, coef, words, salt, scale, st.truncation_rate, s is None)
         log_p = out.chunk(2) if self.guided else (out,)
         generators = [torch.Generator(x_t.device).manual_seed(seed) for seed in seeds]
         return torch.cat(

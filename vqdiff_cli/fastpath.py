@@ -8,6 +8,7 @@ its values into those tensors, so compiled code and captured CUDA graphs are mad
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from .accel import Acceleration, Compiled, StepRunner
 from .diffusion.fast import fast_step, make_step
 from .diffusion.sampler import KnownTokens
-from .models.transformer import DiffusionTransformer, call_block
+from .models.transformer import BlockRunner, DiffusionTransformer, call_block
 
 MAX_SESSIONS = 4  # batch shapes kept warm per pipeline (a run usually needs one, plus a smaller last batch)
 
@@ -29,6 +30,14 @@ class SessionKey:
     renoise: bool
 
 
+@dataclass
+class FastKernels:
+    """The fast path's compute, compiled or not; shared by every session of a pipeline (compiled once)."""
+
+    run_block: BlockRunner | None  # None: call each block as it is
+    step_math: Callable[..., torch.Tensor]  # fast_step, or a compiled version of it
+
+
 class FastSession:
     """Buffers and a step runner for one batch shape."""
 
@@ -39,7 +48,9 @@ class FastSession:
         context: torch.Tensor,
         words: torch.Tensor,
         known: KnownTokens | None,
-        acceleration: Acceleration,
+        kernels: FastKernels,
+        cuda_graphs: bool,
+        notes: list[str],
     ) -> None:
         self.key = key
         self.context = context.clone()  # (rows, L, C) in the transformer's dtype
@@ -47,17 +58,14 @@ class FastSession:
         self.words = words.clone()  # (B, 2) seed words
         self.known = None if known is None else KnownTokens(known.tokens.clone(), known.regenerate.clone(), key.renoise)
 
-        compile_on, graphs_on = acceleration.resolve(context.device)
-        notes: list[str] = []
-        run_block = Compiled(call_block, notes) if compile_on else None
-        step_math = Compiled(fast_step, notes) if compile_on else fast_step
-
         def logits(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return transformer.logits(x, self.context, t, self.context_kv, run_block)
+            return transformer.logits(x, self.context, t, self.context_kv, kernels.run_block)
 
         num_codes = transformer.config.num_vector_embeds - 1
-        step = make_step(logits, self.words, key.guidance_scale, key.truncation_rate, num_codes, self.known, step_math)
-        self.runner = StepRunner(step, graphs_on, notes)
+        step = make_step(
+            logits, self.words, key.guidance_scale, key.truncation_rate, num_codes, self.known, kernels.step_math
+        )
+        self.runner = StepRunner(step, cuda_graphs, notes)
 
     def load(
         self, transformer: DiffusionTransformer, context: torch.Tensor, words: torch.Tensor, known: KnownTokens | None
@@ -74,16 +82,26 @@ class FastSession:
 
 
 class FastSessions:
-    """The few most recently used sessions of one pipeline."""
+    """The few most recently used sessions of one pipeline, and the compute they share."""
 
     def __init__(self, acceleration: Acceleration) -> None:
         self.acceleration = acceleration
+        self._notes: list[str] = []
+        self._kernels: FastKernels | None = None
         self._sessions: OrderedDict[SessionKey, FastSession] = OrderedDict()
 
     @property
     def notes(self) -> list[str]:
         """Why compile or CUDA graphs fell back to plain execution, if they did (each reason once)."""
-        return list(dict.fromkeys(n for s in self._sessions.values() for n in s.runner.notes))
+        return list(dict.fromkeys(self._notes))
+
+    def kernels(self) -> FastKernels:
+        if self._kernels is None:
+            if self.acceleration.compile:
+                self._kernels = FastKernels(Compiled(call_block, self._notes), Compiled(fast_step, self._notes))
+            else:
+                self._kernels = FastKernels(None, fast_step)
+        return self._kernels
 
     def session(
         self,
@@ -98,7 +116,8 @@ class FastSessions:
             found.load(transformer, context, words, known)
             self._sessions.move_to_end(key)
             return found
-        created = FastSession(transformer, key, context, words, known, self.acceleration)
+        _, graphs_on = self.acceleration.resolve(context.device)
+        created = FastSession(transformer, key, context, words, known, self.kernels(), graphs_on, self._notes)
         self._sessions[key] = created
         while len(self._sessions) > MAX_SESSIONS:
             self._sessions.popitem(last=False)
