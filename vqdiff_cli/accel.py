@@ -1,7 +1,7 @@
 """Optional acceleration of the fast sampler: torch.compile (inductor) and CUDA graphs, each with a fallback.
 
 `Compiled` wraps a function in torch.compile; the fast path compiles one transformer block (one graph serves all
-36, so compiling takes seconds, not minutes) and the sampling math. `StepRunner` captures a whole step, network
+36 blocks, so compiling is quick) and the sampling math. `StepRunner` captures a whole step, network
 and sampling, into a CUDA graph once and replays it with one launch per step. When a mechanism is unavailable or
 fails (no compiler, an op that cannot be captured), the work runs without it and the reason is kept in a notes list;
 the library never prints.

@@ -122,6 +122,3 @@ class FastSessions:
         while len(self._sessions) > MAX_SESSIONS:
             self._sessions.popitem(last=False)
         return created
-
-    def clear(self) -> None:
-        self._sessions.clear()

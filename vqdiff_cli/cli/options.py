@@ -39,8 +39,8 @@ CompileOpt = Annotated[
     bool | None,
     typer.Option(
         "--compile/--no-compile",
-        help="torch.compile the fast sampler's step (default: off; compiling takes minutes once per batch shape); "
-        "falls back to plain execution.",
+        help="torch.compile one transformer block and the fast sampler's step math (default: off; compiling takes "
+        "up to a minute per process); falls back to plain execution.",
         show_default=False,
     ),
 ]
