@@ -303,3 +303,31 @@ def test_step_runner_without_graphs_calls_the_step():
     x = torch.zeros(2, 3, dtype=torch.long)
     assert torch.equal(runner(x, torch.tensor(5), torch.zeros(9), torch.tensor(10), True), x + 1)
     assert seen == [True] and runner.notes == []
+
+
+# -- the command line ---------------------------------------------------------------------------------------------
+
+
+def test_generate_command_takes_the_sampler_and_threads(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from vqdiff_cli.cli import app
+
+    args = ["generate", "a cat", "--model", str(tiny.path), "--device", "cpu", "--seed", "1", "--steps", "5"]
+    threads = str(torch.get_num_threads())  # the count in use already: no process-wide change for later tests
+    ok = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "a.png"), "--sampler", "fast", "--threads", threads])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "a.png").is_file()
+    bad = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "b.png"), "--sampler", "quick"])
+    assert bad.exit_code == 2 and "unknown sampler" in bad.output
+
+
+def test_thread_count_honours_omp_num_threads(monkeypatch):
+    from vqdiff_cli.device import available_cpus, configure_cpu_threads
+    from vqdiff_cli.errors import UsageError
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert configure_cpu_threads() == torch.get_num_threads()  # left to torch, which read the variable at start
+    assert available_cpus() >= 1
+    with pytest.raises(UsageError):
+        configure_cpu_threads(0)
