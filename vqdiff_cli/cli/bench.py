@@ -197,10 +197,12 @@ def render(report: BenchReport) -> None:
         )
     console.print(e2e)
 
-    if report.speedups:
+    default_dtype = "float32" if dev["type"] == "cpu" else "float16"  # diffusers' usual dtype there
+    shown = [s for s in report.speedups if s.baseline_dtype in (s.dtype, default_dtype)]  # all pairs are in --json
+    if shown:
         ratios = Table(title="speed-up over diffusers (its seconds / ours, same batch and steps)")
         for col in ("engine", "dtype", "vs diffusers", "batch", "steps", "kind", "speed-up"):
             ratios.add_column(col, justify="left" if col in ("engine", "dtype", "vs diffusers", "kind") else "right")
-        for s in report.speedups:
+        for s in shown:
             ratios.add_row(s.engine, s.dtype, s.baseline_dtype, str(s.batch), str(s.steps), s.kind, f"{s.ratio:.2f}x")
         console.print(ratios)
