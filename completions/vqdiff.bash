@@ -31,6 +31,7 @@ _vqdiff() {
 _vqdiff_opts() {
     case "$1" in
         "") echo "--version -V --debug --help -h" ;;
+        "bench") echo "--model -m --config --device --dtype --steps --batch --sampler --repeats --warmup --phases-only --vs-diffusers --diffusers-dtype --guidance -g --truncation -t --max-run-seconds --peak-tflops --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --json --output -o --quiet -q --help -h" ;;
         "completion") echo "--help -h" ;;
         "config") echo "--help -h" ;;
         "config path") echo "--help -h" ;;
@@ -38,19 +39,20 @@ _vqdiff_opts() {
         "decode") echo "--output -o --model -m --revision --offline --cache-dir --variant --device --dtype --overwrite --quiet -q --help -h" ;;
         "download") echo "--revision --variant --dtype --device --offline --cache-dir --json --quiet -q --help -h" ;;
         "encode") echo "--output -o --keep-size --model -m --revision --offline --cache-dir --variant --device --dtype --overwrite --quiet -q --help -h" ;;
-        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --model -m --revision --offline --cache-dir --variant --device --dtype --from-image --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
+        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --from-image --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
         "info") echo "--json --help -h" ;;
-        "inpaint") echo "--mask -M --prompt -p --mask-mode --grow --start-step --known --feather --no-composite --save-token-mask --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --output -o --model -m --revision --offline --cache-dir --variant --device --dtype --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
+        "inpaint") echo "--mask -M --prompt -p --mask-mode --grow --start-step --known --feather --no-composite --save-token-mask --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --output -o --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
         "models") echo "--help -h" ;;
         "models list") echo "--cache-dir --json --help -h" ;;
         "models path") echo "--revision --dtype --cache-dir --json --help -h" ;;
         "models rm") echo "--revision --yes -y --cache-dir --json --help -h" ;;
-        "vary") echo "--strength --prompt -p --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --output -o --model -m --revision --offline --cache-dir --variant --device --dtype --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
+        "vary") echo "--strength --prompt -p --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --output -o --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
     esac
 }
 _vqdiff_valued() {
     case "$1" in
         "") echo "" ;;
+        "bench") echo "--model -m --config --device --dtype --steps --batch --sampler --repeats --warmup --diffusers-dtype --guidance -g --truncation -t --max-run-seconds --peak-tflops --threads --output -o" ;;
         "completion") echo "" ;;
         "config") echo "" ;;
         "config path") echo "" ;;
@@ -58,19 +60,20 @@ _vqdiff_valued() {
         "decode") echo "--output -o --model -m --revision --cache-dir --variant --device --dtype" ;;
         "download") echo "--revision --variant --dtype --device --cache-dir" ;;
         "encode") echo "--output -o --model -m --revision --cache-dir --variant --device --dtype" ;;
-        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --model -m --revision --cache-dir --variant --device --dtype --from-image --save-tokens --trajectory --animate --save-steps" ;;
+        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --model -m --revision --cache-dir --variant --device --dtype --threads --from-image --save-tokens --trajectory --animate --save-steps" ;;
         "info") echo "" ;;
-        "inpaint") echo "--mask -M --prompt -p --mask-mode --grow --start-step --known --feather --save-token-mask --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --output -o --model -m --revision --cache-dir --variant --device --dtype --save-tokens --trajectory --animate --save-steps" ;;
+        "inpaint") echo "--mask -M --prompt -p --mask-mode --grow --start-step --known --feather --save-token-mask --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --output -o --model -m --revision --cache-dir --variant --device --dtype --threads --save-tokens --trajectory --animate --save-steps" ;;
         "models") echo "" ;;
         "models list") echo "--cache-dir" ;;
         "models path") echo "--revision --dtype --cache-dir" ;;
         "models rm") echo "--revision --cache-dir" ;;
-        "vary") echo "--strength --prompt -p --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --output -o --model -m --revision --cache-dir --variant --device --dtype --save-tokens --trajectory --animate --save-steps" ;;
+        "vary") echo "--strength --prompt -p --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --output -o --model -m --revision --cache-dir --variant --device --dtype --threads --save-tokens --trajectory --animate --save-steps" ;;
     esac
 }
 _vqdiff_paths() {
     case "$1" in
         "") echo "" ;;
+        "bench") echo "" ;;
         "completion") echo "" ;;
         "config") echo "" ;;
         "config path") echo "" ;;
@@ -90,7 +93,8 @@ _vqdiff_paths() {
 }
 _vqdiff_subs() {
     case "$1" in
-        "") echo "completion config decode download encode generate info inpaint models vary" ;;
+        "") echo "bench completion config decode download encode generate info inpaint models vary" ;;
+        "bench") echo "" ;;
         "completion") echo "" ;;
         "config") echo "path show" ;;
         "config path") echo "" ;;

@@ -10,6 +10,7 @@ The library never prints and never exits: progress leaves through the `on_step` 
 from __future__ import annotations
 
 import secrets
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,16 +21,22 @@ from PIL import Image
 
 from . import edit
 from . import images as imageio
+from .accel import Acceleration
 from .config import PipelineConfig
 from .device import dtype_name, make_generators, resolve_device, resolve_dtype
+from .diffusion.fast import denoise_fast
 from .diffusion.sampler import KnownTokens, TextContext, denoise, plan_timesteps
 from .diffusion.schedule import MaskAndReplaceSchedule
+from .diffusion.streams import seed_words
 from .edit import EditSource, InpaintOptions, InpaintSetup
 from .errors import UsageError
+from .fastpath import FastSessions, SessionKey
 from .store import LoadCallback, prepare
 from .weights import VARIANTS, Components, load_components
 
 MAX_SEED = 2**63 - 1
+SAMPLERS = ("auto", "reference", "fast")
+PROGRESS_LAG = 2  # with a progress callback on a GPU, the host runs at most this many steps ahead of the device
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,9 @@ class GenerateOptions:
     seed: int | None = None  # image i gets seed + i; None: a random seed, reported in the results
     num_images: int = 1  # per prompt
     batch_size: int = 1  # images per network call
+    # "reference": diffusers' op order, per image (bit-identical to diffusers on CPU float32); "fast": batched
+    # closed-form sampler with its own noise stream (the same distribution, different tokens); "auto": fast on CUDA
+    sampler: str = "auto"
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.stride is not None:
@@ -61,6 +71,8 @@ class GenerateOptions:
             raise UsageError(f"--num-images must be at least 1, got {self.num_images}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.sampler not in SAMPLERS:
+            raise UsageError(f"unknown sampler '{self.sampler}'", hint=f"use one of: {', '.join(SAMPLERS)}")
 
     @property
     def guided(self) -> bool:
@@ -128,12 +140,20 @@ class _Job:
 class VQDiffusion:
     """A loaded VQ-Diffusion checkpoint on one device and dtype."""
 
-    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype, source: ModelSource):
+    def __init__(
+        self,
+        components: Components,
+        device: torch.device,
+        dtype: torch.dtype,
+        source: ModelSource,
+        acceleration: Acceleration | None = None,
+    ):
         self.components = components
         self.device = device
         self.dtype = dtype
         self.source = source
         self.schedule = MaskAndReplaceSchedule.from_config(components.config.scheduler)
+        self.fast_sessions = FastSessions(acceleration or Acceleration())
 
     @classmethod
     def from_pretrained(
@@ -147,6 +167,8 @@ class VQDiffusion:
         offline: bool = False,
         cache_dir: str | Path | None = None,
         on_progress: LoadCallback | None = None,
+        compile: bool | None = None,
+        cuda_graphs: bool | None = None,
     ) -> VQDiffusion:
         """Load a local diffusers-format folder, or a Hub repo id (e.g. microsoft/vq-diffusion-ithq).
 
@@ -154,6 +176,8 @@ class VQDiffusion:
         converted once into vqdiff's cache (`cache_dir`, default VQDIFF_CACHE_DIR or the user cache folder); later
         loads memory-map the converted safetensors. `offline` (or HF_HUB_OFFLINE=1) uses cached files only.
         `on_progress` receives download and conversion events.
+        `compile` (torch.compile, default off) and `cuda_graphs` (default on for CUDA) speed up the fast sampler;
+        either falls back to plain execution when unavailable, noted in `acceleration_notes`.
         """
         if variant not in VARIANTS:
             raise UsageError(f"unknown variant '{variant}'", hint=f"use one of: {', '.join(VARIANTS)}")
@@ -169,7 +193,8 @@ class VQDiffusion:
             on_event=on_progress,
         )
         components = load_components(prepared.folder, dev, dt, variant)
-        return cls(components, dev, dt, ModelSource(prepared.name, prepared.folder, prepared.commit))
+        source = ModelSource(prepared.name, prepared.folder, prepared.commit)
+        return cls(components, dev, dt, source, Acceleration(compile, cuda_graphs))
 
     # -- properties -------------------------------------------------------------------------------------------
 
@@ -193,6 +218,14 @@ class VQDiffusion:
     @property
     def dtype_name(self) -> str:
         return dtype_name(self.dtype)
+
+    @property
+    def acceleration_notes(self) -> list[str]:
+        """Why torch.compile or CUDA graphs were not used, when they were asked for and failed."""
+        return self.fast_sessions.notes
+
+    def uses_fast_sampler(self, options: GenerateOptions) -> bool:
+        return options.sampler == "fast" or (options.sampler == "auto" and self.device.type == "cuda")
 
     # -- text-to-image ----------------------------------------------------------------------------------------
 
@@ -273,6 +306,11 @@ class VQDiffusion:
             states[prompt], truncated[prompt] = self.components.text.encode_ids(ids.ids), ids.truncated[0]
         return states, truncated
 
+    def text_context(self, prompts: Sequence[str], guided: bool) -> TextContext:
+        """Text conditioning of one batch, one prompt per image (what a batch of `generate` feeds the sampler)."""
+        states, _ = self._encode_prompts(list(prompts))
+        return self._context([states[p] for p in prompts], guided)
+
     @torch.inference_mode()
     def _context(self, cond: list[torch.Tensor], guided: bool) -> TextContext:
         uncond = self.components.text.unconditional(len(cond)) if guided else None
@@ -294,10 +332,11 @@ class VQDiffusion:
     ) -> list[GeneratedImage]:
         """Denoise one batch from x_t over `timesteps`, decode it, and package the results."""
         h, w = self.token_grid
-        steps = [x_t.cpu()] if keep_trajectory else []
-        x = x_t
-        for i, x in enumerate(
-            denoise(
+        seeds = [j.seed for j in batch]
+        if self.uses_fast_sampler(options):
+            chain = self._denoise_fast(x_t, context, timesteps, options, seeds, known)
+        else:
+            chain = denoise(
                 self._denoiser(),
                 x_t,
                 timesteps,
@@ -308,10 +347,18 @@ class VQDiffusion:
                 options.truncation_rate,
                 known,
             )
-        ):
+        steps = [x_t.cpu()] if keep_trajectory else []
+        pace: deque[torch.cuda.Event] = deque()
+        x = x_t
+        for i, x in enumerate(chain):
             if keep_trajectory:
                 steps.append(x.cpu())
             if on_step is not None:
+                if self.device.type == "cuda":  # keep progress honest without ever letting the GPU idle
+                    pace.append(torch.cuda.Event())
+                    pace[-1].record()
+                    if len(pace) > PROGRESS_LAG:
+                        pace.popleft().synchronize()
                 on_step(StepEvent(i + 1, len(timesteps), timesteps[i], batch[0].index, len(batch), total, x))
         tokens = x.view(len(batch), h, w).cpu()
         pictures = self.decode(tokens)
@@ -400,6 +447,29 @@ class VQDiffusion:
     def variation_start(self, strength: float) -> int | None:
         """The timestep round(strength * (T-1)) that a variation starts from; None for strength 0 (no change)."""
         return edit.variation_start(strength, self.num_train_timesteps)
+
+    def _denoise_fast(
+        self,
+        x_t: torch.Tensor,
+        context: TextContext,
+        timesteps: tuple[int, ...],
+        options: GenerateOptions,
+        seeds: list[int],
+        known: KnownTokens | None,
+    ) -> Iterator[torch.Tensor]:
+        if self.device.type == "mps":
+            raise UsageError("the fast sampler needs float64, which MPS lacks", hint="use --sampler reference")
+        rows = context.cond if context.uncond is None else torch.cat([context.uncond, context.cond])
+        key = SessionKey(
+            batch=x_t.shape[0],
+            guidance_scale=options.guidance_scale if context.guided else None,
+            truncation_rate=options.truncation_rate,
+            known=known is not None,
+            renoise=known is not None and known.renoise,
+        )
+        words = seed_words(seeds, self.device)
+        session = self.fast_sessions.session(self.components.transformer, key, rows.to(self.dtype), words, known)
+        return denoise_fast(session.runner, x_t, timesteps, self.schedule)
 
     # -- tokens <-> images ------------------------------------------------------------------------------------
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import os
+import platform
+from pathlib import Path
+
 import torch
 
 from .errors import DeviceError, UsageError
@@ -53,3 +58,57 @@ def make_generators(seeds: list[int], device: torch.device) -> list[torch.Genera
         g.manual_seed(seed)
         gens.append(g)
     return gens
+
+
+def native_dtypes(device: torch.device) -> tuple[str, ...]:
+    """The dtypes worth running on a device: float32 and bfloat16 on a CPU (bfloat16 is emulated on CPUs without
+    native support, and slower there), float16 and bfloat16 (where supported) on a GPU."""
+    if device.type == "cuda":
+        return ("float16", "bfloat16") if torch.cuda.is_bf16_supported() else ("float16",)
+    if device.type == "mps":
+        return ("float16",)
+    return ("float32", "bfloat16")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or platform.machine()
+    return device.type
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota when one is set."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        count = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text(encoding="utf-8").split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
+
+
+def configure_cpu_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op thread count for this process and return it: `threads` if given, else what
+    OMP_NUM_THREADS says (torch already honours it), else the CPUs available (torch may count the host's cores
+    inside a container). Process-wide, so only the CLI calls it, once per command."""
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return torch.get_num_threads()
+        threads = available_cpus()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads

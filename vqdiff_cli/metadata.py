@@ -15,7 +15,7 @@ PARAMETERS_KEY = "parameters"
 SCHEMA = 1
 
 # settings a re-run takes from an image (flags still win)
-RERUN_KEYS = ("model", "revision", "variant", "dtype", "steps", "stride", "guidance", "truncation")
+RERUN_KEYS = ("model", "revision", "variant", "dtype", "steps", "stride", "guidance", "truncation", "sampler")
 
 
 def build(
@@ -51,6 +51,7 @@ def build(
         "timesteps": list(timesteps),
         "guidance": settings.get("guidance"),
         "truncation": settings.get("truncation"),
+        "sampler": settings.get("sampler"),
         "width": size[0],
         "height": size[1],
     }
@@ -63,7 +64,12 @@ def a1111_parameters(record: dict[str, Any]) -> str:
     """`prompt` on the first line, then `Steps: ..., Sampler: ..., CFG scale: ..., Seed: ..., Size: ..., Model: ...`."""
     fields = [
         ("Steps", record.get("num_steps")),
-        ("Sampler", "VQ-Diffusion" + (f" stride {record['stride']}" if record.get("stride") else "")),
+        (
+            "Sampler",
+            "VQ-Diffusion"
+            + (f" {record['sampler']}" if record.get("sampler") == "fast" else "")
+            + (f" stride {record['stride']}" if record.get("stride") else ""),
+        ),
         ("CFG scale", record.get("guidance")),
         ("Seed", record.get("seed")),
         ("Size", f"{record.get('width')}x{record.get('height')}"),

@@ -43,6 +43,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("guidance", 5.0, float, None, "classifier-free guidance scale"),
         Setting("truncation", 1.0, float, None, "truncation rate"),
         Setting("batch_size", 1, int, None, "images per network call"),
+        Setting("sampler", "auto", str, None, "auto (fast on CUDA), reference or fast"),
         Setting("cache_dir", None, str, "VQDIFF_CACHE_DIR", "vqdiff's cache of converted weights"),
     )
 }

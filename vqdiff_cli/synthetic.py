@@ -9,13 +9,18 @@ its sizes, and so its timings, are the real model's.
 from __future__ import annotations
 
 import json
+import tempfile
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig, VQVAEConfig
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .weights import Components
 
 _CONFIG_FILES = {
     "transformer": "transformer.json",
@@ -33,6 +38,32 @@ def shipped_configs(name: str = "ithq") -> dict[str, dict[str, Any]]:
     out = {c: json.loads((folder / f).read_text(encoding="utf-8")) for c, f in _CONFIG_FILES.items()}
     out["model_index"] = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     return out
+
+
+def configs_from_folder(folder: Path) -> dict[str, dict[str, Any]]:
+    """The same JSON files as a shipped architecture, read from `folder` (for made-up architectures)."""
+    out: dict[str, dict[str, Any]] = {}
+    for component, name in (*_CONFIG_FILES.items(), ("model_index", "model_index.json")):
+        path = folder / name
+        try:
+            out[component] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read the architecture config {path}: {e}".splitlines()[0]) from None
+    return out
+
+
+def architecture_configs(name_or_folder: str) -> dict[str, dict[str, Any]]:
+    """A shipped architecture by name ('ithq'), or a folder holding the same JSON files."""
+    folder = Path(name_or_folder).expanduser()
+    if folder.is_dir():
+        return configs_from_folder(folder)
+    shipped = resources.files("vqdiff_cli") / "configs"
+    names = sorted(p.name for p in shipped.iterdir() if p.is_dir())
+    if name_or_folder not in names:
+        raise UsageError(
+            f"unknown architecture '{name_or_folder}'", hint=f"use one of: {', '.join(names)}, or a folder of configs"
+        )
+    return shipped_configs(name_or_folder)
 
 
 def pipeline_config(configs: dict[str, dict[str, Any]]) -> PipelineConfig:
@@ -113,13 +144,16 @@ def hub_vq_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def random_modules(cfg: PipelineConfig, seed: int = 0) -> dict[str, torch.nn.Module | torch.Tensor]:
     """Our networks with random weights (small normal values, so activations stay finite at full depth)."""
-    from .models.text import build_clip_text_model, restore_position_ids
+    from .models.text import build_clip_text_model
     from .models.transformer import DiffusionTransformer
     from .models.vqvae import VQVAE
 
     g = torch.Generator().manual_seed(seed)
     text = build_clip_text_model(cfg.text_encoder).to_empty(device="cpu")
-    restore_position_ids(text)
+    for module in text.modules():  # to_empty left the position ids uninitialised, like every other tensor
+        ids = getattr(module, "position_ids", None)
+        if isinstance(ids, torch.Tensor):
+            ids.copy_(torch.arange(ids.shape[-1]).expand(ids.shape))
     modules: dict[str, Any] = {
         "transformer": _empty(DiffusionTransformer, cfg.transformer),
         "vqvae": _empty(VQVAE, cfg.vqvae),
@@ -139,6 +173,35 @@ def random_modules(cfg: PipelineConfig, seed: int = 0) -> dict[str, torch.nn.Mod
             torch.randn(null.length or 77, null.hidden_size or 512, generator=g) * 0.1
         )
     return modules
+
+
+def random_components(
+    configs: dict[str, dict[str, Any]], device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> Components:
+    """Loaded-model components with random weights, built in memory (the tokenizer goes through a temporary folder).
+
+    Like `weights.load_components`: the transformer and VQ-VAE take `dtype`, the text encoder stays float32.
+    """
+    from transformers import CLIPTokenizer
+
+    from .models.text import TextConditioning
+    from .weights import Components
+
+    cfg = pipeline_config(configs)
+    modules = random_modules(cfg, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_tokenizer(Path(tmp), vocab_size=int(configs["text_encoder"].get("vocab_size", 49408)))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
+
+    def place(name: str, target: torch.dtype) -> torch.nn.Module:
+        module = modules[name]
+        assert isinstance(module, torch.nn.Module)
+        return module.to(device=device, dtype=target).eval().requires_grad_(False)
+
+    null = modules.get("learned_classifier_free_sampling_embeddings")
+    text = TextConditioning(tokenizer, place("text_encoder", torch.float32), None if null is None else null.to(device))
+    variants = dict.fromkeys(("transformer", "vqvae", "text_encoder"), "random")
+    return Components(cfg, place("transformer", dtype), place("vqvae", dtype), text, variants)
 
 
 def _empty(cls: Any, cfg: Any) -> torch.nn.Module:

@@ -97,7 +97,15 @@ def _main(
     _DEBUG.set(debug)
 
 
-COMMAND_MODULES = ("generate", "edit", "tokens", "models", "info", "shell")  # in the order `vqdiff --help` lists them
+COMMAND_MODULES = (
+    "generate",
+    "edit",
+    "tokens",
+    "models",
+    "bench",
+    "info",
+    "shell",
+)  # in the order `vqdiff --help` lists them
 
 
 def _register() -> None:

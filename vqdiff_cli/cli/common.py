@@ -22,10 +22,15 @@ def load_model(
     revision: str | None = None,
     offline: bool = False,
     cache_dir: Path | None = None,
+    compile: bool | None = None,
+    cuda_graphs: bool | None = None,
+    threads: int | None = None,
 ) -> VQDiffusion:
     """Load `model` (a local folder or a Hub repo id, fetched and converted on first use), saying so on stderr."""
     from ..api import VQDiffusion
+    from ..device import configure_cpu_threads
 
+    configure_cpu_threads(threads)
     out.info(f"loading {model}" + (f" ({revision})" if revision else ""))
     with LoadReporter(out) as report:
         return VQDiffusion.from_pretrained(
@@ -37,6 +42,8 @@ def load_model(
             offline=offline,
             cache_dir=cache_dir,
             on_progress=report,
+            compile=compile,
+            cuda_graphs=cuda_graphs,
         )
 
 

@@ -13,6 +13,8 @@ from .app import app, report_errors
 from .options import (
     BatchSizeOpt,
     CacheDirOpt,
+    CompileOpt,
+    CudaGraphsOpt,
     DeviceOpt,
     DryRunOpt,
     DtypeOpt,
@@ -24,9 +26,11 @@ from .options import (
     OverwriteOpt,
     QuietOpt,
     RevisionOpt,
+    SamplerOpt,
     SeedOpt,
     StepsOpt,
     StrideOpt,
+    ThreadsOpt,
     TruncationOpt,
     VariantOpt,
     VisualsOpts,
@@ -66,6 +70,7 @@ def generate(
     guidance: GuidanceOpt = None,
     truncation: TruncationOpt = None,
     batch_size: BatchSizeOpt = None,
+    sampler: SamplerOpt = None,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     offline: OfflineOpt = False,
@@ -73,6 +78,9 @@ def generate(
     variant: VariantOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    compile: CompileOpt = None,
+    cuda_graphs: CudaGraphsOpt = None,
+    threads: ThreadsOpt = None,
     from_image: Annotated[
         Path | None,
         typer.Option(

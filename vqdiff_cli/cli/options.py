@@ -149,3 +149,35 @@ class VisualsOpts:
 
 
 OutputPathOpt = Annotated[Path, typer.Option("--output", "-o", help="Output file.")]
+SamplerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--sampler",
+        help="auto (fast on CUDA), reference (diffusers' op order: bit-identical to diffusers on CPU float32) or "
+        "fast (batched closed-form sampler: the same distribution, its own noise stream). [default: auto]",
+        show_default=False,
+    ),
+]
+CompileOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--compile/--no-compile",
+        help="torch.compile one transformer block and the fast sampler's step math (default: off; compiling takes "
+        "up to a minute per process); falls back to plain execution.",
+        show_default=False,
+    ),
+]
+CudaGraphsOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--cuda-graphs/--no-cuda-graphs",
+        help="Replay the fast sampler's step from a CUDA graph (default: on for CUDA).",
+        show_default=False,
+    ),
+]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads", help="CPU threads (default: OMP_NUM_THREADS, else the CPUs available).", show_default=False
+    ),
+]

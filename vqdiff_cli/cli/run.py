@@ -60,6 +60,7 @@ class RunPlan:
     animations: list[Path] | None = None
     save_steps: Path | None = None
     offline: bool = False
+    acceleration: dict[str, Any] = field(default_factory=dict)  # compile, cuda_graphs, threads for load_model
     extra_metadata: dict[str, Any] = field(default_factory=dict)
     extra_files: list[Path] = field(default_factory=list)  # written by the command itself (e.g. a token mask)
 
@@ -94,6 +95,7 @@ class RunPlan:
             seed=seed,
             num_images=num_images,
             batch_size=settings["batch_size"],
+            sampler=settings["sampler"],
         )
         items = [naming.Item(p, seed + i, i) for i, p in enumerate(p for p in prompts for _ in range(num_images))]
         template = settings["output"]
@@ -124,6 +126,7 @@ class RunPlan:
             animations=naming.output_paths(animate, items) if animate else None,
             save_steps=params.get("save_steps"),
             offline=bool(params.get("offline", False)),
+            acceleration={k: params.get(k) for k in ("compile", "cuda_graphs", "threads")},
             extra_files=list(extra_files),
         )
         plan.check_outputs()
@@ -187,6 +190,7 @@ def _settings_for_metadata(plan: RunPlan, pipe: VQDiffusion) -> dict[str, Any]:
         "model_path": str(pipe.source.path),
         "variant": s["variant"],  # as requested (auto follows the dtype): what a re-run asks for
         "weights_variant": pipe.components.variants.get("transformer"),  # the files that were read
+        "sampler": "fast" if pipe.uses_fast_sampler(plan.options) else "reference",
         "device": pipe.device.type,
         "dtype": pipe.dtype_name,
         "steps": s["steps"],
@@ -213,6 +217,7 @@ def execute(out: Output, plan: RunPlan, sample: Sampler) -> list[GeneratedImage]
         revision=s["revision"],
         offline=plan.offline,
         cache_dir=Path(s["cache_dir"]).expanduser() if s["cache_dir"] else None,
+        **plan.acceleration,
     )
     if plan.seed_was_random:
         out.info(f"seed {plan.items[0].seed} (random)")

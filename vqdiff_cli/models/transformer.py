@@ -7,6 +7,8 @@ Shapes: B batch, N = H*W latent tokens, K classes including the mask, L text tok
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,10 +61,17 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=True)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a fixed context (the text), to compute once and pass as `kv` at every step."""
+        return self.to_k(context), self.to_v(context)
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, kv: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
         b = x.shape[0]
         context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q = self.to_q(x)
+        k, v = self.project_kv(context) if kv is None else kv
         head_dim = k.shape[-1] // self.heads
         q = q.view(b, -1, self.heads, head_dim).transpose(1, 2)  # (B, heads, N, d)
         k = k.view(b, -1, self.heads, head_dim).transpose(1, 2)  # (B, heads, L, d)
@@ -110,10 +119,32 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=cfg.norm_eps, elementwise_affine=cfg.norm_elementwise_affine)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        timestep: torch.Tensor,
+        context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         x = self.attn1(self.norm1(x, timestep)) + x
-        x = self.attn2(self.norm2(x, timestep), context) + x
+        x = self.attn2(self.norm2(x, timestep), context, context_kv) + x
         return self.ff(self.norm3(x)) + x
+
+
+def call_block(
+    block: TransformerBlock,
+    x: torch.Tensor,
+    context: torch.Tensor,
+    timestep: torch.Tensor,
+    context_kv: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    return block(x, context, timestep, context_kv)
+
+
+BlockRunner = Callable[
+    [TransformerBlock, torch.Tensor, torch.Tensor, torch.Tensor, "tuple[torch.Tensor, torch.Tensor] | None"],
+    torch.Tensor,
+]
 
 
 class DiffusionTransformer(nn.Module):
@@ -128,12 +159,29 @@ class DiffusionTransformer(nn.Module):
         self.norm_out = nn.LayerNorm(cfg.inner_dim)
         self.out = nn.Linear(cfg.inner_dim, cfg.num_vector_embeds - 1)
 
-    def logits(self, x_t: torch.Tensor, context: torch.Tensor, timestep: int | torch.Tensor) -> torch.Tensor:
-        """Unnormalised scores (B, N, K-1) in the model's dtype."""
+    def context_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every block's cross-attention keys and values of the text states (B, L, C): fixed for a whole chain."""
+        return [block.attn2.project_kv(context) for block in self.transformer_blocks]
+
+    def logits(
+        self,
+        x_t: torch.Tensor,
+        context: torch.Tensor,
+        timestep: int | torch.Tensor,
+        context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        run_block: BlockRunner | None = None,
+    ) -> torch.Tensor:
+        """Unnormalised scores (B, N, K-1) in the model's dtype.
+
+        `context_kv` from `context_kv(context)` skips the per-call key and value projections of the text (the same
+        numbers); `run_block(block, h, context, t, kv)` replaces `block(h, context, t, kv)`, e.g. by a compiled
+        version of `call_block` (one compiled graph serves every block).
+        """
         t = torch.as_tensor(timestep, dtype=torch.long, device=x_t.device)  # one scalar t for the whole batch
+        run = run_block or call_block
         h = self.latent_image_embedding(x_t)  # (B, N, D)
-        for block in self.transformer_blocks:
-            h = block(h, context, t)
+        for i, block in enumerate(self.transformer_blocks):
+            h = run(block, h, context, t, None if context_kv is None else context_kv[i])
         return self.out(self.norm_out(h))
 
     def forward(self, x_t: torch.Tensor, context: torch.Tensor, timestep: int | torch.Tensor) -> torch.Tensor:

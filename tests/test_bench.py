@@ -1,0 +1,110 @@
+"""`vqdiff bench` on tiny models: it runs, its JSON has the documented shape, and --vs-diffusers gives ratios.
+
+Nothing here asserts a speed; the figures of a tiny model on a shared CPU are noise.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+
+import pytest
+from typer.testing import CliRunner
+
+from vqdiff_cli.bench import device_peak_tflops, transformer_flops
+from vqdiff_cli.cli import app
+from vqdiff_cli.synthetic import pipeline_config, shipped_configs
+
+runner = CliRunner()
+QUICK = ["--device", "cpu", "--steps", "3", "--batch", "2", "--repeats", "1", "--warmup", "0", "--json"]
+
+
+def bench(*args: str) -> dict:
+    result = runner.invoke(app, ["bench", *QUICK, *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_ithq_flops_match_the_issue():
+    """About 2.3 TFLOP per image per forward for the real architecture."""
+    flops = transformer_flops(pipeline_config(shipped_configs("ithq")).transformer)
+    assert 2.25e12 < flops < 2.35e12
+
+
+def test_gpu_peaks_are_matched_by_name():
+    assert device_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert device_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert device_peak_tflops("NVIDIA H200") == 989.0
+    assert device_peak_tflops("AMD EPYC") is None
+
+
+def test_bench_json_on_a_checkpoint(tiny):
+    doc = bench("--model", str(tiny.path), "--dtype", "float32")
+    assert doc["schema"] == "vqdiff.bench/1"
+    assert {"created", "versions", "device", "model", "settings", "phases", "end_to_end", "speedups", "notes"} <= set(
+        doc
+    )
+    assert doc["device"]["type"] == "cpu" and doc["device"]["peak_tflops"] is None
+    assert doc["model"]["source"] == str(tiny.path)
+    engines = {"vqdiff-reference", "vqdiff-fast"}
+    phases = {(p["engine"], p["phase"], p["timestep"]) for p in doc["phases"]}
+    for engine in engines:
+        for phase, t in [("text", None), ("transformer", 50), ("sampling", 99), ("sampling", 0), ("decode", None)]:
+            assert (engine, phase, t) in phases
+    forward = next(p for p in doc["phases"] if p["phase"] == "transformer")
+    assert forward["tflops"] > 0 and forward["peak_fraction"] is None
+    assert all(len(p["runs_s"]) == 1 and p["median_s"] > 0 for p in doc["phases"])
+    kinds = {(e["engine"], e["kind"]) for e in doc["end_to_end"]}
+    assert kinds == {(e, k) for e in engines for k in ("derived", "measured")}
+    measured = next(e for e in doc["end_to_end"] if e["kind"] == "measured")
+    assert measured["batch"] == 2 and measured["steps"] == 3
+    assert measured["images_per_s"] == pytest.approx(2 / measured["median_s"])
+    assert doc["speedups"] == []
+
+
+def test_bench_vs_diffusers_gives_ratios(tiny, tmp_path):
+    out = tmp_path / "bench.json"
+    doc = bench("--model", str(tiny.path), "--dtype", "float32", "--vs-diffusers", "--sampler", "fast", "-o", str(out))
+    assert json.loads(out.read_text()) == doc
+    assert doc["versions"]["diffusers"] == "0.42.1"
+    assert {p["engine"] for p in doc["phases"]} == {"vqdiff-fast", "diffusers"}
+    measured = [s for s in doc["speedups"] if s["kind"] == "measured"]
+    assert len(measured) == 1
+    assert measured[0]["engine"] == "vqdiff-fast" and measured[0]["baseline"] == "diffusers"
+    assert measured[0]["ratio"] > 0
+
+
+def test_bench_random_weights_from_a_config_folder(tmp_path):
+    """The default mode: an architecture's configs, random weights built in memory, no checkpoint files."""
+    folder = tmp_path / "arch"
+    shutil.copytree(str(resources.files("vqdiff_cli") / "configs" / "ithq"), folder)
+    small = {
+        "transformer.json": {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "sample_size": 4},
+        "vqvae.json": {"block_out_channels": [32, 32, 32, 32], "latent_channels": 8},
+        "text_encoder.json": {"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 37, "vocab_size": 1000},
+        "learned_classifier_free_sampling_embeddings.json": {"hidden_size": 32},
+    }
+    for name, changes in small.items():
+        config = json.loads((folder / name).read_text())
+        config.update(changes)
+        if name == "transformer.json":
+            config["cross_attention_dim"] = 32
+        (folder / name).write_text(json.dumps(config))
+    doc = bench("--config", str(folder), "--dtype", "float32,bfloat16", "--phases-only", "--sampler", "fast")
+    assert doc["model"]["source"].startswith("random weights")
+    assert {p["dtype"] for p in doc["phases"]} == {"float32", "bfloat16"}
+    assert {e["kind"] for e in doc["end_to_end"]} == {"derived"}
+
+
+def test_bench_errors(tiny, monkeypatch):
+    import vqdiff_cli.bench
+
+    monkeypatch.setattr(vqdiff_cli.bench, "_diffusers_version", lambda: None)
+    result = runner.invoke(app, ["bench", *QUICK, "--model", str(tiny.path), "--vs-diffusers"])
+    assert result.exit_code == 2
+    assert "--vs-diffusers needs diffusers" in result.output
+    result = runner.invoke(app, ["bench", *QUICK, "--steps", "ten"])
+    assert result.exit_code == 2 and "comma-separated integers" in result.output
+    result = runner.invoke(app, ["bench", *QUICK, "--dtype", "float8"])
+    assert result.exit_code == 2 and "unknown dtype" in result.output

@@ -1,0 +1,333 @@
+"""The fast sampler: exact where it is meant to be exact, the same distribution where it is not.
+
+Exact: the counter-based noise (an image draws the same numbers alone or in a batch), the cached cross-attention
+keys and values, a session reused for the next batch. Same distribution: the closed-form posterior against
+diffusers-order `q_posterior` + Gumbel (chi-square over many draws), the masked fraction after each step, re-noised
+known tokens. No timings here: speed is measured by `vqdiff bench`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vqdiff_cli import GenerateOptions, VQDiffusion
+from vqdiff_cli.accel import Acceleration, Compiled, StepRunner
+from vqdiff_cli.config import SchedulerConfig
+from vqdiff_cli.diffusion.fast import (
+    FastPlan,
+    denoise_fast,
+    fast_step,
+    guided_weights,
+    make_step,
+    sample_columns,
+    step_coefficients,
+    truncate_weights,
+)
+from vqdiff_cli.diffusion.sampler import KnownTokens, plan_timesteps
+from vqdiff_cli.diffusion.schedule import (
+    MaskAndReplaceSchedule,
+    apply_guidance,
+    q_posterior,
+    truncate,
+    truncation_keep_mask,
+)
+from vqdiff_cli.diffusion.streams import seed_words, uniforms
+
+K = 9  # 8 codes + the mask: small enough for a chi-square test per column distribution
+# A schedule with a large uniform-replacement share, so that unmasked tokens really move and that branch is tested.
+NOISY = MaskAndReplaceSchedule.from_config(
+    SchedulerConfig(
+        num_vec_classes=K,
+        num_train_timesteps=20,
+        alpha_cum_start=0.9,
+        alpha_cum_end=0.01,
+        gamma_cum_start=0.02,
+        gamma_cum_end=0.95,
+    )
+)
+ITHQ_LIKE = MaskAndReplaceSchedule.from_config(SchedulerConfig(num_vec_classes=K, num_train_timesteps=100))
+
+
+# -- the noise stream ---------------------------------------------------------------------------------------------
+
+
+def test_uniforms_are_open_interval_deterministic_and_uniform():
+    words = seed_words([0, 1, 2**62 + 5], "cpu")
+    u = uniforms(words, torch.tensor(10), (4096, 4))
+    assert u.shape == (3, 4096, 4) and u.dtype == torch.float64
+    assert (u > 0).all() and (u < 1).all()
+    assert torch.equal(u, uniforms(words, torch.tensor(10), (4096, 4)))
+    counts = torch.histc(u.flatten().float(), bins=16, min=0, max=1)
+    expected = u.numel() / 16
+    assert ((counts - expected) ** 2 / expected).sum() < 60  # chi-square, 15 degrees of freedom
+    assert abs(u.mean().item() - 0.5) < 0.005
+
+
+def test_streams_differ_by_seed_salt_and_do_not_correlate():
+    a = uniforms(seed_words([7], "cpu"), torch.tensor(4), (20000,)).flatten()
+    b = uniforms(seed_words([8], "cpu"), torch.tensor(4), (20000,)).flatten()
+    c = uniforms(seed_words([7], "cpu"), torch.tensor(6), (20000,)).flatten()
+    for other in (b, c):
+        assert not torch.equal(a, other)
+        assert abs(torch.corrcoef(torch.stack([a, other]))[0, 1].item()) < 0.03
+
+
+def test_an_image_draws_the_same_numbers_alone_or_in_a_batch():
+    salt = torch.tensor(12)
+    batch = uniforms(seed_words([3, 99, 4], "cpu"), salt, (64, 4))
+    alone = uniforms(seed_words([99], "cpu"), salt, (64, 4))
+    assert torch.equal(batch[1], alone[0])
+
+
+# -- the per-step math against the diffusers-order functions ------------------------------------------------------
+
+
+def test_guidance_on_raw_scores_equals_log_softmax_guidance():
+    g = torch.Generator().manual_seed(0)
+    u, c = torch.randn(2, 1, 16, 30, generator=g) * 3  # (1, N=16, n=30) raw scores each
+    fast = guided_weights(torch.cat([u, c]), 5.0)
+    fast = fast / fast.sum(-1, keepdim=True)
+    ref = apply_guidance(u.log_softmax(-1).transpose(1, 2), c.log_softmax(-1).transpose(1, 2), 5.0).exp()
+    assert torch.allclose(fast, ref.transpose(1, 2), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.8, 0.95])
+def test_truncation_keeps_the_same_classes(rate):
+    g = torch.Generator().manual_seed(1)
+    log_p = torch.log_softmax(torch.randn(2, 50, 64, generator=g) * 2, dim=1)  # (B, n, N)
+    kept = truncate_weights(log_p.exp().transpose(1, 2).contiguous(), rate) > 0
+    assert torch.equal(kept, truncation_keep_mask(log_p, rate).transpose(1, 2))
+
+
+def test_rate_one_keeps_every_class():
+    """diffusers' float32 cumulative sum cuts a negligible tail at rate 1.0; the fast path keeps every class."""
+    g = torch.Generator().manual_seed(2)
+    log_p = torch.log_softmax(torch.randn(1, 4096, 32, generator=g) * 3, dim=1)
+    assert (truncate(log_p, 1.0) == -70).any()  # the reference cut: mass below 3e-8 per column
+    scores = log_p.transpose(1, 2).contiguous()  # raw scores (B, N, n)
+    x_t = torch.full((1, 32), 4096)
+    coef = torch.tensor(step_coefficients(ITHQ_LIKE, 50, 49), dtype=torch.float64)
+    words, salt = seed_words([4], "cpu"), torch.tensor(100)
+    for final in (False, True):
+        stepped = fast_step(scores, x_t, coef, words, salt, None, 1.0, final)
+        untruncated = sample_columns(guided_weights(scores, None), x_t, coef, uniforms(words, salt, (32, 4)), final)
+        assert torch.equal(stepped, untruncated)
+
+
+def _exact_posterior(log_p: torch.Tensor, x_t: int, schedule: MaskAndReplaceSchedule, t: int, s: int | None, rate):
+    """The distribution diffusers samples from for one column: softmax of q_posterior (or of p(x_0) at the end)."""
+    lp = truncate(log_p.view(1, -1, 1), rate)
+    if s is None:
+        return torch.cat([torch.softmax(lp[0, :, 0].double(), 0), torch.zeros(1, dtype=torch.float64)])
+    post = q_posterior(lp, torch.tensor([[x_t]]), schedule, t, s)
+    return torch.softmax(post[0, :, 0].double(), 0)
+
+
+@pytest.mark.parametrize("rate", [1.0, 0.7])
+@pytest.mark.parametrize(
+    ("schedule", "t", "s"),
+    [(NOISY, 10, 9), (NOISY, 15, 5), (NOISY, 19, 0), (NOISY, 3, None), (ITHQ_LIKE, 99, 98), (ITHQ_LIKE, 40, 10)],
+    ids=["noisy-one-step", "noisy-stride", "noisy-to-0", "noisy-final", "ithq-start", "ithq-stride"],
+)
+@pytest.mark.parametrize("x_t", [K - 1, 2, 5], ids=["masked", "code2", "code5"])
+def test_closed_form_posterior_has_diffusers_distribution(schedule, t, s, x_t, rate):
+    columns = 60000
+    log_p = torch.log_softmax(torch.randn(K - 1, generator=torch.Generator().manual_seed(3)) * 1.5, 0)
+    exact = _exact_posterior(log_p, x_t, schedule, t, s, rate)
+    weights = log_p.exp().expand(1, columns, K - 1).contiguous()
+    if rate < 1:
+        weights = truncate_weights(weights, rate)
+    coef = torch.tensor(step_coefficients(schedule, t, s), dtype=torch.float64)
+    u = uniforms(seed_words([11 + t], "cpu"), torch.tensor(2 * t), (columns, 4))
+    drawn = sample_columns(weights, torch.full((1, columns), x_t), coef, u, final=s is None)
+    freq = torch.bincount(drawn[0], minlength=K).double()
+    expected = exact * columns
+    possible = expected > 1e-9
+    assert freq[~possible].sum() == 0, "drew a class of probability 0"
+    chi2 = (((freq - expected) ** 2)[possible] / expected[possible]).sum().item()
+    dof = max(int(possible.sum()) - 1, 1)
+    assert chi2 < dof + 8 * (2 * dof) ** 0.5, (chi2, dof, freq, expected)
+
+
+# -- the loop -----------------------------------------------------------------------------------------------------
+
+
+def _random_logits(n: int):
+    def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        g = torch.Generator().manual_seed(1000 + int(t))
+        return torch.randn(x.shape[0], x.shape[1], n, generator=g) * 2
+
+    return run
+
+
+@pytest.mark.parametrize("steps", [12, 5, 100])
+def test_masked_fraction_follows_cumgamma(steps):
+    k, n, b = 33, 1024, 4
+    schedule = MaskAndReplaceSchedule.from_config(SchedulerConfig(num_vec_classes=k, num_train_timesteps=100))
+    timesteps = plan_timesteps(99, steps=steps)
+    step = make_step(_random_logits(k - 1), seed_words(list(range(b)), "cpu"), None, 1.0, k - 1)
+    fractions = [
+        (x == k - 1).float().mean().item() for x in denoise_fast(step, torch.full((b, n), k - 1), timesteps, schedule)
+    ]
+    assert fractions[-1] == 0.0
+    for s, frac in zip(timesteps[1:], fractions[:-1], strict=True):
+        expected = float(schedule.cumprod_ct[s])
+        sd = (expected * (1 - expected) / (n * b)) ** 0.5
+        assert abs(frac - expected) < 5 * sd + 1e-3, (s, frac, expected)
+
+
+def test_known_tokens_are_restored_or_renoised():
+    k, n, b = 33, 4096, 2
+    schedule = MaskAndReplaceSchedule.from_config(SchedulerConfig(num_vec_classes=k, num_train_timesteps=100))
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, k - 1, (b, n), generator=g)
+    regenerate = torch.rand(b, n, generator=g) < 0.5
+    timesteps = plan_timesteps(99, steps=10)
+    words = seed_words([1, 2], "cpu")
+    kept = make_step(_random_logits(k - 1), words, None, 1.0, k - 1, KnownTokens(tokens, regenerate))
+    for x in denoise_fast(kept, torch.full((b, n), k - 1), timesteps, schedule):
+        assert torch.equal(x[~regenerate], tokens[~regenerate])
+    renoised = make_step(_random_logits(k - 1), words, None, 1.0, k - 1, KnownTokens(tokens, regenerate, True))
+    chain = list(denoise_fast(renoised, torch.full((b, n), k - 1), timesteps, schedule))
+    for s, x in zip(timesteps[1:], chain[:-1], strict=True):
+        known = x[~regenerate]
+        masked = (known == k - 1).float().mean().item()
+        assert abs(masked - schedule.cumprod_ct[s]) < 0.03, (s, masked)
+        unmasked = known != k - 1
+        assert (known[unmasked] == tokens[~regenerate][unmasked]).float().mean() > 0.99
+    assert torch.equal(chain[-1][~regenerate], tokens[~regenerate])
+
+
+def test_plan_holds_every_step_on_the_device():
+    plan = FastPlan.build(ITHQ_LIKE, (99, 60, 0), torch.device("cpu"))
+    assert plan.t.tolist() == [99, 60, 0]
+    assert plan.coef.shape == (3, 9) and plan.coef.dtype == torch.float64
+    assert (plan.coef[-1] == 0).all()  # the final step needs no posterior
+    assert plan.salt.tolist() == [198, 120, 0]
+
+
+# -- wired to the model ---------------------------------------------------------------------------------------------
+
+
+def test_cached_text_keys_and_values_are_exact(tiny_pipe):
+    transformer = tiny_pipe.components.transformer
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 17, (2, 16), generator=g)
+    context = torch.randn(2, 77, 32, generator=g)
+    with torch.inference_mode():
+        plain = transformer.logits(x, context, 40)
+        cached = transformer.logits(x, context, torch.tensor(40), transformer.context_kv(context))
+    assert torch.equal(plain, cached)
+
+
+def test_fast_sampler_image_alone_equals_in_a_batch(tiny_pipe):
+    options = GenerateOptions(seed=20, num_images=3, batch_size=3, sampler="fast", steps=20)
+    batch = tiny_pipe.generate("a teddy bear", options)
+    alone = tiny_pipe.generate("a teddy bear", GenerateOptions(seed=21, sampler="fast", steps=20))[0]
+    assert torch.equal(batch[1].tokens, alone.tokens)
+    assert not torch.equal(batch[0].tokens, batch[1].tokens)
+    assert all((r.tokens < 16).all() for r in batch)
+
+
+def test_fast_sessions_are_reused_with_new_inputs(tiny):
+    """A session made for one batch and loaded with the next gives what a fresh pipeline gives."""
+    reused = VQDiffusion.from_pretrained(tiny.path, device="cpu")
+    options = GenerateOptions(seed=3, sampler="fast", steps=10, guidance_scale=3.0, truncation_rate=0.9)
+    reused.generate(["a red ball"], options)
+    second = reused.generate(["a cat on a hat"], GenerateOptions(**{**options.__dict__, "seed": 8}))[0]
+    fresh = VQDiffusion.from_pretrained(tiny.path, device="cpu")
+    expected = fresh.generate(["a cat on a hat"], GenerateOptions(**{**options.__dict__, "seed": 8}))[0]
+    assert torch.equal(second.tokens, expected.tokens)
+    assert len(reused.fast_sessions._sessions) == 1
+
+
+def test_fast_and_reference_samplers_agree_in_distribution(tiny_pipe):
+    """The token histogram of many fast images matches the reference sampler's (different streams, same law)."""
+    counts = {}
+    for sampler in ("reference", "fast"):
+        options = GenerateOptions(seed=100, num_images=32, batch_size=16, sampler=sampler, steps=4)
+        tokens = torch.stack([r.tokens for r in tiny_pipe.generate("a teddy bear", options)])
+        counts[sampler] = torch.bincount(tokens.flatten(), minlength=16).double()
+    ref, fast = counts["reference"], counts["fast"]
+    chi2 = ((ref - fast) ** 2 / (ref + fast).clamp(min=1)).sum().item()  # two-sample chi-square, 15 dof
+    assert chi2 < 15 + 8 * 30**0.5, (ref, fast)
+
+
+def test_unknown_sampler_is_a_usage_error():
+    from vqdiff_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="sampler"):
+        GenerateOptions(sampler="quick")
+
+
+# -- acceleration fallbacks ---------------------------------------------------------------------------------------
+
+
+def test_graphs_are_cuda_only_and_compile_is_opt_in_on_cpu():
+    cpu = torch.device("cpu")
+    assert Acceleration().resolve(cpu) == (False, False)
+    assert Acceleration(compile=True, cuda_graphs=True).resolve(cpu) == (True, False)
+
+
+def test_a_failing_compile_falls_back_with_a_note(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("backend exploded\nlong details")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    notes: list[str] = []
+    calls = []
+
+    def add_one(x):
+        calls.append(x)
+        return x + 1
+
+    compiled = Compiled(add_one, notes)
+    assert torch.equal(compiled(torch.zeros(3)), torch.ones(3))
+    assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0))
+    assert notes == ["torch.compile failed, running eagerly (RuntimeError: backend exploded)"]
+    assert len(calls) == 2
+
+
+def test_step_runner_without_graphs_calls_the_step():
+    seen = []
+
+    def step(x, t, coef, salt, final):
+        seen.append(final)
+        return x + 1
+
+    runner = StepRunner(step, cuda_graphs=False)
+    x = torch.zeros(2, 3, dtype=torch.long)
+    assert torch.equal(runner(x, torch.tensor(5), torch.zeros(9), torch.tensor(10), True), x + 1)
+    assert seen == [True] and runner.notes == []
+
+
+# -- the command line ---------------------------------------------------------------------------------------------
+
+
+def test_generate_command_takes_the_sampler_and_threads(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from vqdiff_cli.cli import app
+
+    args = ["generate", "a cat", "--model", str(tiny.path), "--device", "cpu", "--seed", "1", "--steps", "5"]
+    threads = str(torch.get_num_threads())  # the count in use already: no process-wide change for later tests
+    ok = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "a.png"), "--sampler", "fast", "--threads", threads])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "a.png").is_file()
+    bad = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "b.png"), "--sampler", "quick"])
+    assert bad.exit_code == 2 and "unknown sampler" in bad.output
+
+
+def test_thread_count_honours_omp_num_threads(monkeypatch):
+    from vqdiff_cli.device import available_cpus, configure_cpu_threads
+    from vqdiff_cli.errors import UsageError
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert configure_cpu_threads() == torch.get_num_threads()  # left to torch, which read the variable at start
+    assert available_cpus() >= 1
+    with pytest.raises(UsageError):
+        configure_cpu_threads(0)

@@ -1,0 +1,485 @@
+"""Speed measurements of vqdiff and, side by side on the very same weights, of diffusers' `VQDiffusionPipeline`.
+
+`run_bench` returns a `BenchReport` (plain data, `to_json()`); it never prints. It measures, per dtype and batch size:
+* phases: text encoding, one transformer forward (doubled under guidance), one step of the sampling math (guidance,
+  truncation, posterior, sample) at a few representative timesteps, and the VQ decode to images;
+* end to end (prompts to decoded images) at each step count, unless a run is estimated to take longer than
+  `max_run_seconds` (then only the estimate derived from the phases is given, labelled as derived).
+Every figure is the median of `repeats` timed runs after `warmup` untimed ones; engines alternate run by run.
+With `vs_diffusers`, diffusers' modules are built on the meta device and take our tensors with `assign=True`, so both
+pipelines read the same weights from the same memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .accel import Acceleration
+from .api import ModelSource, VQDiffusion
+from .bench_engines import DIFFUSERS, DiffusersEngine, Engine, OurEngine, diffusers_pipeline
+from .config import TransformerConfig
+from .device import DTYPES, device_name, native_dtypes, resolve_device
+from .errors import UsageError
+from .weights import read_json
+
+SCHEMA = "vqdiff.bench/1"
+PHASES = ("text", "transformer", "sampling", "decode")
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, matched in order on the device
+# name. The issue's "about 790 TFLOP/s" for an H100/H200 is an achievable figure, not the datasheet peak used here.
+GPU_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989.0),
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
+)
+PEAK_SOURCE = "NVIDIA datasheet, dense bf16/fp16 tensor core"
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    steps: tuple[int, ...] = (100, 25, 10)
+    batches: tuple[int, ...] = (1, 4, 16)
+    dtypes: tuple[str, ...] = ()  # empty: every dtype worth running on the device
+    diffusers_dtypes: tuple[str, ...] = ()  # empty: the same as `dtypes`
+    samplers: tuple[str, ...] = ()  # "reference", "fast"; empty: fast on CUDA, both elsewhere
+    repeats: int = 3
+    warmup: int = 1
+    phases_only: bool = False
+    vs_diffusers: bool = False
+    guidance_scale: float = 5.0
+    truncation_rate: float = 1.0
+    sampling_timesteps: tuple[int, ...] = (99, 50, 1)  # the step math is also timed at t = 0 (the final step)
+    transformer_timestep: int = 50
+    max_run_seconds: float = 300.0
+    prompt: str = "a teddy bear playing in the pool"
+    seed: int = 0
+    peak_tflops: float | None = None  # overrides the table above
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or self.warmup < 0:
+            raise UsageError("--repeats must be at least 1 and --warmup at least 0")
+        if not self.steps or min(self.steps) < 1 or not self.batches or min(self.batches) < 1:
+            raise UsageError("--steps and --batch need positive values")
+        for dt in (*self.dtypes, *self.diffusers_dtypes):
+            if dt not in DTYPES:
+                raise UsageError(f"unknown dtype '{dt}'", hint=f"use one of: {', '.join(DTYPES)}")
+        for s in self.samplers:
+            if s not in ("reference", "fast"):
+                raise UsageError(f"unknown sampler '{s}'", hint="use reference or fast")
+
+
+@dataclass
+class PhaseResult:
+    engine: str
+    dtype: str
+    batch: int
+    phase: str
+    timestep: int | None
+    runs_s: list[float]
+    median_s: float
+    per_image_s: float
+    tflops: float | None = None  # transformer only: achieved model TFLOP/s
+    peak_fraction: float | None = None  # of the device's dense peak (GPUs only)
+    peak_memory_bytes: int | None = None  # CUDA: peak allocated; CPU: peak resident set of the process
+    peak_reserved_bytes: int | None = None  # CUDA: peak reserved, CUDA-graph memory pools included
+
+
+@dataclass
+class EndToEnd:
+    engine: str
+    dtype: str
+    batch: int
+    steps: int
+    kind: str  # "measured" or "derived" (text + steps x (forward + sampling) + decode, from the phases)
+    median_s: float  # one batch, prompts to images
+    s_per_image: float
+    images_per_s: float
+    runs_s: list[float] = field(default_factory=list)
+    peak_memory_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+
+
+@dataclass
+class Speedup:
+    engine: str
+    dtype: str
+    baseline: str
+    baseline_dtype: str
+    batch: int
+    steps: int
+    kind: str  # "measured" when both sides were measured end to end, else "derived"
+    ratio: float  # baseline seconds / our seconds: above 1 means faster than the baseline
+
+
+@dataclass
+class BenchReport:
+    created: str
+    versions: dict[str, str | None]
+    device: dict[str, Any]
+    model: dict[str, Any]
+    settings: dict[str, Any]
+    phases: list[PhaseResult] = field(default_factory=list)
+    end_to_end: list[EndToEnd] = field(default_factory=list)
+    speedups: list[Speedup] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    command: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, **asdict(self)}
+
+
+# -- FLOPs and peaks ----------------------------------------------------------------------------------------------
+
+
+def transformer_flops(cfg: TransformerConfig, text_len: int = 77) -> float:
+    """FLOPs of one forward for one image: 2 x multiply-adds of every matmul, attention included."""
+    d, n, ff = cfg.inner_dim, cfg.num_latent_pixels, 4 * cfg.inner_dim
+    per_token = 2 * (4 * d * d + 2 * d * d + 2 * d * ff)  # self q, k, v, out; cross q, out; feed-forward
+    per_token += 2 * 2 * (n + text_len) * d  # q k^T and attention x v, self and cross
+    per_block = n * per_token + 2 * 2 * text_len * cfg.cross_attention_dim * d + 2 * 2 * d * 2 * d  # text k, v; norms
+    return float(cfg.num_layers * per_block + 2 * n * d * (cfg.num_vector_embeds - 1))
+
+
+def device_peak_tflops(name: str) -> float | None:
+    return next((peak for key, peak in GPU_PEAK_TFLOPS if key in name), None)
+
+
+# -- measuring ----------------------------------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """CUDA: the allocator's peaks, allocated and reserved (graph pools are reserved, and replays allocate nothing).
+    CPU: the process's peak resident set (Linux), reset through /proc when allowed."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # what one engine left cached does not count against the next
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.device.type == "cpu":
+            with contextlib.suppress(OSError):  # not Linux, or not allowed: the peak is then the process's
+                Path("/proc/self/clear_refs").write_text("5", encoding="ascii")
+
+    def read(self) -> tuple[int | None, int | None]:
+        """(peak allocated or resident bytes, peak reserved bytes)."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device)), int(torch.cuda.max_memory_reserved(self.device))
+        try:
+            status = Path("/proc/self/status").read_text(encoding="ascii")
+        except OSError:
+            return None, None
+        m = re.search(r"VmHWM:\s+(\d+) kB", status)
+        return (int(m.group(1)) * 1024 if m else None), None
+
+
+@dataclass
+class Timed:
+    runs_s: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
+    reserved_bytes: int | None = None
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.runs_s)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(runs: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: torch.device) -> dict[str, Timed]:
+    """Time each callable `repeats` times after `warmup` untimed calls, alternating between them run by run."""
+    memory = PeakMemory(device)
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    timed = {k: Timed() for k in runs}
+    for _ in range(repeats):
+        for key, fn in runs.items():
+            _sync(device)
+            memory.reset()
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            timed[key].runs_s.append(time.perf_counter() - start)
+            peak, reserved = memory.read()
+            if peak is not None:
+                timed[key].peak_bytes = max(peak, timed[key].peak_bytes or 0)
+            if reserved is not None:
+                timed[key].reserved_bytes = max(reserved, timed[key].reserved_bytes or 0)
+    return timed
+
+
+# -- the benchmark ------------------------------------------------------------------------------------------------
+
+
+def _diffusers_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("diffusers")
+    except Exception:
+        return None
+
+
+def _random_tokens(batch: int, n: int, codes: int, masked: float, seed: int, device: torch.device) -> torch.Tensor:
+    """(B, N) ids: the mask (id `codes`) with probability `masked`, else a random code; as x_t at that level."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, codes, (batch, n), generator=g)
+    ids[torch.rand(batch, n, generator=g) < masked] = codes
+    return ids.to(device)
+
+
+@dataclass
+class _Load:
+    """How to get our pipeline in a dtype: from a checkpoint folder, or built with random weights."""
+
+    model: Path | None
+    configs: dict[str, dict[str, Any]]
+    device: torch.device
+    acceleration: Acceleration
+    seed: int
+
+    def pipeline(self, dtype: str) -> VQDiffusion:
+        if self.model is not None:
+            return VQDiffusion.from_pretrained(
+                self.model,
+                device=str(self.device),
+                dtype=dtype,
+                compile=self.acceleration.compile,
+                cuda_graphs=self.acceleration.cuda_graphs,
+            )
+        from .synthetic import random_components
+
+        components = random_components(self.configs, self.device, DTYPES[dtype], self.seed)
+        source = ModelSource("random weights (shipped configs)", Path("."))
+        return VQDiffusion(components, self.device, DTYPES[dtype], source, self.acceleration)
+
+
+def _checkpoint_configs(model: Path) -> dict[str, dict[str, Any]]:
+    names = {
+        "transformer": "transformer/config.json",
+        "vqvae": "vqvae/config.json",
+        "scheduler": "scheduler/scheduler_config.json",
+        "learned_classifier_free_sampling_embeddings": "learned_classifier_free_sampling_embeddings/config.json",
+        "text_encoder": "text_encoder/config.json",
+    }
+    return {k: read_json(model / v) for k, v in names.items()}
+
+
+def run_bench(
+    settings: BenchSettings,
+    *,
+    model: Path | None = None,
+    architecture: str = "ithq",
+    device: str = "auto",
+    acceleration: Acceleration | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> BenchReport:
+    """Measure vqdiff (and diffusers with `settings.vs_diffusers`) on a checkpoint folder or on random weights."""
+    from .synthetic import architecture_configs
+
+    say = on_progress or (lambda _msg: None)
+    dev = resolve_device(device)
+    if settings.vs_diffusers and _diffusers_version() is None:
+        raise UsageError("--vs-diffusers needs diffusers", hint="pip install diffusers==0.42.1")
+    dtypes = settings.dtypes or native_dtypes(dev)
+    theirs_dtypes = (settings.diffusers_dtypes or dtypes) if settings.vs_diffusers else ()
+    samplers = settings.samplers or (("fast",) if dev.type == "cuda" else ("reference", "fast"))
+    acceleration = acceleration or Acceleration()
+    configs = _checkpoint_configs(model) if model is not None else architecture_configs(architecture)
+    load = _Load(model, configs, dev, acceleration, settings.seed)
+
+    peak = settings.peak_tflops if settings.peak_tflops is not None else None
+    name = device_name(dev)
+    if peak is None and dev.type == "cuda":
+        peak = device_peak_tflops(name)
+    report = BenchReport(
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        versions={
+            "vqdiff": __version__,
+            "torch": torch.__version__,
+            "diffusers": _diffusers_version() if settings.vs_diffusers else None,
+            "python": platform.python_version(),
+        },
+        device={
+            "type": dev.type,
+            "name": name,
+            "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+            "peak_tflops": peak,
+            "peak_source": (
+                None if peak is None else ("--peak-tflops" if settings.peak_tflops is not None else PEAK_SOURCE)
+            ),
+        },
+        model={},
+        settings={**asdict(settings), "dtypes": list(dtypes), "diffusers_dtypes": list(theirs_dtypes)},
+    )
+    for dtype in dict.fromkeys((*dtypes, *theirs_dtypes)):
+        say(
+            f"building the {dtype} model"
+            + (" and diffusers' pipeline on its weights" if dtype in theirs_dtypes else "")
+        )
+        pipe = load.pipeline(dtype)
+        if not report.model:
+            cfg = pipe.config.transformer
+            report.model = {
+                "source": str(model) if model is not None else f"random weights, '{architecture}' configs",
+                "transformer_parameters": sum(p.numel() for p in pipe.components.transformer.parameters()),
+                "layers": cfg.num_layers,
+                "width": cfg.inner_dim,
+                "tokens": cfg.num_latent_pixels,
+                "classes": cfg.num_vector_embeds,
+                "tflop_per_image_forward": transformer_flops(cfg) / 1e12,
+            }
+        engines: list[Engine] = [OurEngine(pipe, s, settings) for s in samplers] if dtype in dtypes else []
+        if dtype in theirs_dtypes:
+            theirs, note = diffusers_pipeline(pipe, configs, DTYPES[dtype])
+            engines.append(DiffusersEngine(theirs, settings))
+            if note:
+                report.notes.append(note)
+        for batch in settings.batches:
+            _bench_batch(report, engines, pipe, dtype, batch, settings, dev, say)
+        report.notes.extend(n for n in pipe.acceleration_notes if n not in report.notes)
+        del engines, pipe
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    report.speedups = _speedups(report.end_to_end)
+    return report
+
+
+def _bench_batch(
+    report: BenchReport,
+    engines: Sequence[Engine],
+    pipe: VQDiffusion,
+    dtype: str,
+    batch: int,
+    st: BenchSettings,
+    dev: torch.device,
+    say: Callable[[str], None],
+) -> None:
+    cfg = pipe.config.transformer
+    codes = cfg.num_vector_embeds - 1
+    prompts = [st.prompt if i == 0 else f"{st.prompt} {i}" for i in range(batch)]  # distinct: no shared encoding
+    flops = transformer_flops(cfg) * batch * (2 if st.guidance_scale != 1.0 else 1)
+    peak_tflops = report.device["peak_tflops"]
+    by = {e.name: e for e in engines}
+    results: dict[tuple[str, str, int | None], PhaseResult] = {}
+
+    def record(phase: str, t: int | None, timed: dict[str, Timed]) -> None:
+        for engine, m in timed.items():
+            median = m.median_s
+            result = PhaseResult(engine, dtype, batch, phase, t, m.runs_s, median, median / batch)
+            result.peak_memory_bytes, result.peak_reserved_bytes = m.peak_bytes, m.reserved_bytes
+            if phase == "transformer":
+                result.tflops = flops / median / 1e12
+                result.peak_fraction = result.tflops / peak_tflops if peak_tflops else None
+            report.phases.append(result)
+            results[(engine, phase, t)] = result
+
+    say(f"{dtype}, batch {batch}: text encoding")
+    record("text", None, measure({n: (lambda e=e: e.text(prompts)) for n, e in by.items()}, st.warmup, st.repeats, dev))
+    for engine in engines:
+        engine.prepare(prompts)
+
+    say(f"{dtype}, batch {batch}: transformer forward")
+    t_fwd = st.transformer_timestep
+    x = _random_tokens(batch, cfg.num_latent_pixels, codes, float(pipe.schedule.cumprod_ct[t_fwd]), st.seed, dev)
+    outputs: dict[str, torch.Tensor] = {}
+
+    def forward(e: Engine) -> None:
+        outputs[e.name] = e.forward(x, t_fwd)
+
+    record(
+        "transformer", t_fwd, measure({n: (lambda e=e: forward(e)) for n, e in by.items()}, st.warmup, st.repeats, dev)
+    )
+
+    for t in (*st.sampling_timesteps, 0):
+        s = None if t == 0 else t - 1
+        say(f"{dtype}, batch {batch}: sampling math at t={t}")
+        x_t = _random_tokens(batch, cfg.num_latent_pixels, codes, float(pipe.schedule.cumprod_ct[t]), st.seed + t, dev)
+        runs = {n: (lambda e=e, x_t=x_t, t=t, s=s: e.sampling(outputs[e.name], x_t, t, s)) for n, e in by.items()}
+        record("sampling", t, measure(runs, st.warmup, st.repeats, dev))
+
+    say(f"{dtype}, batch {batch}: VQ decode")
+    tokens = _random_tokens(batch, cfg.num_latent_pixels, codes, 0.0, st.seed, dev)
+    record(
+        "decode", None, measure({n: (lambda e=e: e.decode(tokens)) for n, e in by.items()}, st.warmup, st.repeats, dev)
+    )
+    outputs.clear()
+
+    for steps in st.steps:
+        estimates = {}
+        for name in by:
+            posterior = [results[(name, "sampling", t)].median_s for t in st.sampling_timesteps]
+            seconds = (
+                results[(name, "text", None)].median_s
+                + steps * results[(name, "transformer", t_fwd)].median_s
+                + (steps - 1) * statistics.fmean(posterior)
+                + results[(name, "sampling", 0)].median_s
+                + results[(name, "decode", None)].median_s
+            )
+            estimates[name] = seconds
+            report.end_to_end.append(
+                EndToEnd(name, dtype, batch, steps, "derived", seconds, seconds / batch, batch / seconds)
+            )
+        if st.phases_only:
+            continue
+        runnable = {n: e for n, e in by.items() if estimates[n] <= st.max_run_seconds}
+        for n in by.keys() - runnable.keys():
+            report.notes.append(
+                f"{n} {dtype} batch {batch} steps {steps}: not run end to end (about {estimates[n]:.0f} s a run, "
+                f"above --max-run-seconds {st.max_run_seconds:.0f}); the derived estimate stands in"
+            )
+        if not runnable:
+            continue
+        say(f"{dtype}, batch {batch}: end to end, {steps} steps")
+        timed = measure(
+            {n: (lambda e=e, steps=steps: e.generate(prompts, steps)) for n, e in runnable.items()},
+            st.warmup,
+            st.repeats,
+            dev,
+        )
+        for name, m in timed.items():
+            median = m.median_s
+            row = EndToEnd(name, dtype, batch, steps, "measured", median, median / batch, batch / median, m.runs_s)
+            row.peak_memory_bytes, row.peak_reserved_bytes = m.peak_bytes, m.reserved_bytes
+            report.end_to_end.append(row)
+
+
+def _speedups(rows: list[EndToEnd]) -> list[Speedup]:
+    """Each vqdiff configuration against diffusers at the same batch and steps, in every dtype diffusers ran:
+    derived against derived always, and measured against measured where both ran end to end."""
+    by_key = {(r.engine, r.dtype, r.batch, r.steps, r.kind): r for r in rows}
+    out = []
+    for (engine, dtype, batch, steps, kind), ours in by_key.items():
+        if engine == DIFFUSERS:
+            continue
+        for (other, base_dtype, b, st, base_kind), base in by_key.items():
+            if other == DIFFUSERS and (b, st, base_kind) == (batch, steps, kind):
+                out.append(
+                    Speedup(engine, dtype, DIFFUSERS, base_dtype, batch, steps, kind, base.median_s / ours.median_s)
+                )
+    return out

@@ -1,0 +1,217 @@
+"""The engines `vqdiff bench` times: vqdiff with either sampler, and diffusers' pipeline on vqdiff's own tensors.
+
+Each engine runs one phase per call the way its sampler does in a real run (the reference sampler's float64
+log-softmax and per-image math, the fast sampler's raw scores and cached text keys and values, diffusers' loop body
+line for line), so that phases can be timed side by side and an end-to-end time derived from them.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from .api import GenerateOptions, VQDiffusion
+from .diffusion.fast import step_coefficients
+from .diffusion.sampler import sample_step
+from .diffusion.streams import seed_words
+
+if TYPE_CHECKING:
+    from .bench import BenchSettings
+
+REFERENCE, FAST, DIFFUSERS = "vqdiff-reference", "vqdiff-fast", "diffusers"
+
+
+class Engine(Protocol):
+    name: str
+
+    def prepare(self, prompts: list[str]) -> None: ...  # text conditioning for the phase runs
+    def text(self, prompts: list[str]) -> Any: ...
+    def forward(self, x: torch.Tensor, t: int) -> torch.Tensor: ...
+    def sampling(self, out: torch.Tensor, x_t: torch.Tensor, t: int, s: int | None) -> torch.Tensor: ...
+    def decode(self, tokens: torch.Tensor) -> Any: ...
+    def generate(self, prompts: list[str], steps: int) -> Any: ...
+
+
+class OurEngine:
+    """vqdiff with the reference (diffusers-order) or the fast sampler, each phase as that sampler runs it."""
+
+    def __init__(self, pipe: VQDiffusion, sampler: str, settings: BenchSettings) -> None:
+        self.pipe, self.sampler, self.settings = pipe, sampler, settings
+        self.name = FAST if sampler == "fast" else REFERENCE
+        self.guided = settings.guidance_scale != 1.0
+        self.rows: torch.Tensor | None = None
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def text(self, prompts: list[str]) -> Any:
+        with torch.inference_mode():
+            context = self.pipe.text_context(prompts, self.guided)
+            rows = context.cond if context.uncond is None else torch.cat([context.uncond, context.cond])
+            rows = rows.to(self.pipe.dtype)
+            kv = self.pipe.components.transformer.context_kv(rows) if self.sampler == "fast" else None
+        return rows, kv
+
+    def prepare(self, prompts: list[str]) -> None:
+        self.rows, self.kv = self.text(prompts)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        transformer = self.pipe.components.transformer
+        x = torch.cat([x, x]) if self.guided else x
+        if self.sampler == "fast":
+            run_block = self.pipe.fast_sessions.kernels().run_block
+            return transformer.logits(x, self.rows, torch.tensor(t, device=x.device), self.kv, run_block)
+        return transformer(x, self.rows, t)
+
+    @torch.inference_mode()
+    def sampling(self, out: torch.Tensor, x_t: torch.Tensor, t: int, s: int | None) -> torch.Tensor:
+        st = self.settings
+        seeds = [st.seed + b for b in range(x_t.shape[0])]
+        if self.sampler == "fast":
+            coef = torch.tensor(step_coefficients(self.pipe.schedule, t, s), dtype=torch.float64, device=x_t.device)
+            scale = st.guidance_scale if self.guided else None
+            words, salt = seed_words(seeds, x_t.device), torch.tensor(2 * t, device=x_t.device)
+            step_math = self.pipe.fast_sessions.kernels().step_math
+            return step_math(out, x_t, coef, words, salt, scale, st.truncation_rate, s is None)
+        log_p = out.chunk(2) if self.guided else (out,)
+        generators = [torch.Generator(x_t.device).manual_seed(seed) for seed in seeds]
+        return torch.cat(
+            [
+                sample_step(
+                    tuple(p[b : b + 1] for p in log_p),
+                    x_t[b : b + 1],
+                    t,
+                    s,
+                    self.pipe.schedule,
+                    st.guidance_scale,
+                    st.truncation_rate,
+                    generators[b : b + 1],
+                )
+                for b in range(x_t.shape[0])
+            ]
+        )
+
+    def decode(self, tokens: torch.Tensor) -> Any:
+        h, w = self.pipe.token_grid
+        return self.pipe.decode(tokens.view(-1, h, w))
+
+    def generate(self, prompts: list[str], steps: int) -> Any:
+        st = self.settings
+        options = GenerateOptions(
+            steps=steps,
+            guidance_scale=st.guidance_scale,
+            truncation_rate=st.truncation_rate,
+            seed=st.seed,
+            batch_size=len(prompts),
+            sampler=self.sampler,
+        )
+        return self.pipe.generate(prompts, options)
+
+
+class DiffusersEngine:
+    """diffusers' VQDiffusionPipeline, built from components on our weights; its loop body timed phase by phase."""
+
+    name = DIFFUSERS
+
+    def __init__(self, pipe: Any, settings: BenchSettings) -> None:
+        self.pipe, self.settings = pipe, settings
+        self.guided = settings.guidance_scale > 1.0  # diffusers' own rule
+        self.rows: torch.Tensor | None = None
+
+    def text(self, prompts: list[str]) -> Any:
+        with torch.inference_mode():
+            return self.pipe._encode_prompt(prompts, 1, self.guided)
+
+    def prepare(self, prompts: list[str]) -> None:
+        self.rows = self.text(prompts)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        x = torch.cat([x, x]) if self.guided else x
+        return self.pipe.transformer(
+            x, encoder_hidden_states=self.rows, timestep=torch.tensor(t, device=x.device)
+        ).sample
+
+    @torch.inference_mode()
+    def sampling(self, out: torch.Tensor, x_t: torch.Tensor, t: int, s: int | None) -> torch.Tensor:
+        st = self.settings
+        if self.guided:  # the pipeline's loop body, line for line
+            uncond, text = out.chunk(2)
+            out = uncond + st.guidance_scale * (text - uncond)
+            out -= torch.logsumexp(out, dim=1, keepdim=True)
+        out = self.pipe.truncate(out, st.truncation_rate).clamp(-70)
+        generator = torch.Generator(x_t.device).manual_seed(st.seed)
+        # diffusers always steps from t to t - 1 (s is that here), and samples x_0 directly at t = 0
+        return self.pipe.scheduler.step(out, timestep=t, sample=x_t, generator=generator).prev_sample
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> Any:
+        vqvae = self.pipe.vqvae
+        side = self.pipe.transformer.height
+        shape = (tokens.shape[0], side, side, vqvae.config.vq_embed_dim)
+        image = vqvae.decode(vqvae.quantize.get_codebook_entry(tokens, shape=shape), force_not_quantize=True).sample
+        image = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy()
+        return self.pipe.numpy_to_pil(image)
+
+    def generate(self, prompts: list[str], steps: int) -> Any:
+        st = self.settings
+        generator = torch.Generator(self.pipe.transformer.device).manual_seed(st.seed)
+        return self.pipe(
+            prompts,
+            num_inference_steps=steps,
+            guidance_scale=st.guidance_scale,
+            truncation_rate=st.truncation_rate,
+            generator=generator,
+        ).images
+
+
+def diffusers_pipeline(pipe: VQDiffusion, configs: dict[str, dict[str, Any]], dtype: torch.dtype) -> tuple[Any, str]:
+    """diffusers' VQDiffusionPipeline on `pipe`'s own tensors (shared memory), built from components: its
+    `from_pretrained` cannot load this pipeline in 0.42.1. Returns the pipeline and a note on what differs."""
+    from diffusers import Transformer2DModel, VQDiffusionPipeline, VQDiffusionScheduler, VQModel
+    from diffusers.pipelines.deprecated.vq_diffusion import LearnedClassifierFreeSamplingEmbeddings
+
+    def init_args(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if not k.startswith("_")}
+
+    comps = pipe.components
+    with torch.device("meta"):
+        transformer = Transformer2DModel(**{**init_args(configs["transformer"]), "norm_type": "ada_norm"})
+        vqvae = VQModel(**init_args(configs["vqvae"]))
+    transformer.load_state_dict(comps.transformer.state_dict(), strict=True, assign=True)
+    vqvae.load_state_dict(comps.vqvae.state_dict(), strict=True, assign=True)
+    note = ""
+    if dtype == torch.bfloat16:  # the pipeline's numpy() of its decoded images fails on bfloat16
+        vqvae = vqvae.float()
+        note = "diffusers bfloat16: its VQ-VAE runs in float32 (the pipeline cannot turn bfloat16 images into numpy)"
+    text_model = comps.text.text_model
+    if dtype != torch.float32:  # diffusers feeds the text states to the transformer as they come
+        text_model = copy.deepcopy(text_model).to(dtype)
+    null_cfg = comps.config.null_embedding
+    null = LearnedClassifierFreeSamplingEmbeddings(
+        learnable=null_cfg.learnable, hidden_size=null_cfg.hidden_size, length=null_cfg.length
+    )
+    if comps.text.null_embedding is not None:
+        null.embeddings = torch.nn.Parameter(comps.text.null_embedding.detach().to(dtype), requires_grad=False)
+    s = comps.config.scheduler
+    scheduler = VQDiffusionScheduler(
+        num_vec_classes=s.num_vec_classes,
+        num_train_timesteps=s.num_train_timesteps,
+        alpha_cum_start=s.alpha_cum_start,
+        alpha_cum_end=s.alpha_cum_end,
+        gamma_cum_start=s.gamma_cum_start,
+        gamma_cum_end=s.gamma_cum_end,
+    )
+    for module in (transformer, vqvae, text_model, null):
+        module.eval().requires_grad_(False)
+    result = VQDiffusionPipeline(
+        vqvae=vqvae,
+        text_encoder=text_model,
+        tokenizer=comps.text.tokenizer,
+        transformer=transformer,
+        scheduler=scheduler,
+        learned_classifier_free_sampling_embeddings=null.to(pipe.device),
+    )
+    result.set_progress_bar_config(disable=True)
+    return result, note

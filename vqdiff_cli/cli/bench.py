@@ -1,0 +1,208 @@
+"""`vqdiff bench`: speed, per phase and end to end, optionally side by side with diffusers on the same weights."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from ..console import Output
+from ..errors import UsageError
+from .app import app, report_errors
+from .options import CompileOpt, CudaGraphsOpt, DeviceOpt, QuietOpt, ThreadsOpt
+
+if TYPE_CHECKING:
+    from ..bench import BenchReport
+
+
+def _ints(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated integers, got '{text}'") from None
+    if not values:
+        raise UsageError(f"{flag} needs at least one value")
+    return values
+
+
+def _words(text: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (text or "").split(",") if v.strip())
+
+
+def _command_line() -> str | None:
+    """The command as typed, when this process is the vqdiff CLI (not a test runner)."""
+    if Path(sys.argv[0]).name in ("vqdiff", "__main__.py"):
+        return shlex.join(["vqdiff", *sys.argv[1:]])
+    return None
+
+
+@app.command()
+@report_errors
+def bench(
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model", "-m", help="Checkpoint folder (default: random weights, built in memory).", show_default=False
+        ),
+    ] = None,
+    config: Annotated[
+        str, typer.Option("--config", help="Architecture of the random weights: a shipped name or a config folder.")
+    ] = "ithq",
+    device: DeviceOpt = "auto",
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype", help="Comma-separated dtypes (default: float32,bfloat16 on CPU; float16,bfloat16 on GPU)."
+        ),
+    ] = None,
+    steps: Annotated[str, typer.Option("--steps", help="Comma-separated step counts.")] = "100,25,10",
+    batch: Annotated[str, typer.Option("--batch", help="Comma-separated batch sizes.")] = "1,4,16",
+    sampler: Annotated[
+        str | None,
+        typer.Option("--sampler", help="Comma-separated: reference, fast (default: fast on CUDA, both on CPU)."),
+    ] = None,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per figure (the median is reported).")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before the timed ones.")] = 1,
+    phases_only: Annotated[
+        bool, typer.Option("--phases-only", help="Only the phases; end-to-end figures are derived from them.")
+    ] = False,
+    vs_diffusers: Annotated[
+        bool, typer.Option("--vs-diffusers", help="Also run diffusers' VQDiffusionPipeline on the same weights.")
+    ] = False,
+    diffusers_dtype: Annotated[
+        str | None,
+        typer.Option("--diffusers-dtype", help="Comma-separated dtypes for diffusers (default: those of --dtype)."),
+    ] = None,
+    guidance: Annotated[float, typer.Option("--guidance", "-g", help="Classifier-free guidance scale.")] = 5.0,
+    truncation: Annotated[float, typer.Option("--truncation", "-t", help="Truncation rate in (0, 1].")] = 1.0,
+    max_run_seconds: Annotated[
+        float,
+        typer.Option("--max-run-seconds", help="Skip end-to-end runs estimated to take longer (derived instead)."),
+    ] = 300.0,
+    peak_tflops: Annotated[
+        float | None,
+        typer.Option("--peak-tflops", help="The device's dense peak, TFLOP/s (default: a table of GPUs)."),
+    ] = None,
+    compile: CompileOpt = None,
+    cuda_graphs: CudaGraphsOpt = None,
+    threads: ThreadsOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the results as one JSON document on stdout.")] = False,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Also write the JSON document to this file.")
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure speed: per phase and end to end, seconds per image and images per second."""
+    from ..accel import Acceleration
+    from ..bench import BenchSettings, run_bench
+    from ..device import configure_cpu_threads
+
+    out = Output(quiet=quiet, json_mode=json_out)
+    settings = BenchSettings(
+        steps=_ints("--steps", steps),
+        batches=_ints("--batch", batch),
+        dtypes=_words(dtype),
+        diffusers_dtypes=_words(diffusers_dtype),
+        samplers=_words(sampler),
+        repeats=repeats,
+        warmup=warmup,
+        phases_only=phases_only,
+        vs_diffusers=vs_diffusers,
+        guidance_scale=guidance,
+        truncation_rate=truncation,
+        max_run_seconds=max_run_seconds,
+        peak_tflops=peak_tflops,
+    )
+    if not 0 < truncation <= 1:
+        raise UsageError(f"--truncation must be in (0, 1], got {truncation}")
+    if model is not None and not model.is_dir():
+        raise UsageError(f"--model {model} is not a checkpoint folder")
+    configure_cpu_threads(threads)
+    report = run_bench(
+        settings,
+        model=model,
+        architecture=config,
+        device=device,
+        acceleration=Acceleration(compile, cuda_graphs),
+        on_progress=out.info,
+    )
+    report.command = _command_line()
+    document = json.dumps(report.to_json(), indent=2)
+    if output is not None:
+        output.write_text(document + "\n", encoding="utf-8")
+    if json_out:
+        out.result(document)
+    else:
+        render(report)
+    for note in report.notes:
+        out.warn(note)
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def _mib(value: int | None) -> str:
+    return "" if value is None else f"{value / 2**20:,.0f}"
+
+
+def render(report: BenchReport) -> None:
+    """The report as three tables on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+    dev = report.device
+    peak = f", peak {dev['peak_tflops']:.0f} TFLOP/s ({dev['peak_source']})" if dev["peak_tflops"] else ""
+    threads = f", {dev['threads']} threads" if dev["threads"] else ""
+    console.print(f"device: {dev['name']}{threads}{peak}")
+    versions = ", ".join(f"{k} {v}" for k, v in report.versions.items() if v)
+    console.print(f"model: {report.model.get('source')}; {versions}")
+
+    phases = Table(title="phases (median of the timed runs)")
+    for col in ("engine", "dtype", "batch", "phase", "t", "seconds", "s/image", "TFLOP/s", "% peak", "peak MiB"):
+        phases.add_column(col, justify="left" if col in ("engine", "dtype", "phase") else "right")
+    for p in report.phases:
+        phases.add_row(
+            p.engine,
+            p.dtype,
+            str(p.batch),
+            p.phase,
+            "" if p.timestep is None else str(p.timestep),
+            _seconds(p.median_s),
+            _seconds(p.per_image_s),
+            "" if p.tflops is None else f"{p.tflops:.2f}",
+            "" if p.peak_fraction is None else f"{100 * p.peak_fraction:.0f}%",
+            _mib(p.peak_memory_bytes),
+        )
+    console.print(phases)
+
+    e2e = Table(title="end to end (prompts to decoded images, one batch)")
+    for col in ("engine", "dtype", "batch", "steps", "kind", "s/image", "images/s", "peak MiB"):
+        e2e.add_column(col, justify="left" if col in ("engine", "dtype", "kind") else "right")
+    for e in report.end_to_end:
+        e2e.add_row(
+            e.engine,
+            e.dtype,
+            str(e.batch),
+            str(e.steps),
+            e.kind,
+            _seconds(e.s_per_image),
+            f"{e.images_per_s:.3g}",
+            _mib(e.peak_memory_bytes),
+        )
+    console.print(e2e)
+
+    default_dtype = "float32" if dev["type"] == "cpu" else "float16"  # diffusers' usual dtype there
+    shown = [s for s in report.speedups if s.baseline_dtype in (s.dtype, default_dtype)]  # all pairs are in --json
+    if shown:
+        ratios = Table(title="speed-up over diffusers (its seconds / ours, same batch and steps)")
+        for col in ("engine", "dtype", "vs diffusers", "batch", "steps", "kind", "speed-up"):
+            ratios.add_column(col, justify="left" if col in ("engine", "dtype", "vs diffusers", "kind") else "right")
+        for s in shown:
+            ratios.add_row(s.engine, s.dtype, s.baseline_dtype, str(s.batch), str(s.steps), s.kind, f"{s.ratio:.2f}x")
+        console.print(ratios)

@@ -1,0 +1,264 @@
+"""The fast sampler: the reverse process of `sampler.denoise`, batched, sampled per column in closed form.
+
+`sampler.denoise` follows diffusers op for op (bit-identical on CPU float32). This module samples from the same
+distributions with far less work; each change and why it keeps the distribution (shared/reference/vq-diffusion.md
+sections 5.6, 5.9 and 7 give diffusers' formulas):
+
+1. **Guidance on raw scores, in float32.** `log_softmax(u) + s (log_softmax(c) - log_softmax(u))`, renormalised, equals
+   `log_softmax(u + s (c - u))`: the two log-normalisers are a per-column constant. So the network returns raw
+   scores in its own dtype and one float32 expression replaces two float64 log-softmaxes and a logsumexp. float64
+   bought nothing: the scores are already rounded to the network's dtype (bf16/fp16 on a GPU), and a float32
+   softmax of them is exact to about 1e-7 relative, far below that rounding.
+2. **Truncation at rate 1.0 is skipped.** diffusers' float32 cumulative sum reaches 1.0 before the last classes and
+   cuts a tail of total mass below 3e-8; keeping it is the exact rate-1.0 distribution. Below 1.0 the same rule
+   (keep a class while the mass ranked above it is below the rate) runs with one sort and a float64 cumulative sum.
+3. **The posterior per column, in closed form.** diffusers builds (B, K, N) tensors (one-hot, transition rows,
+   posterior) per step. Per column the posterior reduces to a few scalars (`sample_columns`): a masked token stays
+   masked with probability gamma-bar_s / gamma-bar_t, otherwise it takes a class from
+   alpha-bar_s p(x_0) + beta-bar_s; an unmasked token j keeps j unless a rare replacement (weight beta_{t|s}) happens.
+   Terms diffusers carries at log(1e-30) (the one-hot floor, the mask row of an unmasked column) are exactly 0 here;
+   they are below anything a float32 Gumbel draw can pick.
+4. **Inverse-CDF sampling in float64.** A class is drawn with one uniform per column against a float64 cumulative
+   sum, instead of 4096 Gumbel variables per column: exact up to float64 rounding, and no (B, N, K) noise tensor.
+5. **Counter-based noise** (`streams.py`): per-image uniforms from (seed, timestep, column), all images in one
+   expression, no generator state, no host synchronisation; an image is the same alone or in a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .sampler import KnownTokens
+from .schedule import MaskAndReplaceSchedule
+from .streams import uniforms
+
+# Per-step coefficients (float64), by index into one row of `FastPlan.coef`.
+P_STAY = 0  # a masked token stays masked: gamma-bar_s / (gamma-bar_s + gamma_{t|s} (alpha-bar_s + n beta-bar_s))
+P_MODEL = 1  # a token leaving the mask comes from p(x_0) (else uniform): alpha-bar_s / (alpha-bar_s + n beta-bar_s)
+A_T, B_T = 2, 3  # alpha-bar_t, beta-bar_t: q(x_t = j | x_0 = j) = A_T + B_T, q(x_t = j | x_0 = k != j) = B_T
+A_S, B_S = 4, 5  # alpha-bar_s, beta-bar_s
+KEEP, BETA = 6, 7  # q(x_t = j | x_s = j) = alpha_{t|s} + beta_{t|s}; q(x_t = j | x_s = k != j) = beta_{t|s}
+G_S = 8  # gamma-bar_s, for re-noising known tokens
+NUM_COEF = 9
+
+DRAWS = 4  # uniforms per column and step: move?, from the model?, which class (model), which class (uniform)
+RENOISE_SALT = 1  # the re-noising stream of a step is salt + 1 (steps use even salts)
+
+
+def step_coefficients(schedule: MaskAndReplaceSchedule, t: int, s: int | None) -> list[float]:
+    """The float64 scalars of the step from t to s (all zero for the final step to x_0, which needs none)."""
+    if s is None:
+        return [0.0] * NUM_COEF
+    n = schedule.num_classes - 1
+    a_t, c_t = float(schedule.cumprod_at[t]), float(schedule.cumprod_ct[t])
+    a_s, c_s = float(schedule.cumprod_at[s]), float(schedule.cumprod_ct[s])
+    b_t, b_s = (1 - a_t - c_t) / n, (1 - a_s - c_s) / n
+    alpha = a_t / a_s  # the multi-step transition t|s, as MaskAndReplaceSchedule.step computes it
+    gamma = 1 - (1 - c_t) / (1 - c_s)
+    beta = max(0.0, (1 - alpha - gamma) / n)
+    coef = [0.0] * NUM_COEF
+    coef[P_STAY] = c_s / (c_s + gamma * (a_s + n * b_s))
+    coef[P_MODEL] = a_s / (a_s + n * b_s)
+    coef[A_T], coef[B_T], coef[A_S], coef[B_S] = a_t, b_t, a_s, b_s
+    coef[KEEP], coef[BETA], coef[G_S] = alpha + beta, beta, c_s
+    return coef
+
+
+@dataclass(frozen=True)
+class FastPlan:
+    """Everything the loop needs per step, on the device up front, so that no step copies from the host."""
+
+    timesteps: tuple[int, ...]
+    t: torch.Tensor  # (S,) int64: the network's timestep at each step
+    coef: torch.Tensor  # (S, NUM_COEF) float64
+    salt: torch.Tensor  # (S,) int64: the noise stream of each step
+
+    @classmethod
+    def build(cls, schedule: MaskAndReplaceSchedule, timesteps: Sequence[int], device: torch.device) -> FastPlan:
+        targets: list[int | None] = [*timesteps[1:], None]
+        coef = [step_coefficients(schedule, t, s) for t, s in zip(timesteps, targets, strict=True)]
+        return cls(
+            tuple(timesteps),
+            torch.tensor(list(timesteps), dtype=torch.long, device=device),
+            torch.tensor(coef, dtype=torch.float64, device=device),
+            torch.tensor([2 * t for t in timesteps], dtype=torch.long, device=device),
+        )
+
+
+# -- the per-step math: pure functions --------------------------------------------------------------------------
+
+
+def guided_weights(logits: torch.Tensor, guidance_scale: float | None) -> torch.Tensor:
+    """(2B or B, N, n) raw scores (unconditional half first) -> (B, N, n) float32 p(x_0) up to a per-column factor."""
+    if guidance_scale is None:
+        z = logits.float()
+    else:
+        uncond, cond = logits.chunk(2)
+        z = torch.lerp(uncond.float(), cond.float(), guidance_scale)  # u + s (c - u)
+    return (z - z.amax(dim=-1, keepdim=True)).exp_()
+
+
+def truncate_weights(weights: torch.Tensor, rate: float) -> torch.Tensor:
+    """Zero every class ranked below the smallest top set holding `rate` of the mass (the top class always stays)."""
+    ranked, order = weights.sort(dim=-1, descending=True, stable=True)
+    cum = ranked.cumsum(dim=-1, dtype=torch.float64)
+    keep_ranked = (cum - ranked) < rate * cum[..., -1:]  # mass ranked above the class is below the rate
+    keep = torch.empty_like(keep_ranked).scatter_(-1, order, keep_ranked)
+    return weights.masked_fill(~keep, 0.0)
+
+
+def _invert_cdf(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The class whose cdf interval holds `target` (B, N); classes of zero weight are never returned."""
+    total = cdf[..., -1]
+    target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))  # strictly below the total
+    index = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1)
+    return index.clamp_(max=cdf.shape[-1] - 1)
+
+
+def sample_columns(
+    weights: torch.Tensor, x_t: torch.Tensor, coef: torch.Tensor, u: torch.Tensor, final: bool
+) -> torch.Tensor:
+    """Draw x_s ~ p(x_s | x_t) per column (or x_0 ~ p(x_0 | x_t) when `final`): (B, N) ids -> (B, N) ids.
+
+    weights: (B, N, n) unnormalised p(x_0 | x_t), zero where truncated; coef: one row of the plan; u: (B, N, DRAWS)
+    float64 uniforms. With p the normalised weights, the posterior of diffusers' q_posterior is, per column:
+    * x_t = mask: mask with weight gamma-bar_s; class k with weight gamma_{t|s} (alpha-bar_s p_k + beta-bar_s).
+    * x_t = j: with r_k proportional to p_k / q(x_t = j | x_0 = k) (that is p_j / (A_T + B_T) for k = j and
+      p_k / B_T for the others), class k has weight (alpha-bar_s r_k + beta-bar_s) q(x_t = j | x_s = k):
+      KEEP for k = j, BETA for every other class, 0 for the mask (which is absorbing). Given that the token moves,
+      the new class is from r restricted to k != j (that is p restricted to k != j) or uniform over the others.
+    Each branch is drawn with its own uniform: whether the token moves, whether the new class comes from p or from
+    the uniform part, then the class itself (by inverse CDF, skipping j's interval when j may not be drawn).
+    """
+    n = weights.shape[-1]
+    cdf = weights.cumsum(dim=-1, dtype=torch.float64)  # (B, N, n)
+    total = cdf[..., -1]
+    if final:  # x_0 ~ p(x_0 | x_t) for every column, as diffusers' last step
+        return _invert_cdf(cdf, u[..., 2] * total)
+    c = coef.unbind()
+    masked = x_t == n
+    j = x_t.clamp(max=n - 1).unsqueeze(-1)
+    w_j = weights.gather(-1, j).squeeze(-1).double()
+    below = cdf.gather(-1, (j - 1).clamp_(min=0)).squeeze(-1)
+    before_j = torch.where(j.squeeze(-1) == 0, 0.0, below)  # mass of the classes below j, exactly as in the cdf
+    rest = total - w_j  # mass of the classes other than j
+    den = w_j * c[B_T] + rest * (c[A_T] + c[B_T])
+    r_j = w_j * c[B_T] / den
+    r_rest = rest * (c[A_T] + c[B_T]) / den  # 1 - r_j without cancellation
+    model_rest = c[A_S] * r_rest  # weight of "another class, from p" (times BETA)
+    uniform_rest = (n - 1) * c[B_S]  # weight of "another class, uniformly" (times BETA)
+    w_keep = (c[A_S] * r_j + c[B_S]) * c[KEEP]
+    w_move = c[BETA] * (model_rest + uniform_rest)
+    moves = torch.where(masked, u[..., 0] >= c[P_STAY], u[..., 0] * (w_keep + w_move) < w_move)
+    from_model = torch.where(masked, u[..., 1] < c[P_MODEL], u[..., 1] * (model_rest + uniform_rest) < model_rest)
+    # the model's class: any class for a masked column, any but j for an unmasked one (j's interval is skipped)
+    target = u[..., 2] * torch.where(masked, total, rest)
+    target = torch.where(~masked & (target >= before_j), target + w_j, target)
+    model_class = _invert_cdf(cdf, target)
+    # the uniform class: one of n for a masked column, one of the n - 1 others for an unmasked one
+    others = torch.where(masked, n, n - 1)
+    uniform_class = (u[..., 3] * others).long().clamp_(max=n - 1)
+    uniform_class = uniform_class + (~masked & (uniform_class >= x_t)).long()
+    new = torch.where(from_model, model_class, uniform_class)
+    return torch.where(moves, new, x_t)
+
+
+def q_sample_columns(x_0: torch.Tensor, coef: torch.Tensor, u: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """x_s ~ q(x_s | x_0) for (B, N) ids: the mask with gamma-bar_s, x_0 with alpha-bar_s, else a uniform class."""
+    c = coef.unbind()
+    uniform_class = (u[..., 1] * num_codes).long().clamp_(max=num_codes - 1)
+    kept = torch.where(u[..., 0] < c[G_S] + c[A_S], x_0, uniform_class)
+    return torch.where(u[..., 0] < c[G_S], num_codes, kept)
+
+
+def fast_step(
+    logits: torch.Tensor,
+    x_t: torch.Tensor,
+    coef: torch.Tensor,
+    words: torch.Tensor,
+    salt: torch.Tensor,
+    guidance_scale: float | None,
+    truncation_rate: float,
+    final: bool,
+) -> torch.Tensor:
+    """Guidance, truncation, posterior and sample for a batch: raw scores (2B or B, N, n), x_t (B, N) -> (B, N)."""
+    weights = guided_weights(logits, guidance_scale)
+    if truncation_rate < 1.0:
+        weights = truncate_weights(weights, truncation_rate)
+    u = uniforms(words, salt, (x_t.shape[1], DRAWS))
+    return sample_columns(weights, x_t, coef, u, final)
+
+
+def impose_known(
+    x: torch.Tensor,
+    known: KnownTokens,
+    coef: torch.Tensor,
+    words: torch.Tensor,
+    salt: torch.Tensor,
+    final: bool,
+    num_codes: int,
+) -> torch.Tensor:
+    """Inpainting: known tokens back in place, or re-noised to the new level s when `known.renoise`."""
+    source = known.tokens
+    if known.renoise and not final:
+        u = uniforms(words, salt + RENOISE_SALT, (x.shape[1], 2))
+        source = q_sample_columns(known.tokens, coef, u, num_codes)
+    return torch.where(known.regenerate, x, source)
+
+
+# -- the loop ---------------------------------------------------------------------------------------------------
+
+# (x (B or 2B, N) ids, t 0-dim int64 tensor) -> raw scores (B or 2B, N, n)
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class FastStep(Protocol):
+    """One whole step (network call and sampling): (x_t, t, coef, salt) -> x_s, every input a device tensor."""
+
+    def __call__(
+        self, x: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, salt: torch.Tensor, final: bool
+    ) -> torch.Tensor: ...
+
+
+def make_step(
+    logits_fn: LogitsFn,
+    words: torch.Tensor,
+    guidance_scale: float | None,
+    truncation_rate: float,
+    num_codes: int,
+    known: KnownTokens | None = None,
+    step_math: Callable[..., torch.Tensor] = fast_step,
+) -> FastStep:
+    """Bind the network and the batch's fixed inputs (seed words, known tokens) into one step function.
+
+    `guidance_scale` None means no guidance: the network sees x once, not [x, x] with the unconditional half first.
+    `step_math` is `fast_step` or a compiled version of it.
+    """
+
+    def step(x: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, salt: torch.Tensor, final: bool) -> torch.Tensor:
+        logits = logits_fn(x if guidance_scale is None else torch.cat([x, x]), t)
+        x_s = step_math(logits, x, coef, words, salt, guidance_scale, truncation_rate, final)
+        if known is not None:
+            x_s = impose_known(x_s, known, coef, words, salt, final, num_codes)
+        return x_s
+
+    return step
+
+
+def denoise_fast(
+    step: FastStep, x_t: torch.Tensor, timesteps: Sequence[int], schedule: MaskAndReplaceSchedule
+) -> Iterator[torch.Tensor]:
+    """Run the reverse chain over `timesteps` (descending), yielding x after each step; the last yield is x_0.
+
+    Nothing in the loop reads a device value on the host, so a GPU never waits for Python.
+    """
+    plan = FastPlan.build(schedule, timesteps, x_t.device)
+    x = x_t
+    last = len(timesteps) - 1
+    for i in range(len(timesteps)):
+        x = step(x, plan.t[i], plan.coef[i], plan.salt[i], i == last)
+        yield x
