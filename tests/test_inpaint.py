@@ -324,3 +324,26 @@ def test_whole_mask_warns(files):
     r = run("inpaint", "photo.png", "--mask", "all.png", "--seed", "1", "--steps", "3")
     assert r.exit_code == 0
     assert "warning: the mask covers every token" in r.stderr
+
+
+@pytest.mark.parametrize("known", ["restore", "renoise"])
+def test_fast_sampler_keeps_known_tokens_and_pixels(tiny_pipe, photo, painted, known):
+    options = InpaintOptions(known=known, feather=2)
+    setup = tiny_pipe.prepare_inpaint(photo, painted, options)
+    results = tiny_pipe.inpaint(
+        photo, painted, "a red ball", GenerateOptions(seed=5, num_images=2, sampler="fast"), options
+    )
+    keep = ~setup.regenerate
+    outside = setup.alpha == 0
+    for result in results:
+        assert torch.equal(result.tokens[keep], setup.tokens[keep])
+        assert (np.asarray(result.image)[outside] == np.asarray(photo)[outside]).all()
+
+
+def test_fast_sampler_variations(tiny_pipe, photo):
+    source = tiny_pipe.prepare_edit(photo)
+    fast = GenerateOptions(seed=4, steps=20, sampler="fast")
+    assert torch.equal(tiny_pipe.vary(photo, "", 0.0, fast)[0].tokens, source.tokens)
+    varied = tiny_pipe.vary(photo, "a cat", 1.0, fast)[0]
+    assert torch.equal(varied.tokens, tiny_pipe.generate("a cat", fast)[0].tokens)
+    assert tiny_pipe.vary(photo, "", 0.5, fast)[0].tokens.shape == (4, 4)

@@ -333,7 +333,10 @@ class VQDiffusion:
         """Denoise one batch from x_t over `timesteps`, decode it, and package the results."""
         h, w = self.token_grid
         seeds = [j.seed for j in batch]
-        if self.uses_fast_sampler(options):
+        chain: Iterator[torch.Tensor]
+        if not timesteps:  # nothing to sample (a variation of strength 0)
+            chain = iter(())
+        elif self.uses_fast_sampler(options):
             chain = self._denoise_fast(x_t, context, timesteps, options, seeds, known)
         else:
             chain = denoise(
