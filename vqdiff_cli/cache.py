@@ -132,7 +132,7 @@ class ModelCache:
 
     def check(self, key: EntryKey) -> Entry:
         """The entry for `key` after the integrity checks; WeightsError saying what is wrong otherwise."""
-        from .weights import safetensors_header
+        from .convert import safetensors_header
 
         folder = self.entry_dir(key)
         manifest_path = folder / MANIFEST

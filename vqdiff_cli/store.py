@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from . import weights
+from . import convert, weights
 from .cache import Entry, EntryKey, ModelCache
 from .device import dtype_name
 from .errors import DownloadError, UsageError, WeightsError
@@ -241,13 +241,13 @@ class _Preparer:
     def convert(self, commit: str, snapshot: Path) -> Entry:
         def write(folder: Path) -> dict[str, Any]:
             def on_component(component: str, converting: bool) -> None:
-                stored = dtype_name(weights.stored_dtype(component, self.dtype))
+                stored = dtype_name(convert.stored_dtype(component, self.dtype))
                 if converting:
                     self.emit("convert", f"converting {component} weights to {stored} safetensors (once)")
                 else:
                     self.emit("convert", f"linking {component} weights (already {stored} safetensors)")
 
-            done = weights.write_converted(snapshot, folder, self.dtype, self.variant, on_component)
+            done = convert.write_converted(snapshot, folder, self.dtype, self.variant, on_component)
             return {
                 "revision": self.revision,
                 "variants": {c.component: c.variant for c in done},
