@@ -18,7 +18,7 @@ from .diffusion.sampler import sample_step
 from .diffusion.streams import seed_words
 
 if TYPE_CHECKING:
-    from .bench import BenchSettings
+    from .bench_report import BenchSettings
 
 REFERENCE, FAST, DIFFUSERS = "vqdiff-reference", "vqdiff-fast", "diffusers"
 

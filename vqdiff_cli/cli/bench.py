@@ -16,7 +16,7 @@ from .app import app, report_errors
 from .options import CompileOpt, CudaGraphsOpt, DeviceOpt, QuietOpt, ThreadsOpt
 
 if TYPE_CHECKING:
-    from ..bench import BenchReport
+    from ..bench_report import BenchReport
 
 
 def _ints(flag: str, text: str) -> tuple[int, ...]:
@@ -98,7 +98,8 @@ def bench(
 ) -> None:
     """Measure speed: per phase and end to end, seconds per image and images per second."""
     from ..accel import Acceleration
-    from ..bench import BenchSettings, run_bench
+    from ..bench import run_bench
+    from ..bench_report import BenchSettings
     from ..device import configure_cpu_threads
 
     out = Output(quiet=quiet, json_mode=json_out)

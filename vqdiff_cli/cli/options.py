@@ -148,7 +148,6 @@ class VisualsOpts:
     ]
 
 
-OutputPathOpt = Annotated[Path, typer.Option("--output", "-o", help="Output file.")]
 SamplerOpt = Annotated[
     str | None,
     typer.Option(

@@ -19,7 +19,7 @@ from ..errors import UsageError
 from ..files import check_writable
 from ..settings import SETTINGS, Resolved, read_config, resolve
 from . import naming
-from .common import load_model
+from .common import cache_dir_of, load_model
 
 if TYPE_CHECKING:
     from ..api import GeneratedImage, GenerateOptions, StepEvent, VQDiffusion
@@ -216,7 +216,7 @@ def execute(out: Output, plan: RunPlan, sample: Sampler) -> list[GeneratedImage]
         variant=s["variant"],
         revision=s["revision"],
         offline=plan.offline,
-        cache_dir=Path(s["cache_dir"]).expanduser() if s["cache_dir"] else None,
+        cache_dir=cache_dir_of(plan.settings),
         **plan.acceleration,
     )
     if plan.seed_was_random:

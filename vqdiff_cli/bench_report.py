@@ -1,0 +1,104 @@
+"""What `vqdiff bench` is asked (`BenchSettings`) and what it reports (`BenchReport`: plain data, `to_json()`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .device import DTYPES
+from .errors import UsageError
+
+SCHEMA = "vqdiff.bench/1"
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    steps: tuple[int, ...] = (100, 25, 10)
+    batches: tuple[int, ...] = (1, 4, 16)
+    dtypes: tuple[str, ...] = ()  # empty: every dtype worth running on the device
+    diffusers_dtypes: tuple[str, ...] = ()  # empty: the same as `dtypes`
+    samplers: tuple[str, ...] = ()  # "reference", "fast"; empty: fast on CUDA, both elsewhere
+    repeats: int = 3
+    warmup: int = 1
+    phases_only: bool = False
+    vs_diffusers: bool = False
+    guidance_scale: float = 5.0
+    truncation_rate: float = 1.0
+    sampling_timesteps: tuple[int, ...] = (99, 50, 1)  # the step math is also timed at t = 0 (the final step)
+    transformer_timestep: int = 50
+    max_run_seconds: float = 300.0
+    prompt: str = "a teddy bear playing in the pool"
+    seed: int = 0
+    peak_tflops: float | None = None  # overrides the table above
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or self.warmup < 0:
+            raise UsageError("--repeats must be at least 1 and --warmup at least 0")
+        if not self.steps or min(self.steps) < 1 or not self.batches or min(self.batches) < 1:
+            raise UsageError("--steps and --batch need positive values")
+        for dt in (*self.dtypes, *self.diffusers_dtypes):
+            if dt not in DTYPES:
+                raise UsageError(f"unknown dtype '{dt}'", hint=f"use one of: {', '.join(DTYPES)}")
+        for s in self.samplers:
+            if s not in ("reference", "fast"):
+                raise UsageError(f"unknown sampler '{s}'", hint="use reference or fast")
+
+
+@dataclass
+class PhaseResult:
+    engine: str
+    dtype: str
+    batch: int
+    phase: str
+    timestep: int | None
+    runs_s: list[float]
+    median_s: float
+    per_image_s: float
+    tflops: float | None = None  # transformer only: achieved model TFLOP/s
+    peak_fraction: float | None = None  # of the device's dense peak (GPUs only)
+    peak_memory_bytes: int | None = None  # CUDA: peak allocated; CPU: peak resident set of the process
+    peak_reserved_bytes: int | None = None  # CUDA: peak reserved, CUDA-graph memory pools included
+
+
+@dataclass
+class EndToEnd:
+    engine: str
+    dtype: str
+    batch: int
+    steps: int
+    kind: str  # "measured" or "derived" (text + steps x (forward + sampling) + decode, from the phases)
+    median_s: float  # one batch, prompts to images
+    s_per_image: float
+    images_per_s: float
+    runs_s: list[float] = field(default_factory=list)
+    peak_memory_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+
+
+@dataclass
+class Speedup:
+    engine: str
+    dtype: str
+    baseline: str
+    baseline_dtype: str
+    batch: int
+    steps: int
+    kind: str  # "measured" when both sides were measured end to end, else "derived"
+    ratio: float  # baseline seconds / our seconds: above 1 means faster than the baseline
+
+
+@dataclass
+class BenchReport:
+    created: str
+    versions: dict[str, str | None]
+    device: dict[str, Any]
+    model: dict[str, Any]
+    settings: dict[str, Any]
+    phases: list[PhaseResult] = field(default_factory=list)
+    end_to_end: list[EndToEnd] = field(default_factory=list)
+    speedups: list[Speedup] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    command: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, **asdict(self)}
