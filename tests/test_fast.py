@@ -8,10 +8,13 @@ known tokens. No timings here: speed is measured by `vqdiff bench`.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from vqdiff_cli import GenerateOptions, VQDiffusion
+from vqdiff_cli import GenerateOptions, InpaintOptions, VQDiffusion
 from vqdiff_cli.accel import Acceleration, Compiled, StepRunner
 from vqdiff_cli.config import SchedulerConfig
 from vqdiff_cli.diffusion.fast import (
@@ -167,9 +170,8 @@ def test_masked_fraction_follows_cumgamma(steps):
     schedule = MaskAndReplaceSchedule.from_config(SchedulerConfig(num_vec_classes=k, num_train_timesteps=100))
     timesteps = plan_timesteps(99, steps=steps)
     step = make_step(_random_logits(k - 1), seed_words(list(range(b)), "cpu"), None, 1.0, k - 1)
-    fractions = [
-        (x == k - 1).float().mean().item() for x in denoise_fast(step, torch.full((b, n), k - 1), timesteps, schedule)
-    ]
+    plan = FastPlan.build(schedule, timesteps, torch.device("cpu"))
+    fractions = [(x == k - 1).float().mean().item() for x in denoise_fast(step, torch.full((b, n), k - 1), plan)]
     assert fractions[-1] == 0.0
     for s, frac in zip(timesteps[1:], fractions[:-1], strict=True):
         expected = float(schedule.cumprod_ct[s])
@@ -184,12 +186,13 @@ def test_known_tokens_are_restored_or_renoised():
     tokens = torch.randint(0, k - 1, (b, n), generator=g)
     regenerate = torch.rand(b, n, generator=g) < 0.5
     timesteps = plan_timesteps(99, steps=10)
+    plan = FastPlan.build(schedule, timesteps, torch.device("cpu"))
     words = seed_words([1, 2], "cpu")
     kept = make_step(_random_logits(k - 1), words, None, 1.0, k - 1, KnownTokens(tokens, regenerate))
-    for x in denoise_fast(kept, torch.full((b, n), k - 1), timesteps, schedule):
+    for x in denoise_fast(kept, torch.full((b, n), k - 1), plan):
         assert torch.equal(x[~regenerate], tokens[~regenerate])
     renoised = make_step(_random_logits(k - 1), words, None, 1.0, k - 1, KnownTokens(tokens, regenerate, True))
-    chain = list(denoise_fast(renoised, torch.full((b, n), k - 1), timesteps, schedule))
+    chain = list(denoise_fast(renoised, torch.full((b, n), k - 1), plan))
     for s, x in zip(timesteps[1:], chain[:-1], strict=True):
         known = x[~regenerate]
         masked = (known == k - 1).float().mean().item()
@@ -228,6 +231,83 @@ def test_fast_sampler_image_alone_equals_in_a_batch(tiny_pipe):
     assert torch.equal(batch[1].tokens, alone.tokens)
     assert not torch.equal(batch[0].tokens, batch[1].tokens)
     assert all((r.tokens < 16).all() for r in batch)
+
+
+# aten ops that read a device value on the host or copy host data to the device: on a GPU each one stalls the loop
+HOST_SYNC_OPS = {
+    "item",
+    "_local_scalar_dense",  # .item(), bool(t), int(t), float(t)
+    "is_nonzero",
+    "equal",
+    "nonzero",
+    "masked_select",
+    "masked_scatter",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "repeat_interleave",
+    "lift_fresh",  # torch.tensor(<host data>)
+    "lift_fresh_copy",
+}
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every aten op run while active; flags the ones that would synchronise a GPU with the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        to_device = kwargs.get("device") is not None or any(isinstance(a, torch.device | str) for a in args[1:])
+        if name in ("to", "_to_copy") and to_device and out is not args[0]:
+            name += "(device)"  # a copy to a device (on a GPU, from the host when the source is a host tensor)
+        if name in ("index", "index_put", "index_put_"):  # boolean-mask indexing has a data-dependent shape
+            indices = args[1] if len(args) > 1 else ()
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
+                name += "(bool)"
+        self.ops.append(name)
+        return out
+
+    def syncs(self) -> list[str]:
+        return [op for op in self.ops if op in HOST_SYNC_OPS or "(" in op]
+
+
+@pytest.mark.parametrize("mode", ["generate", "inpaint-renoise"])
+def test_the_fast_step_loop_never_waits_for_the_host(tiny_pipe, monkeypatch, mode):
+    """Every op of every step (network, guidance, truncation, posterior, noise, known tokens) stays on the device.
+
+    The loop is what `VQDiffusion` runs; the recorder sees the aten ops of each step on the CPU, where an op that would
+    stall a GPU (a read of a device value, a host-to-device copy, a data-dependent shape) is still visible.
+    """
+    recorders: list[OpRecorder] = []
+
+    def recorded(step, x_t, plan):  # type: ignore[no-untyped-def]
+        chain = denoise_fast(step, x_t, plan)
+        while True:
+            recorders.append(OpRecorder())
+            with recorders[-1]:
+                x = next(chain, None)
+            if x is None:
+                return
+            yield x
+
+    monkeypatch.setattr("vqdiff_cli.api.denoise_fast", recorded)
+    options = GenerateOptions(seed=4, num_images=2, batch_size=2, sampler="fast", steps=6, truncation_rate=0.9)
+    if mode == "generate":
+        tiny_pipe.generate("a teddy bear", options)
+    else:
+        picture = Image.fromarray(np.full((16, 16, 3), 120, dtype=np.uint8))
+        mask = np.zeros((16, 16), dtype=bool)
+        mask[:8] = True
+        tiny_pipe.inpaint(picture, mask, "a teddy bear", options, InpaintOptions(known="renoise"))
+    steps = [r for r in recorders if r.ops]
+    assert len(steps) >= 2
+    assert all({"linear", "addmm", "mm"} & set(r.ops) for r in steps)  # the network ran in each step
+    assert [r.syncs() for r in steps] == [[] for _ in steps]
 
 
 def test_fast_sessions_are_reused_with_new_inputs(tiny):

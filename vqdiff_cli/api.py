@@ -24,7 +24,7 @@ from . import images as imageio
 from .accel import Acceleration
 from .config import PipelineConfig
 from .device import dtype_name, make_generators, resolve_device, resolve_dtype
-from .diffusion.fast import denoise_fast
+from .diffusion.fast import FastPlan, denoise_fast
 from .diffusion.sampler import KnownTokens, TextContext, denoise
 from .diffusion.schedule import MaskAndReplaceSchedule
 from .diffusion.streams import seed_words
@@ -383,7 +383,7 @@ class VQDiffusion:
         )
         words = seed_words(seeds, self.device)
         session = self.fast_sessions.session(self.components.transformer, key, rows.to(self.dtype), words, known)
-        return denoise_fast(session.runner, x_t, timesteps, self.schedule)
+        return denoise_fast(session.runner, x_t, FastPlan.build(self.schedule, timesteps, self.device))
 
     # -- tokens <-> images ------------------------------------------------------------------------------------
 

@@ -249,16 +249,14 @@ def make_step(
     return step
 
 
-def denoise_fast(
-    step: FastStep, x_t: torch.Tensor, timesteps: Sequence[int], schedule: MaskAndReplaceSchedule
-) -> Iterator[torch.Tensor]:
-    """Run the reverse chain over `timesteps` (descending), yielding x after each step; the last yield is x_0.
+def denoise_fast(step: FastStep, x_t: torch.Tensor, plan: FastPlan) -> Iterator[torch.Tensor]:
+    """Run the reverse chain of `plan`, yielding x after each step; the last yield is x_0.
 
-    Nothing in the loop reads a device value on the host, so a GPU never waits for Python.
+    Nothing in the loop reads a device value on the host or copies one to the device (the plan is on the device
+    already), so a GPU never waits for Python; `tests/test_fast.py` checks this op by op.
     """
-    plan = FastPlan.build(schedule, timesteps, x_t.device)
     x = x_t
-    last = len(timesteps) - 1
-    for i in range(len(timesteps)):
+    last = len(plan.timesteps) - 1
+    for i in range(len(plan.timesteps)):
         x = step(x, plan.t[i], plan.coef[i], plan.salt[i], i == last)
         yield x
