@@ -81,7 +81,7 @@ class _Graph:
         pool: Any,
     ) -> None:
         self.inputs = tuple(a.clone() for a in example)
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]  # torch's __new__ is unannotated
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(GRAPH_WARMUP):

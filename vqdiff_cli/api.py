@@ -31,7 +31,14 @@ from .diffusion.streams import seed_words
 from .edit import EditSource, InpaintOptions, InpaintSetup
 from .errors import UsageError
 from .fastpath import FastSessions, SessionKey
-from .generation import MAX_SEED, GeneratedImage, GenerateOptions, ModelSource, StepCallback, StepEvent
+from .generation import MAX_SEED
+
+# Re-exported (`X as X`): `vqdiff_cli.__getattr__` and callers import the public API's names from here.
+from .generation import GeneratedImage as GeneratedImage
+from .generation import GenerateOptions as GenerateOptions
+from .generation import ModelSource as ModelSource
+from .generation import StepCallback as StepCallback
+from .generation import StepEvent as StepEvent
 from .store import LoadCallback, prepare
 from .weights import VARIANTS, Components, load_components
 
@@ -144,7 +151,8 @@ class VQDiffusion:
         transformer = self.components.transformer
 
         def run(x_t: torch.Tensor, context: torch.Tensor, t: int) -> torch.Tensor:
-            return transformer(x_t, context.to(self.dtype), t)
+            log_p: torch.Tensor = transformer(x_t, context.to(self.dtype), t)
+            return log_p
 
         return run
 
@@ -269,7 +277,7 @@ class VQDiffusion:
                 steps.append(x.cpu())
             if on_step is not None:
                 if self.device.type == "cuda":  # keep progress honest without ever letting the GPU idle
-                    pace.append(torch.cuda.Event())
+                    pace.append(torch.cuda.Event())  # type: ignore[no-untyped-call]  # torch's __new__ is unannotated
                     pace[-1].record()
                     if len(pace) > PROGRESS_LAG:
                         pace.popleft().synchronize()

@@ -18,9 +18,10 @@ import platform
 import re
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(runs: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: torch.device) -> dict[str, Timed]:
+def measure(runs: Mapping[str, Callable[[], Any]], warmup: int, repeats: int, device: torch.device) -> dict[str, Timed]:
     """Time each callable `repeats` times after `warmup` untimed calls, alternating between them run by run."""
     memory = PeakMemory(device)
     for _ in range(warmup):
@@ -307,7 +308,7 @@ def _bench_batch(
             results[(engine, phase, t)] = result
 
     say(f"{dtype}, batch {batch}: text encoding")
-    record("text", None, measure({n: (lambda e=e: e.text(prompts)) for n, e in by.items()}, st.warmup, st.repeats, dev))
+    record("text", None, measure({n: partial(e.text, prompts) for n, e in by.items()}, st.warmup, st.repeats, dev))
     for engine in engines:
         engine.prepare(prompts)
 
@@ -319,22 +320,21 @@ def _bench_batch(
     def forward(e: Engine) -> None:
         outputs[e.name] = e.forward(x, t_fwd)
 
-    record(
-        "transformer", t_fwd, measure({n: (lambda e=e: forward(e)) for n, e in by.items()}, st.warmup, st.repeats, dev)
-    )
+    def sampling(e: Engine, x_t: torch.Tensor, t: int, s: int | None) -> torch.Tensor:
+        return e.sampling(outputs[e.name], x_t, t, s)  # the forward's output, looked up when it runs
+
+    record("transformer", t_fwd, measure({n: partial(forward, e) for n, e in by.items()}, st.warmup, st.repeats, dev))
 
     for t in (*st.sampling_timesteps, 0):
         s = None if t == 0 else t - 1
         say(f"{dtype}, batch {batch}: sampling math at t={t}")
         x_t = _random_tokens(batch, cfg.num_latent_pixels, codes, float(pipe.schedule.cumprod_ct[t]), st.seed + t, dev)
-        runs = {n: (lambda e=e, x_t=x_t, t=t, s=s: e.sampling(outputs[e.name], x_t, t, s)) for n, e in by.items()}
+        runs = {n: partial(sampling, e, x_t, t, s) for n, e in by.items()}
         record("sampling", t, measure(runs, st.warmup, st.repeats, dev))
 
     say(f"{dtype}, batch {batch}: VQ decode")
     tokens = _random_tokens(batch, cfg.num_latent_pixels, codes, 0.0, st.seed, dev)
-    record(
-        "decode", None, measure({n: (lambda e=e: e.decode(tokens)) for n, e in by.items()}, st.warmup, st.repeats, dev)
-    )
+    record("decode", None, measure({n: partial(e.decode, tokens) for n, e in by.items()}, st.warmup, st.repeats, dev))
     outputs.clear()
 
     for steps in st.steps:
@@ -364,7 +364,7 @@ def _bench_batch(
             continue
         say(f"{dtype}, batch {batch}: end to end, {steps} steps")
         timed = measure(
-            {n: (lambda e=e, steps=steps: e.generate(prompts, steps)) for n, e in runnable.items()},
+            {n: partial(e.generate, prompts, steps) for n, e in runnable.items()},
             st.warmup,
             st.repeats,
             dev,

@@ -8,7 +8,7 @@ line for line), so that phases can be timed side by side and an end-to-end time 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
@@ -58,11 +58,13 @@ class OurEngine:
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
         transformer = self.pipe.components.transformer
+        rows = cast(torch.Tensor, self.rows)  # set by prepare()
         x = torch.cat([x, x]) if self.guided else x
         if self.sampler == "fast":
             run_block = self.pipe.fast_sessions.kernels().run_block
-            return transformer.logits(x, self.rows, torch.tensor(t, device=x.device), self.kv, run_block)
-        return transformer(x, self.rows, t)
+            return transformer.logits(x, rows, torch.tensor(t, device=x.device), self.kv, run_block)
+        log_p: torch.Tensor = transformer(x, rows, t)
+        return log_p
 
     @torch.inference_mode()
     def sampling(self, out: torch.Tensor, x_t: torch.Tensor, t: int, s: int | None) -> torch.Tensor:
@@ -129,9 +131,10 @@ class DiffusersEngine:
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
         x = torch.cat([x, x]) if self.guided else x
-        return self.pipe.transformer(
+        scores: torch.Tensor = self.pipe.transformer(
             x, encoder_hidden_states=self.rows, timestep=torch.tensor(t, device=x.device)
         ).sample
+        return scores
 
     @torch.inference_mode()
     def sampling(self, out: torch.Tensor, x_t: torch.Tensor, t: int, s: int | None) -> torch.Tensor:
@@ -143,7 +146,8 @@ class DiffusersEngine:
         out = self.pipe.truncate(out, st.truncation_rate).clamp(-70)
         generator = torch.Generator(x_t.device).manual_seed(st.seed)
         # diffusers always steps from t to t - 1 (s is that here), and samples x_0 directly at t = 0
-        return self.pipe.scheduler.step(out, timestep=t, sample=x_t, generator=generator).prev_sample
+        x_s: torch.Tensor = self.pipe.scheduler.step(out, timestep=t, sample=x_t, generator=generator).prev_sample
+        return x_s
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> Any:
@@ -185,7 +189,7 @@ def diffusers_pipeline(pipe: VQDiffusion, configs: dict[str, dict[str, Any]], dt
     if dtype == torch.bfloat16:  # the pipeline's numpy() of its decoded images fails on bfloat16
         vqvae = vqvae.float()
         note = "diffusers bfloat16: its VQ-VAE runs in float32 (the pipeline cannot turn bfloat16 images into numpy)"
-    text_model = comps.text.text_model
+    text_model: torch.nn.Module = comps.text.text_model  # a Module: mypy cannot bind transformers' @wraps-ed `.to`
     if dtype != torch.float32:  # diffusers feeds the text states to the transformer as they come
         text_model = copy.deepcopy(text_model).to(dtype)
     null_cfg = comps.config.null_embedding

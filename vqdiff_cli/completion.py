@@ -126,7 +126,7 @@ def bash(root: Cmd) -> str:
         "}",
         "",
     ]
-    tables = {"opts": {}, "valued": {}, "paths": {}, "subs": {}}
+    tables: dict[str, dict[str, str]] = {"opts": {}, "valued": {}, "paths": {}, "subs": {}}
     for path, node in _flat(root):
         tables["opts"][path] = " ".join(n for o in node.options for n in o.names)
         tables["valued"][path] = " ".join(n for o in node.options if o.takes_value for n in o.names)

@@ -113,7 +113,8 @@ class VQVAEConfig:
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
+        factor: int = 2 ** (len(self.block_out_channels) - 1)  # int ** int is typed Any (a negative power is a float)
+        return factor
 
     @classmethod
     def from_diffusers(cls, d: dict[str, Any]) -> VQVAEConfig:

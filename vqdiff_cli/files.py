@@ -41,7 +41,7 @@ def _temporary_beside(path: Path) -> Iterator[tuple[BinaryIO, Path]]:
         raise
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None], overwrite: bool = False) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], overwrite: bool = False) -> None:
     """Write through `write(file)` into a temporary file, then move it to `path` in one step."""
     path = Path(path)
     try:

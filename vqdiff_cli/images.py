@@ -96,7 +96,7 @@ def load_tokens(path: Path | str) -> np.ndarray:
     """A .npy of integer token grids, (H, W) or (N, H, W); returned as (N, H, W) int64."""
     path = Path(path)
     with _reading(path, "token file"):
-        arr = np.load(path, allow_pickle=False)
+        arr: np.ndarray = np.load(path, allow_pickle=False)
     if not np.issubdtype(arr.dtype, np.integer):
         raise UsageError(f"{path} holds {arr.dtype} values; token grids must be integers")
     if arr.ndim == 2:
@@ -168,7 +168,8 @@ def mask_values(mask: Image.Image) -> np.ndarray:
     if mask.mode in ("I", "I;16", "I;16B", "I;16L"):
         values = np.asarray(mask, dtype=np.float32)
         top = 65535.0 if values.max() > 255 else 255.0
-        return np.clip(values / top, 0.0, 1.0)
+        clipped: np.ndarray = np.clip(values / top, 0.0, 1.0)
+        return clipped
     return np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
 
 

@@ -12,7 +12,7 @@ import json
 import tempfile
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -21,6 +21,8 @@ from .errors import UsageError
 
 if TYPE_CHECKING:
     from .weights import Components
+
+_M = TypeVar("_M", bound=torch.nn.Module)
 
 _CONFIG_FILES = {
     "transformer": "transformer.json",
@@ -182,9 +184,11 @@ def random_components(
 
     Like `weights.load_components`: the transformer and VQ-VAE take `dtype`, the text encoder stays float32.
     """
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     from .models.text import TextConditioning
+    from .models.transformer import DiffusionTransformer
+    from .models.vqvae import VQVAE
     from .weights import Components
 
     cfg = pipeline_config(configs)
@@ -193,21 +197,24 @@ def random_components(
         write_clip_tokenizer(Path(tmp), vocab_size=int(configs["text_encoder"].get("vocab_size", 49408)))
         tokenizer = CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
 
-    def place(name: str, target: torch.dtype) -> torch.nn.Module:
+    def place(name: str, kind: type[_M], target: torch.dtype) -> _M:
         module = modules[name]
-        assert isinstance(module, torch.nn.Module)
+        assert isinstance(module, kind)
         return module.to(device=device, dtype=target).eval().requires_grad_(False)
 
     null = modules.get("learned_classifier_free_sampling_embeddings")
-    text = TextConditioning(tokenizer, place("text_encoder", torch.float32), None if null is None else null.to(device))
+    assert null is None or isinstance(null, torch.Tensor)
+    text_model = place("text_encoder", CLIPTextModel, torch.float32)
+    text = TextConditioning(tokenizer, text_model, None if null is None else null.to(device))
     variants = dict.fromkeys(("transformer", "vqvae", "text_encoder"), "random")
-    return Components(cfg, place("transformer", dtype), place("vqvae", dtype), text, variants)
+    transformer, vqvae = place("transformer", DiffusionTransformer, dtype), place("vqvae", VQVAE, dtype)
+    return Components(cfg, transformer, vqvae, text, variants)
 
 
 def _empty(cls: Any, cfg: Any) -> torch.nn.Module:
     """Build on the meta device (no slow default init), then allocate uninitialised CPU memory."""
     with torch.device("meta"):
-        module = cls(cfg)
+        module: torch.nn.Module = cls(cfg)
     return module.to_empty(device="cpu")
 
 

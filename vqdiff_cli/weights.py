@@ -15,13 +15,18 @@ import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig, VQVAEConfig
 from .errors import UsageError, WeightsError
+
+if TYPE_CHECKING:
+    from .models.text import TextConditioning
+    from .models.transformer import DiffusionTransformer
+    from .models.vqvae import VQVAE
 
 COMPONENTS = (
     "vqvae",
@@ -242,9 +247,9 @@ class Components:
     """The loaded networks of one checkpoint, on their device."""
 
     config: PipelineConfig
-    transformer: nn.Module
-    vqvae: nn.Module
-    text: nn.Module
+    transformer: DiffusionTransformer
+    vqvae: VQVAE
+    text: TextConditioning
     variants: dict[str, str]  # component -> "fp16" / "fp32" files that were read
 
 

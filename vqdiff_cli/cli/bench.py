@@ -127,7 +127,7 @@ def bench(
         settings,
         model=model,
         architecture=config,
-        device=device,
+        device="auto" if device is None else device,  # DeviceOpt allows None; here it defaults to "auto"
         acceleration=Acceleration(compile, cuda_graphs),
         on_progress=out.info,
     )

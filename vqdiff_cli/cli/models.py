@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ..console import LoadReporter, Output
+from ..settings import DEFAULT_MODEL
 from .app import app, report_errors
 from .common import cache_dir_of, model_settings
 from .options import (
-    DEFAULT_MODEL,
     CacheDirOpt,
     DeviceOpt,
     DtypeOpt,

@@ -7,7 +7,7 @@ truncation flag (a longer prompt is sliced, dropping EOS), `last_hidden_state` d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -62,14 +62,16 @@ class TextConditioning(nn.Module):
         truncated = [""] * len(prompts)
         if ids.shape[-1] > self.max_length:
             for i, row in enumerate(ids[:, self.max_length :]):
-                truncated[i] = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+                text = cast(str, self.tokenizer.decode(row, skip_special_tokens=True))  # one row: one string
+                truncated[i] = text.strip()
             ids = ids[:, : self.max_length]
         return PromptIds(ids, truncated)
 
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, L) ids -> (B, L, D) float32 states, each position divided by its L2 norm."""
-        states = self.text_model(ids.to(self.device))[0]
-        return states / states.norm(dim=-1, keepdim=True)
+        states: torch.Tensor = self.text_model(ids.to(self.device))[0]
+        norms: torch.Tensor = states.norm(dim=-1, keepdim=True)  # Tensor.norm is untyped
+        return states / norms
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         return self.encode_ids(self.tokenize(prompts).ids)

@@ -7,7 +7,8 @@ Shapes: B batch, N = H*W latent tokens, K classes including the mask, L text tok
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +28,9 @@ class ImagePositionalEmbeddings(nn.Module):
         self.width_emb = nn.Embedding(width, embed_dim)
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
-        emb = self.emb(index)  # (B, N, D)
-        rows = self.height_emb(torch.arange(self.height, device=index.device).view(1, self.height))
-        cols = self.width_emb(torch.arange(self.width, device=index.device).view(1, self.width))
+        emb: torch.Tensor = self.emb(index)  # (B, N, D)
+        rows: torch.Tensor = self.height_emb(torch.arange(self.height, device=index.device).view(1, self.height))
+        cols: torch.Tensor = self.width_emb(torch.arange(self.width, device=index.device).view(1, self.width))
         pos = (rows.unsqueeze(2) + cols.unsqueeze(1)).view(1, self.height * self.width, -1)  # (1, N, D), row-major
         return emb + pos[:, : emb.shape[1], :]
 
@@ -44,9 +45,10 @@ class AdaLayerNorm(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-5, elementwise_affine=False)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        temb = self.linear(F.silu(self.emb(timestep)))  # timestep is 0-dim: (2D,)
+        temb: torch.Tensor = self.linear(F.silu(self.emb(timestep)))  # timestep is 0-dim: (2D,)
         scale, shift = temb.chunk(2, dim=0)  # scale first, as in the checkpoint
-        return self.norm(x) * (1 + scale) + shift
+        normed: torch.Tensor = self.norm(x)
+        return normed * (1 + scale) + shift
 
 
 class Attention(nn.Module):
@@ -78,7 +80,8 @@ class Attention(nn.Module):
         v = v.view(b, -1, self.heads, head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(b, -1, self.heads * head_dim).to(q.dtype)
-        return self.to_out[0](out)
+        projected: torch.Tensor = self.to_out[0](out)
+        return projected
 
 
 class ApproximateGELU(nn.Module):
@@ -128,7 +131,8 @@ class TransformerBlock(nn.Module):
     ) -> torch.Tensor:
         x = self.attn1(self.norm1(x, timestep)) + x
         x = self.attn2(self.norm2(x, timestep), context, context_kv) + x
-        return self.ff(self.norm3(x)) + x
+        ff: torch.Tensor = self.ff(self.norm3(x))
+        return ff + x
 
 
 def call_block(
@@ -138,7 +142,8 @@ def call_block(
     timestep: torch.Tensor,
     context_kv: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
-    return block(x, context, timestep, context_kv)
+    out: torch.Tensor = block(x, context, timestep, context_kv)
+    return out
 
 
 BlockRunner = Callable[
@@ -159,9 +164,13 @@ class DiffusionTransformer(nn.Module):
         self.norm_out = nn.LayerNorm(cfg.inner_dim)
         self.out = nn.Linear(cfg.inner_dim, cfg.num_vector_embeds - 1)
 
+    def _blocks(self) -> Iterable[TransformerBlock]:
+        """`transformer_blocks` as what it holds (iterating an `nn.ModuleList` gives a type checker plain Modules)."""
+        return cast("Iterable[TransformerBlock]", self.transformer_blocks)
+
     def context_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every block's cross-attention keys and values of the text states (B, L, C): fixed for a whole chain."""
-        return [block.attn2.project_kv(context) for block in self.transformer_blocks]
+        return [block.attn2.project_kv(context) for block in self._blocks()]
 
     def logits(
         self,
@@ -179,10 +188,11 @@ class DiffusionTransformer(nn.Module):
         """
         t = torch.as_tensor(timestep, dtype=torch.long, device=x_t.device)  # one scalar t for the whole batch
         run = run_block or call_block
-        h = self.latent_image_embedding(x_t)  # (B, N, D)
-        for i, block in enumerate(self.transformer_blocks):
+        h: torch.Tensor = self.latent_image_embedding(x_t)  # (B, N, D)
+        for i, block in enumerate(self._blocks()):
             h = run(block, h, context, t, None if context_kv is None else context_kv[i])
-        return self.out(self.norm_out(h))
+        scores: torch.Tensor = self.out(self.norm_out(h))
+        return scores
 
     def forward(self, x_t: torch.Tensor, context: torch.Tensor, timestep: int | torch.Tensor) -> torch.Tensor:
         logits = self.logits(x_t, context, timestep).permute(0, 2, 1)  # (B, K-1, N)

@@ -26,7 +26,7 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h: torch.Tensor = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(F.silu(self.norm2(h)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
@@ -46,7 +46,7 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, height, width = x.shape
-        h = self.group_norm(x.view(b, c, height * width)).transpose(1, 2)  # (B, HW, C)
+        h: torch.Tensor = self.group_norm(x.view(b, c, height * width)).transpose(1, 2)  # (B, HW, C)
         q = self.to_q(h).unsqueeze(1)  # (B, 1, HW, C): one head
         k = self.to_k(h).unsqueeze(1)
         v = self.to_v(h).unsqueeze(1)
@@ -61,7 +61,8 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # pad right and bottom, as the original VQGAN
+        out: torch.Tensor = self.conv(F.pad(x, (0, 1, 0, 1)))  # pad right and bottom, as the original VQGAN
+        return out
 
 
 class Upsample(nn.Module):
@@ -70,7 +71,8 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        out: torch.Tensor = self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return out
 
 
 class EncoderBlock(nn.Module):
@@ -123,7 +125,8 @@ class MidBlock(nn.Module):
         x = self.resnets[0](x)
         if self.attentions is not None:
             x = self.attentions[0](x)
-        return self.resnets[1](x)
+        out: torch.Tensor = self.resnets[1](x)
+        return out
 
 
 class Encoder(nn.Module):
@@ -147,7 +150,8 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        out: torch.Tensor = self.conv_out(F.silu(self.conv_norm_out(x)))
+        return out
 
 
 class Decoder(nn.Module):
@@ -171,7 +175,8 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        out: torch.Tensor = self.conv_out(F.silu(self.conv_norm_out(x)))
+        return out
 
 
 class VectorQuantizer(nn.Module):
@@ -190,7 +195,8 @@ class VectorQuantizer(nn.Module):
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, h, w) indices -> (B, E, h, w) codebook vectors."""
-        return self.embedding(indices).permute(0, 3, 1, 2).contiguous()
+        vectors: torch.Tensor = self.embedding(indices)  # (B, h, w, E)
+        return vectors.permute(0, 3, 1, 2).contiguous()
 
 
 class VQVAE(nn.Module):
@@ -209,4 +215,5 @@ class VQVAE(nn.Module):
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, h, w) token ids -> (B, 3, h*f, w*f) images, unclamped, roughly in [-1, 1]."""
-        return self.decoder(self.post_quant_conv(self.quantize.lookup(tokens)))
+        images: torch.Tensor = self.decoder(self.post_quant_conv(self.quantize.lookup(tokens)))
+        return images
