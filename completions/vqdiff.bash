@@ -31,7 +31,7 @@ _vqdiff() {
 _vqdiff_opts() {
     case "$1" in
         "") echo "--version -V --debug --help -h" ;;
-        "bench") echo "--model -m --config --device --dtype --steps --batch --sampler --repeats --warmup --phases-only --vs-diffusers --diffusers-dtype --guidance -g --truncation -t --max-run-seconds --peak-tflops --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --json --output -o --quiet -q --help -h" ;;
+        "bench") echo "--model -m --config --device --dtype --steps --batch --sampler --repeats --warmup --phases-only --vs-diffusers --diffusers-dtype --guidance -g --truncation -t --max-run-seconds --peak-tflops --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --json --output -o --overwrite --quiet -q --help -h" ;;
         "completion") echo "--help -h" ;;
         "config") echo "--help -h" ;;
         "config path") echo "--help -h" ;;

@@ -35,6 +35,7 @@ complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l cuda-graphs -l no-c
 complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l threads -x -d 'CPU threads (default: OMP_NUM_THREADS, else the CPUs available)'
 complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l json -d 'Print the results as one JSON document on stdout'
 complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l output -s o -x -d 'Also write the JSON document to this file'
+complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l overwrite -d 'Replace existing output files'
 complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l quiet -s q -d 'No progress or messages on stderr'
 complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l help -s h -d 'Show help and exit'
 complete -c vqdiff -n '__fish_seen_subcommand_from completion' -l help -s h -d 'Show help and exit'

@@ -108,3 +108,24 @@ def test_bench_errors(tiny, monkeypatch):
     assert result.exit_code == 2 and "comma-separated integers" in result.output
     result = runner.invoke(app, ["bench", *QUICK, "--dtype", "float8"])
     assert result.exit_code == 2 and "unknown dtype" in result.output
+
+
+def test_bench_output_is_never_clobbered_and_device_follows_the_settings(tiny, tmp_path, monkeypatch):
+    import vqdiff_cli.bench
+
+    out = tmp_path / "bench.json"
+    out.write_text("earlier results\n")
+    measured = []
+    monkeypatch.setattr(vqdiff_cli.bench, "measure", lambda *a, **k: measured.append(1))
+    result = runner.invoke(app, ["bench", *QUICK, "--model", str(tiny.path), "-o", str(out)])
+    assert result.exit_code == 2 and "already exists" in result.output and "--overwrite" in result.output
+    assert out.read_text() == "earlier results\n" and measured == []  # refused before any measuring
+    monkeypatch.undo()
+    doc = bench("--model", str(tiny.path), "--dtype", "float32", "--sampler", "fast", "-o", str(out), "--overwrite")
+    assert json.loads(out.read_text()) == doc
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary file left beside it
+
+    monkeypatch.setenv("VQDIFF_DEVICE", "tpu")  # no --device: the environment's choice is used
+    args = [a for a in QUICK if a not in ("--device", "cpu")]
+    result = runner.invoke(app, ["bench", *args, "--model", str(tiny.path)])
+    assert result.exit_code == 2 and "tpu" in result.output

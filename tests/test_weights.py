@@ -144,6 +144,17 @@ def test_unsupported_config_value(tiny, tmp_path):
         VQDiffusion.from_pretrained(path, device="cpu")
 
 
+def test_empty_vqvae_block_lists_are_refused(tiny, tmp_path):
+    path = tmp_path / "c"
+    shutil.copytree(tiny.path, path)
+    cfg_path = path / "vqvae" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(down_block_types=[], up_block_types=[], block_out_channels=[])
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match="empty block lists"):
+        VQDiffusion.from_pretrained(path, device="cpu")
+
+
 def test_mismatched_components(tiny, tmp_path):
     path = tmp_path / "c"
     shutil.copytree(tiny.path, path)

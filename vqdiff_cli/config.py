@@ -128,6 +128,7 @@ class VQVAEConfig:
         _require(all(b in _DOWN_BLOCKS for b in down), w, f"down_block_types={list(down)}")
         _require(all(b in _UP_BLOCKS for b in up), w, f"up_block_types={list(up)}")
         _require(len(down) == len(channels) == len(up), w, "block lists of different lengths")
+        _require(len(channels) > 0, w, "empty block lists")
         latent = int(_get(d, "latent_channels", w, 3))
         embed_dim = _get(d, "vq_embed_dim", w, None)
         return cls(

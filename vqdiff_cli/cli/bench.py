@@ -13,7 +13,7 @@ import typer
 from ..console import Output
 from ..errors import UsageError
 from .app import app, report_errors
-from .options import CompileOpt, CudaGraphsOpt, DeviceOpt, QuietOpt, ThreadsOpt
+from .options import CompileOpt, CudaGraphsOpt, DeviceOpt, OverwriteOpt, QuietOpt, ThreadsOpt
 
 if TYPE_CHECKING:
     from ..bench_report import BenchReport
@@ -52,7 +52,7 @@ def bench(
     config: Annotated[
         str, typer.Option("--config", help="Architecture of the random weights: a shipped name or a config folder.")
     ] = "ithq",
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = None,
     dtype: Annotated[
         str | None,
         typer.Option(
@@ -94,6 +94,7 @@ def bench(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Also write the JSON document to this file.")
     ] = None,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Measure speed: per phase and end to end, seconds per image and images per second."""
@@ -101,6 +102,8 @@ def bench(
     from ..bench import run_bench
     from ..bench_report import BenchSettings
     from ..device import configure_cpu_threads
+    from ..files import atomic_write, check_writable
+    from .common import model_settings
 
     out = Output(quiet=quiet, json_mode=json_out)
     settings = BenchSettings(
@@ -122,19 +125,21 @@ def bench(
         raise UsageError(f"--truncation must be in (0, 1], got {truncation}")
     if model is not None and not model.is_dir():
         raise UsageError(f"--model {model} is not a checkpoint folder")
+    if output is not None:
+        check_writable(output, overwrite)  # before minutes of measuring, not after
     configure_cpu_threads(threads)
     report = run_bench(
         settings,
         model=model,
         architecture=config,
-        device="auto" if device is None else device,  # DeviceOpt allows None; here it defaults to "auto"
+        device=model_settings(device=device)["device"],  # flag > VQDIFF_DEVICE > config file > auto
         acceleration=Acceleration(compile, cuda_graphs),
         on_progress=out.info,
     )
     report.command = _command_line()
     document = json.dumps(report.to_json(), indent=2)
     if output is not None:
-        output.write_text(document + "\n", encoding="utf-8")
+        atomic_write(output, lambda f: f.write(document.encode() + b"\n"), overwrite=overwrite)
     if json_out:
         out.result(document)
     else:
