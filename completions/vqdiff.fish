@@ -22,7 +22,7 @@ complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l steps -x -d 'Comma-
 complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l batch -x -d 'Comma-separated batch sizes'
 complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l sampler -x -d 'Comma-separated: reference, fast (default: fast on CUDA, both on CPU)'
 complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l repeats -x -d 'Timed runs per figure (the median is reported)'
-complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l warmup -x -d 'Untimed runs before the timed ones'
+complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l warmup -x -d 'Untimed runs before the timed ones (end to end: 2-step runs, once per batch size'
 complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l phases-only -d 'Only the phases; end-to-end figures are derived from them'
 complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l vs-diffusers -d 'Also run diffusers\' VQDiffusionPipeline on the same weights'
 complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l diffusers-dtype -x -d 'Comma-separated dtypes for diffusers (default: those of --dtype)'

@@ -129,3 +129,40 @@ def test_bench_output_is_never_clobbered_and_device_follows_the_settings(tiny, t
     args = [a for a in QUICK if a not in ("--device", "cpu")]
     result = runner.invoke(app, ["bench", *args, "--model", str(tiny.path)])
     assert result.exit_code == 2 and "tpu" in result.output
+
+
+def test_bench_warms_up_once_per_batch_with_short_runs_and_measures_the_matmul_rate(tiny, monkeypatch):
+    from vqdiff_cli.bench_engines import OurEngine
+
+    calls = []
+    real = OurEngine.generate
+
+    def spy(self, prompts, steps):
+        calls.append((len(prompts), steps))
+        return real(self, prompts, steps)
+
+    monkeypatch.setattr(OurEngine, "generate", spy)
+    doc = bench("--model", str(tiny.path), "--dtype", "float32", "--sampler", "fast", "--steps", "3,4", "--warmup", "1")
+    assert calls == [(2, 2), (2, 3), (2, 4)]  # one 2-step warm-up, then one timed run per step count
+    assert doc["device"]["matmul_tflops"]["float32"] > 0 and doc["device"]["matmul_size"] == 1024
+    forward = next(p for p in doc["phases"] if p["phase"] == "transformer")
+    assert forward["matmul_fraction"] == pytest.approx(forward["tflops"] / doc["device"]["matmul_tflops"]["float32"])
+
+
+def test_bench_output_keeps_finished_batches_when_a_run_is_cut_short(tiny, tmp_path, monkeypatch):
+    import vqdiff_cli.bench
+
+    real = vqdiff_cli.bench._bench_batch
+
+    def interrupted_on_second(report, engines, pipe, dtype, batch, *rest):
+        if batch == 2:
+            raise KeyboardInterrupt
+        real(report, engines, pipe, dtype, batch, *rest)
+
+    monkeypatch.setattr(vqdiff_cli.bench, "_bench_batch", interrupted_on_second)
+    out = tmp_path / "partial.json"
+    args = ["--model", str(tiny.path), "--dtype", "float32", "--sampler", "fast", "--batch", "1,2", "-o", str(out)]
+    result = runner.invoke(app, ["bench", *QUICK, *args])
+    assert result.exit_code == 130
+    doc = json.loads(out.read_text())
+    assert {e["batch"] for e in doc["end_to_end"]} == {1} and doc["settings"]["batches"] == [1, 2]

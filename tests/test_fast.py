@@ -372,6 +372,24 @@ def test_a_failing_compile_falls_back_with_a_note(monkeypatch):
     assert len(calls) == 2
 
 
+def test_compiled_variants_past_the_limit_run_eagerly_with_a_note(monkeypatch):
+    """dynamo alone would fall back to eager silently past its limit; here the fallback is noted."""
+    monkeypatch.setattr("vqdiff_cli.accel.RECOMPILE_LIMIT", 1)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))  # no C++ build
+    notes: list[str] = []
+
+    def scale(x, k: int):
+        return x * k
+
+    compiled = Compiled(scale, notes)
+    assert torch.equal(compiled(torch.ones(2), 2), torch.full((2,), 2.0))
+    assert notes == []
+    assert torch.equal(compiled(torch.ones(2), 3), torch.full((2,), 3.0))  # a second variant: over the limit of 1
+    assert len(notes) == 1 and notes[0].startswith("torch.compile failed, running eagerly")
+    assert compiled.fn is compiled.eager
+
+
 def test_step_runner_without_graphs_calls_the_step():
     seen = []
 
@@ -383,6 +401,38 @@ def test_step_runner_without_graphs_calls_the_step():
     x = torch.zeros(2, 3, dtype=torch.long)
     assert torch.equal(runner(x, torch.tensor(5), torch.zeros(9), torch.tensor(10), True), x + 1)
     assert seen == [True] and runner.notes == []
+
+
+def test_a_failed_capture_restores_the_stream_and_stops_later_sessions_trying(tiny, monkeypatch):
+    """What is testable without a GPU: the fallback's bookkeeping (CUDA calls replaced by stand-ins)."""
+    import vqdiff_cli.accel as accel
+
+    streams = ["caller's stream"]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: streams[-1])
+    monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
+    captures = []
+
+    def failing_capture(fn, example, pool):
+        captures.append(1)
+        streams.append("capture stream")  # left current, as a capture that fails in torch.cuda.graph leaves it
+        try:  # the op that broke the capture, then torch.cuda.graph's exit failing on the invalidated capture
+            raise RuntimeError("operation not permitted when stream is capturing")
+        except RuntimeError:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")  # noqa: B904
+
+    options = GenerateOptions(seed=1, sampler="fast", steps=3)
+    expected = VQDiffusion.from_pretrained(tiny.path, device="cpu").generate("a red ball", options)[0].tokens
+    monkeypatch.setattr(accel, "_Graph", failing_capture)
+    monkeypatch.setattr(Acceleration, "resolve", lambda self, device: (False, True))  # graphs on, as on CUDA
+    pipe = VQDiffusion.from_pretrained(tiny.path, device="cpu")
+    assert torch.equal(pipe.generate("a red ball", options)[0].tokens, expected)  # the step ran without a graph
+    assert streams[-1] == "caller's stream"
+    pipe.generate(["a red ball", "a blue ball"], GenerateOptions(seed=1, sampler="fast", steps=3, batch_size=2))
+    assert captures == [1]  # the second batch shape's session did not try again
+    assert pipe.fast_sessions.notes == [
+        "CUDA graph capture failed, running without graphs (RuntimeError: operation not permitted when stream is "
+        "capturing)"
+    ]
 
 
 # -- the command line ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ the library never prints.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,10 @@ import torch
 from .diffusion.fast import FastStep
 
 GRAPH_WARMUP = 2  # eager (or compiling) runs on a side stream before a capture: lazy library set-up, autotuning
+# Compiled variants one function may have: batch shapes x dtypes x (final step or not) x (guided, truncated) in one
+# process. dynamo's default (8) is easily passed by `vqdiff bench` with two dtypes; past it, calls fail (below) and
+# run eagerly with a note, instead of dynamo's silent eager fallback.
+RECOMPILE_LIMIT = 64
 
 
 @dataclass(frozen=True)
@@ -62,13 +67,28 @@ class Compiled:
         if self.fn is self.eager:
             return self.eager(*args)
         try:
-            return self.fn(*args)
+            with _recompile_limit(RECOMPILE_LIMIT):
+                return self.fn(*args)
         except Exception as e:
             if _is_out_of_memory(e):
                 raise
             self.notes.append(f"torch.compile failed, running eagerly ({_first_line(e)})")
             self.fn = self.eager
             return self.eager(*args)
+
+
+def _recompile_limit(limit: int) -> contextlib.AbstractContextManager[Any]:
+    """dynamo's limit on compiled variants per function raised to `limit`, and an error instead of a silent eager
+    fallback when a call would need more; the setting holds only while the context is active."""
+    import torch._dynamo.config as dynamo_config
+
+    wanted = {"recompile_limit": limit, "fail_on_recompile_limit_hit": True}
+    older = {"recompile_limit": "cache_size_limit", "fail_on_recompile_limit_hit": "fail_on_cache_limit_hit"}
+    # torch < 2.6 names the two settings cache_size_limit and fail_on_cache_limit_hit
+    patch: contextlib.AbstractContextManager[Any] = dynamo_config.patch(
+        {(name if hasattr(dynamo_config, name) else older[name]): value for name, value in wanted.items()}
+    )
+    return patch
 
 
 class _Graph:
@@ -88,7 +108,7 @@ class _Graph:
                 fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph, pool=pool, stream=torch.cuda.Stream()):  # type: ignore[no-untyped-call]
             self.output = fn(*self.inputs)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
@@ -106,10 +126,17 @@ class StepRunner:
     captured graphs stay valid.
     """
 
-    def __init__(self, step: FastStep, cuda_graphs: bool, notes: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        step: FastStep,
+        cuda_graphs: bool,
+        notes: list[str] | None = None,
+        on_capture_failure: Callable[[], None] | None = None,
+    ) -> None:
         self.step = step
         self.cuda_graphs = cuda_graphs
         self.notes = notes if notes is not None else []
+        self.on_capture_failure = on_capture_failure  # e.g. so that runners made later do not try again
         self._graphs: dict[bool, _Graph] = {}
         self._pool: Any = None
 
@@ -124,13 +151,19 @@ class StepRunner:
             def variant(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
                 return self.step(x, t, c, s, final)
 
+            stream = torch.cuda.current_stream()
             try:
                 graph = _Graph(variant, (x, t, coef, salt), self._pool)
             except Exception as e:
+                # a capture that fails inside torch.cuda.graph can leave its capture stream current: put ours back
+                torch.cuda.set_stream(stream)
                 if _is_out_of_memory(e):
                     raise
-                self.notes.append(f"CUDA graph capture failed, running without graphs ({_first_line(e)})")
+                cause = e.__context__ if isinstance(e.__context__, Exception) else e  # what broke the capture
+                self.notes.append(f"CUDA graph capture failed, running without graphs ({_first_line(cause)})")
                 self.cuda_graphs = False
+                if self.on_capture_failure is not None:
+                    self.on_capture_failure()
                 return self.step(x, t, coef, salt, final)
             self._pool = graph.graph.pool()
             self._graphs[final] = graph

@@ -42,6 +42,7 @@ PHASES = ("text", "transformer", "sampling", "decode")
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, matched in order on the device
 # name. The issue's "about 790 TFLOP/s" for an H100/H200 is an achievable figure, not the datasheet peak used here.
 GPU_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H200 NVL", 835.0),
     ("H200", 989.0),
     ("H100 NVL", 835.0),
     ("H100 PCIe", 756.0),
@@ -71,6 +72,28 @@ def device_peak_tflops(name: str) -> float | None:
     return next((peak for key, peak in GPU_PEAK_TFLOPS if key in name), None)
 
 
+MATMUL_SIZE = {"cuda": 8192, "cpu": 1024}  # square matmul for the measured rate: large enough to be compute-bound
+WARMUP_STEPS = 2  # an end-to-end warm-up run: the first and the final step (both CUDA graphs, every compiled variant)
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """The dense matmul rate this device reaches in `dtype` (median of `repeats` after 2 warm-ups), TFLOP/s: what
+    a transformer made of matmuls could reach at best here, measured rather than taken from a datasheet."""
+    n = MATMUL_SIZE.get(device.type, 1024)
+    g = torch.Generator(device).manual_seed(0)
+    a = torch.randn(n, n, generator=g, device=device).to(dtype)
+    b = torch.randn(n, n, generator=g, device=device).to(dtype)
+    runs = []
+    for i in range(2 + repeats):
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        if i >= 2:
+            runs.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(runs) / 1e12
+
+
 # -- measuring ----------------------------------------------------------------------------------------------------
 
 
@@ -83,7 +106,6 @@ class PeakMemory:
 
     def reset(self) -> None:
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # what one engine left cached does not count against the next
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.device.type == "cpu":
             with contextlib.suppress(OSError):  # not Linux, or not allowed: the peak is then the process's
@@ -120,6 +142,8 @@ def _sync(device: torch.device) -> None:
 def measure(runs: Mapping[str, Callable[[], Any]], warmup: int, repeats: int, device: torch.device) -> dict[str, Timed]:
     """Time each callable `repeats` times after `warmup` untimed calls, alternating between them run by run."""
     memory = PeakMemory(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # once, not per run: a timed run then reuses the allocator's cached blocks
     for _ in range(warmup):
         for fn in runs.values():
             fn()
@@ -138,6 +162,20 @@ def measure(runs: Mapping[str, Callable[[], Any]], warmup: int, repeats: int, de
             if reserved is not None:
                 timed[key].reserved_bytes = max(reserved, timed[key].reserved_bytes or 0)
     return timed
+
+
+def run_memory(engine: Engine, prompts: list[str], device: torch.device) -> int:
+    """CUDA: the peak memory one cold generate allocates above what was allocated before it (activations, buffers,
+    CUDA-graph pools: captures allocate through the counted allocator), after `engine` drops what it kept."""
+    engine.release()
+    gc.collect()
+    torch.cuda.empty_cache()
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    engine.generate(prompts, WARMUP_STEPS)
+    _sync(device)
+    return int(torch.cuda.max_memory_allocated(device)) - before
 
 
 # -- the benchmark ------------------------------------------------------------------------------------------------
@@ -205,8 +243,13 @@ def run_bench(
     device: str = "auto",
     acceleration: Acceleration | None = None,
     on_progress: Callable[[str], None] | None = None,
+    on_update: Callable[[BenchReport], object] | None = None,
 ) -> BenchReport:
-    """Measure vqdiff (and diffusers with `settings.vs_diffusers`) on a checkpoint folder or on random weights."""
+    """Measure vqdiff (and diffusers with `settings.vs_diffusers`) on a checkpoint folder or on random weights.
+
+    `on_update(report)` is called with the figures so far after each batch size, e.g. to save them: a run cut short
+    keeps what it finished.
+    """
     from .synthetic import architecture_configs
 
     say = on_progress or (lambda _msg: None)
@@ -240,6 +283,8 @@ def run_bench(
             "peak_source": (
                 None if peak is None else ("--peak-tflops" if settings.peak_tflops is not None else PEAK_SOURCE)
             ),
+            "matmul_tflops": {},  # dtype -> measured dense matmul rate (matmul_size cubed)
+            "matmul_size": MATMUL_SIZE.get(dev.type, 1024),
         },
         model={},
         settings={**asdict(settings), "dtypes": list(dtypes), "diffusers_dtypes": list(theirs_dtypes)},
@@ -250,6 +295,8 @@ def run_bench(
             + (" and diffusers' pipeline on its weights" if dtype in theirs_dtypes else "")
         )
         pipe = load.pipeline(dtype)
+        say(f"{dtype}: the device's dense matmul rate")
+        report.device["matmul_tflops"][dtype] = matmul_tflops(dev, DTYPES[dtype])
         if not report.model:
             cfg = pipe.config.transformer
             report.model = {
@@ -269,7 +316,10 @@ def run_bench(
                 report.notes.append(note)
         for batch in settings.batches:
             _bench_batch(report, engines, pipe, dtype, batch, settings, dev, say)
-        report.notes.extend(n for n in pipe.acceleration_notes if n not in report.notes)
+            report.notes.extend(n for n in pipe.acceleration_notes if n not in report.notes)
+            report.speedups = _speedups(report.end_to_end)
+            if on_update is not None:
+                on_update(report)
         del engines, pipe
         gc.collect()
         if dev.type == "cuda":
@@ -293,6 +343,7 @@ def _bench_batch(
     prompts = [st.prompt if i == 0 else f"{st.prompt} {i}" for i in range(batch)]  # distinct: no shared encoding
     flops = transformer_flops(cfg) * batch * (2 if st.guidance_scale != 1.0 else 1)
     peak_tflops = report.device["peak_tflops"]
+    matmul_rate = report.device["matmul_tflops"].get(dtype)
     by = {e.name: e for e in engines}
     results: dict[tuple[str, str, int | None], PhaseResult] = {}
 
@@ -304,6 +355,7 @@ def _bench_batch(
             if phase == "transformer":
                 result.tflops = flops / median / 1e12
                 result.peak_fraction = result.tflops / peak_tflops if peak_tflops else None
+                result.matmul_fraction = result.tflops / matmul_rate if matmul_rate else None
             report.phases.append(result)
             results[(engine, phase, t)] = result
 
@@ -336,44 +388,66 @@ def _bench_batch(
     tokens = _random_tokens(batch, cfg.num_latent_pixels, codes, 0.0, st.seed, dev)
     record("decode", None, measure({n: partial(e.decode, tokens) for n, e in by.items()}, st.warmup, st.repeats, dev))
     outputs.clear()
+    estimates = _derive(report, by, results, dtype, batch, st)
+    if st.phases_only:
+        return
 
+    # Once per batch, before the timed runs: on CUDA a cold run per engine that measures its memory, then short
+    # warm-up runs (they capture the CUDA graphs and compile what a run of any length needs).
+    memory: dict[str, tuple[int, int]] = {}
+    for name, engine in by.items():
+        if dev.type == "cuda":
+            say(f"{dtype}, batch {batch}: memory of a cold run ({name})")
+            memory[name] = (engine.model_bytes(), run_memory(engine, prompts, dev))
+        for _ in range(st.warmup):
+            engine.generate(prompts, WARMUP_STEPS)
     for steps in st.steps:
-        estimates = {}
-        for name in by:
-            posterior = [results[(name, "sampling", t)].median_s for t in st.sampling_timesteps]
-            seconds = (
-                results[(name, "text", None)].median_s
-                + steps * results[(name, "transformer", t_fwd)].median_s
-                + (steps - 1) * statistics.fmean(posterior)
-                + results[(name, "sampling", 0)].median_s
-                + results[(name, "decode", None)].median_s
-            )
-            estimates[name] = seconds
-            report.end_to_end.append(
-                EndToEnd(name, dtype, batch, steps, "derived", seconds, seconds / batch, batch / seconds)
-            )
-        if st.phases_only:
-            continue
-        runnable = {n: e for n, e in by.items() if estimates[n] <= st.max_run_seconds}
+        runnable = {n: e for n, e in by.items() if estimates[(n, steps)] <= st.max_run_seconds}
         for n in by.keys() - runnable.keys():
             report.notes.append(
-                f"{n} {dtype} batch {batch} steps {steps}: not run end to end (about {estimates[n]:.0f} s a run, "
-                f"above --max-run-seconds {st.max_run_seconds:.0f}); the derived estimate stands in"
+                f"{n} {dtype} batch {batch} steps {steps}: not run end to end (about {estimates[(n, steps)]:.0f} s "
+                f"a run, above --max-run-seconds {st.max_run_seconds:.0f}); the derived estimate stands in"
             )
         if not runnable:
             continue
         say(f"{dtype}, batch {batch}: end to end, {steps} steps")
-        timed = measure(
-            {n: partial(e.generate, prompts, steps) for n, e in runnable.items()},
-            st.warmup,
-            st.repeats,
-            dev,
-        )
+        timed = measure({n: partial(e.generate, prompts, steps) for n, e in runnable.items()}, 0, st.repeats, dev)
         for name, m in timed.items():
             median = m.median_s
             row = EndToEnd(name, dtype, batch, steps, "measured", median, median / batch, batch / median, m.runs_s)
             row.peak_memory_bytes, row.peak_reserved_bytes = m.peak_bytes, m.reserved_bytes
+            if name in memory:
+                row.model_bytes, row.run_memory_bytes = memory[name]
+                row.peak_memory_bytes = row.model_bytes + row.run_memory_bytes
             report.end_to_end.append(row)
+
+
+def _derive(
+    report: BenchReport,
+    engines: Mapping[str, Engine],
+    results: Mapping[tuple[str, str, int | None], PhaseResult],
+    dtype: str,
+    batch: int,
+    st: BenchSettings,
+) -> dict[tuple[str, int], float]:
+    """End-to-end seconds derived from the phases, per engine and step count, recorded as "derived" rows:
+    text + steps x forward + (steps - 1) x mean(step math) + final step math + decode."""
+    estimates = {}
+    for steps in st.steps:
+        for name in engines:
+            posterior = [results[(name, "sampling", t)].median_s for t in st.sampling_timesteps]
+            seconds = (
+                results[(name, "text", None)].median_s
+                + steps * results[(name, "transformer", st.transformer_timestep)].median_s
+                + (steps - 1) * statistics.fmean(posterior)
+                + results[(name, "sampling", 0)].median_s
+                + results[(name, "decode", None)].median_s
+            )
+            estimates[(name, steps)] = seconds
+            report.end_to_end.append(
+                EndToEnd(name, dtype, batch, steps, "derived", seconds, seconds / batch, batch / seconds)
+            )
+    return estimates
 
 
 def _speedups(rows: list[EndToEnd]) -> list[Speedup]:

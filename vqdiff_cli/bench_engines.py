@@ -8,6 +8,7 @@ line for line), so that phases can be timed side by side and an end-to-end time 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
@@ -23,9 +24,34 @@ if TYPE_CHECKING:
 REFERENCE, FAST, DIFFUSERS = "vqdiff-reference", "vqdiff-fast", "diffusers"
 
 
+def module_bytes(*modules: torch.nn.Module) -> int:
+    """Bytes of the distinct tensors (parameters and buffers) of `modules`; shared storage counts once."""
+    seen: dict[int, int] = {}
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            storage = tensor.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+class _DeviceConstants:
+    """Small device tensors a phase needs (timesteps, coefficients, seeds), made once: a host-to-device copy inside
+    a timed run would be timed too."""
+
+    def __init__(self) -> None:
+        self._made: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def get(self, key: tuple[Any, ...], make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self._made:
+            self._made[key] = make()
+        return self._made[key]
+
+
 class Engine(Protocol):
     name: str
 
+    def model_bytes(self) -> int: ...  # weights and buffers of the modules it runs
+    def release(self) -> None: ...  # drop what earlier runs left allocated (buffers, CUDA-graph pools)
     def prepare(self, prompts: list[str]) -> None: ...  # text conditioning for the phase runs
     def text(self, prompts: list[str]) -> Any: ...
     def forward(self, x: torch.Tensor, t: int) -> torch.Tensor: ...
@@ -43,6 +69,14 @@ class OurEngine:
         self.guided = settings.guidance_scale != 1.0
         self.rows: torch.Tensor | None = None
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.constants = _DeviceConstants()
+
+    def model_bytes(self) -> int:
+        comps = self.pipe.components
+        return module_bytes(comps.transformer, comps.vqvae, comps.text)
+
+    def release(self) -> None:
+        self.pipe.fast_sessions.clear()
 
     def text(self, prompts: list[str]) -> Any:
         with torch.inference_mode():
@@ -62,7 +96,8 @@ class OurEngine:
         x = torch.cat([x, x]) if self.guided else x
         if self.sampler == "fast":
             run_block = self.pipe.fast_sessions.kernels().run_block
-            return transformer.logits(x, rows, torch.tensor(t, device=x.device), self.kv, run_block)
+            t_device = self.constants.get(("t", t), lambda: torch.tensor(t, device=x.device))
+            return transformer.logits(x, rows, t_device, self.kv, run_block)
         log_p: torch.Tensor = transformer(x, rows, t)
         return log_p
 
@@ -71,9 +106,14 @@ class OurEngine:
         st = self.settings
         seeds = [st.seed + b for b in range(x_t.shape[0])]
         if self.sampler == "fast":
-            coef = torch.tensor(step_coefficients(self.pipe.schedule, t, s), dtype=torch.float64, device=x_t.device)
+            dev, schedule = x_t.device, self.pipe.schedule
+            coef = self.constants.get(
+                ("coef", t, s),
+                lambda: torch.tensor(step_coefficients(schedule, t, s), dtype=torch.float64, device=dev),
+            )
             scale = st.guidance_scale if self.guided else None
-            words, salt = seed_words(seeds, x_t.device), torch.tensor(2 * t, device=x_t.device)
+            words = self.constants.get(("words", len(seeds)), lambda: seed_words(seeds, dev))
+            salt = self.constants.get(("salt", t), lambda: torch.tensor(2 * t, device=dev))
             step_math = self.pipe.fast_sessions.kernels().step_math
             return step_math(out, x_t, coef, words, salt, scale, st.truncation_rate, s is None)
         log_p = out.chunk(2) if self.guided else (out,)
@@ -120,6 +160,14 @@ class DiffusersEngine:
         self.pipe, self.settings = pipe, settings
         self.guided = settings.guidance_scale > 1.0  # diffusers' own rule
         self.rows: torch.Tensor | None = None
+        self.constants = _DeviceConstants()
+
+    def model_bytes(self) -> int:
+        p = self.pipe
+        return module_bytes(p.transformer, p.vqvae, p.text_encoder, p.learned_classifier_free_sampling_embeddings)
+
+    def release(self) -> None:
+        pass  # diffusers keeps nothing between calls
 
     def text(self, prompts: list[str]) -> Any:
         with torch.inference_mode():
@@ -131,9 +179,8 @@ class DiffusersEngine:
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
         x = torch.cat([x, x]) if self.guided else x
-        scores: torch.Tensor = self.pipe.transformer(
-            x, encoder_hidden_states=self.rows, timestep=torch.tensor(t, device=x.device)
-        ).sample
+        t_device = self.constants.get(("t", t), lambda: torch.tensor(t, device=x.device))
+        scores: torch.Tensor = self.pipe.transformer(x, encoder_hidden_states=self.rows, timestep=t_device).sample
         return scores
 
     @torch.inference_mode()
@@ -207,6 +254,8 @@ def diffusers_pipeline(pipe: VQDiffusion, configs: dict[str, dict[str, Any]], dt
         gamma_cum_start=s.gamma_cum_start,
         gamma_cum_end=s.gamma_cum_end,
     )
+    # its tables stay on the CPU until set_timesteps moves them; the pipeline's __call__ does, a lone step() does not
+    scheduler.set_timesteps(s.num_train_timesteps, device=pipe.device)
     for module in (transformer, vqvae, text_model, null):
         module.eval().requires_grad_(False)
     result = VQDiffusionPipeline(

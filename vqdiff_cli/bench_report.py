@@ -55,7 +55,8 @@ class PhaseResult:
     median_s: float
     per_image_s: float
     tflops: float | None = None  # transformer only: achieved model TFLOP/s
-    peak_fraction: float | None = None  # of the device's dense peak (GPUs only)
+    peak_fraction: float | None = None  # of the device's datasheet dense peak (GPUs only)
+    matmul_fraction: float | None = None  # of the dense matmul rate measured on this device in this dtype
     peak_memory_bytes: int | None = None  # CUDA: peak allocated; CPU: peak resident set of the process
     peak_reserved_bytes: int | None = None  # CUDA: peak reserved, CUDA-graph memory pools included
 
@@ -71,8 +72,11 @@ class EndToEnd:
     s_per_image: float
     images_per_s: float
     runs_s: list[float] = field(default_factory=list)
+    # CUDA: model_bytes + run_memory_bytes, what the engine needs alone; CPU: peak resident set of the process
     peak_memory_bytes: int | None = None
-    peak_reserved_bytes: int | None = None
+    peak_reserved_bytes: int | None = None  # CUDA: the allocator's peak reserve during the timed runs
+    model_bytes: int | None = None  # CUDA: the weights and buffers of the engine's modules
+    run_memory_bytes: int | None = None  # CUDA: peak allocated during a cold run above what was allocated before
 
 
 @dataclass

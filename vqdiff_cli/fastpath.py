@@ -51,6 +51,7 @@ class FastSession:
         kernels: FastKernels,
         cuda_graphs: bool,
         notes: list[str],
+        on_capture_failure: Callable[[], None] | None = None,
     ) -> None:
         self.key = key
         self.context = context.clone()  # (rows, L, C) in the transformer's dtype
@@ -65,7 +66,7 @@ class FastSession:
         step = make_step(
             logits, self.words, key.guidance_scale, key.truncation_rate, num_codes, self.known, kernels.step_math
         )
-        self.runner = StepRunner(step, cuda_graphs, notes)
+        self.runner = StepRunner(step, cuda_graphs, notes, on_capture_failure)
 
     def load(
         self, transformer: DiffusionTransformer, context: torch.Tensor, words: torch.Tensor, known: KnownTokens | None
@@ -89,11 +90,19 @@ class FastSessions:
         self._notes: list[str] = []
         self._kernels: FastKernels | None = None
         self._sessions: OrderedDict[SessionKey, FastSession] = OrderedDict()
+        self._graphs_failed = False  # a capture failed once: later sessions run without graphs at once
 
     @property
     def notes(self) -> list[str]:
         """Why compile or CUDA graphs fell back to plain execution, if they did (each reason once)."""
         return list(dict.fromkeys(self._notes))
+
+    def clear(self) -> None:
+        """Drop every session: their buffers and CUDA graphs (compiled code stays)."""
+        self._sessions.clear()
+
+    def _capture_failed(self) -> None:
+        self._graphs_failed = True
 
     def kernels(self) -> FastKernels:
         if self._kernels is None:
@@ -117,7 +126,17 @@ class FastSessions:
             self._sessions.move_to_end(key)
             return found
         _, graphs_on = self.acceleration.resolve(context.device)
-        created = FastSession(transformer, key, context, words, known, self.kernels(), graphs_on, self._notes)
+        created = FastSession(
+            transformer,
+            key,
+            context,
+            words,
+            known,
+            self.kernels(),
+            graphs_on and not self._graphs_failed,
+            self._notes,
+            self._capture_failed,
+        )
         self._sessions[key] = created
         while len(self._sessions) > MAX_SESSIONS:
             self._sessions.popitem(last=False)

@@ -66,7 +66,12 @@ def bench(
         typer.Option("--sampler", help="Comma-separated: reference, fast (default: fast on CUDA, both on CPU)."),
     ] = None,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per figure (the median is reported).")] = 3,
-    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs before the timed ones.")] = 1,
+    warmup: Annotated[
+        int,
+        typer.Option(
+            "--warmup", help="Untimed runs before the timed ones (end to end: 2-step runs, once per batch size)."
+        ),
+    ] = 1,
     phases_only: Annotated[
         bool, typer.Option("--phases-only", help="Only the phases; end-to-end figures are derived from them.")
     ] = False,
@@ -128,6 +133,19 @@ def bench(
     if output is not None:
         check_writable(output, overwrite)  # before minutes of measuring, not after
     configure_cpu_threads(threads)
+    command = _command_line()
+    replace = overwrite
+
+    def save(report: BenchReport) -> str:
+        """The report as JSON, also written to --output (again after each batch size: a killed run keeps those)."""
+        nonlocal replace
+        report.command = command
+        document = json.dumps(report.to_json(), indent=2)
+        if output is not None:
+            atomic_write(output, lambda f: f.write(document.encode() + b"\n"), overwrite=replace)
+            replace = True  # our own partial results from here on
+        return document
+
     report = run_bench(
         settings,
         model=model,
@@ -135,11 +153,9 @@ def bench(
         device=model_settings(device=device)["device"],  # flag > VQDIFF_DEVICE > config file > auto
         acceleration=Acceleration(compile, cuda_graphs),
         on_progress=out.info,
+        on_update=save,
     )
-    report.command = _command_line()
-    document = json.dumps(report.to_json(), indent=2)
-    if output is not None:
-        atomic_write(output, lambda f: f.write(document.encode() + b"\n"), overwrite=overwrite)
+    document = save(report)
     if json_out:
         out.result(document)
     else:
@@ -165,12 +181,14 @@ def render(report: BenchReport) -> None:
     dev = report.device
     peak = f", peak {dev['peak_tflops']:.0f} TFLOP/s ({dev['peak_source']})" if dev["peak_tflops"] else ""
     threads = f", {dev['threads']} threads" if dev["threads"] else ""
-    console.print(f"device: {dev['name']}{threads}{peak}")
+    rates = ", ".join(f"{k} {v:.3g}" for k, v in dev.get("matmul_tflops", {}).items())
+    matmul = f"; measured dense matmul TFLOP/s: {rates}" if rates else ""
+    console.print(f"device: {dev['name']}{threads}{peak}{matmul}")
     versions = ", ".join(f"{k} {v}" for k, v in report.versions.items() if v)
     console.print(f"model: {report.model.get('source')}; {versions}")
 
     phases = Table(title="phases (median of the timed runs)")
-    for col in ("engine", "dtype", "batch", "phase", "t", "seconds", "s/image", "TFLOP/s", "% peak", "peak MiB"):
+    for col in ("engine", "dtype", "batch", "phase", "t", "seconds", "s/image", "TFLOP/s", "% peak", "% matmul"):
         phases.add_column(col, justify="left" if col in ("engine", "dtype", "phase") else "right")
     for p in report.phases:
         phases.add_row(
@@ -183,9 +201,9 @@ def render(report: BenchReport) -> None:
             _seconds(p.per_image_s),
             "" if p.tflops is None else f"{p.tflops:.2f}",
             "" if p.peak_fraction is None else f"{100 * p.peak_fraction:.0f}%",
-            _mib(p.peak_memory_bytes),
+            "" if p.matmul_fraction is None else f"{100 * p.matmul_fraction:.0f}%",
         )
-    console.print(phases)
+    console.print(phases)  # each run's peak memory is in --json
 
     e2e = Table(title="end to end (prompts to decoded images, one batch)")
     for col in ("engine", "dtype", "batch", "steps", "kind", "s/image", "images/s", "peak MiB"):
