@@ -224,6 +224,26 @@ def test_cached_text_keys_and_values_are_exact(tiny_pipe):
     assert torch.equal(plain, cached)
 
 
+def test_fused_block_computes_what_the_block_computes(tiny_pipe):
+    """The fast path's block (one-pass adaptive norms, GELU factors folded into the matmuls) against the plain one."""
+    from vqdiff_cli.models.transformer import call_block, fused_block
+
+    transformer = tiny_pipe.components.transformer
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 16, transformer.config.inner_dim, generator=g)
+    context = torch.randn(3, 77, 32, generator=g)
+    with torch.inference_mode():
+        for block in transformer.transformer_blocks:
+            for t in (0, 37, 99):
+                kv = block.attn2.project_kv(context)
+                plain = call_block(block, x, context, torch.tensor(t), kv)
+                fused = fused_block(block, x, context, torch.tensor(t), kv)
+                torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+                assert not torch.equal(plain, x)
+        scores = transformer.logits(x[:, :, 0].long().abs() % 16, context, torch.tensor(5), None, fused_block)
+        torch.testing.assert_close(scores, transformer.logits(x[:, :, 0].long().abs() % 16, context, 5))
+
+
 def test_fast_sampler_image_alone_equals_in_a_batch(tiny_pipe):
     options = GenerateOptions(seed=20, num_images=3, batch_size=3, sampler="fast", steps=20)
     batch = tiny_pipe.generate("a teddy bear", options)

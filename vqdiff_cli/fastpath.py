@@ -16,7 +16,7 @@ import torch
 from .accel import Acceleration, Compiled, StepRunner
 from .diffusion.fast import fast_step, make_step
 from .diffusion.sampler import KnownTokens
-from .models.transformer import BlockRunner, DiffusionTransformer, call_block
+from .models.transformer import BlockRunner, DiffusionTransformer, fused_block
 
 MAX_SESSIONS = 4  # batch shapes kept warm per pipeline (a run usually needs one, plus a smaller last batch)
 
@@ -34,7 +34,7 @@ class SessionKey:
 class FastKernels:
     """The fast path's compute, compiled or not; shared by every session of a pipeline (compiled once)."""
 
-    run_block: BlockRunner | None  # None: call each block as it is
+    run_block: BlockRunner  # fused_block, or a compiled version of it
     step_math: Callable[..., torch.Tensor]  # fast_step, or a compiled version of it
 
 
@@ -107,9 +107,9 @@ class FastSessions:
     def kernels(self) -> FastKernels:
         if self._kernels is None:
             if self.acceleration.compile:
-                self._kernels = FastKernels(Compiled(call_block, self._notes), Compiled(fast_step, self._notes))
+                self._kernels = FastKernels(Compiled(fused_block, self._notes), Compiled(fast_step, self._notes))
             else:
-                self._kernels = FastKernels(None, fast_step)
+                self._kernels = FastKernels(fused_block, fast_step)
         return self._kernels
 
     def session(
