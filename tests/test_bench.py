@@ -144,7 +144,8 @@ def test_bench_warms_up_once_per_batch_with_short_runs_and_measures_the_matmul_r
     monkeypatch.setattr(OurEngine, "generate", spy)
     doc = bench("--model", str(tiny.path), "--dtype", "float32", "--sampler", "fast", "--steps", "3,4", "--warmup", "1")
     assert calls == [(2, 2), (2, 3), (2, 4)]  # one 2-step warm-up, then one timed run per step count
-    assert doc["device"]["matmul_tflops"]["float32"] > 0 and doc["device"]["matmul_size"] == 1024
+    assert doc["device"]["matmul_tflops"]["float32"] > 0
+    assert doc["device"]["matmul_shape"] == [2 * 2 * 16, 16, 64]  # guided batch 2 x 16 tokens, width 16, ff 64
     forward = next(p for p in doc["phases"] if p["phase"] == "transformer")
     assert forward["matmul_fraction"] == pytest.approx(forward["tflops"] / doc["device"]["matmul_tflops"]["float32"])
 

@@ -72,17 +72,22 @@ def device_peak_tflops(name: str) -> float | None:
     return next((peak for key, peak in GPU_PEAK_TFLOPS if key in name), None)
 
 
-MATMUL_SIZE = {"cuda": 8192, "cpu": 1024}  # square matmul for the measured rate: large enough to be compute-bound
 WARMUP_STEPS = 2  # an end-to-end warm-up run: the first and the final step (both CUDA graphs, every compiled variant)
 
 
-def matmul_tflops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
-    """The dense matmul rate this device reaches in `dtype` (median of `repeats` after 2 warm-ups), TFLOP/s: what
-    a transformer made of matmuls could reach at best here, measured rather than taken from a datasheet."""
-    n = MATMUL_SIZE.get(device.type, 1024)
+def feed_forward_shape(cfg: TransformerConfig, batch: int, guided: bool) -> tuple[int, int, int]:
+    """(M, K, N) of the transformer's largest matmul, the feed-forward's first projection, for a batch."""
+    rows = batch * (2 if guided else 1) * cfg.num_latent_pixels
+    return rows, cfg.inner_dim, 4 * cfg.inner_dim
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int], repeats: int = 5) -> float:
+    """The rate this device reaches in `dtype` on one (M, K) x (K, N) matmul (median of `repeats` after 2 warm-ups),
+    TFLOP/s: measured on the transformer's own largest matmul, what a forward made of matmuls could reach here."""
+    m, k, n = shape
     g = torch.Generator(device).manual_seed(0)
-    a = torch.randn(n, n, generator=g, device=device).to(dtype)
-    b = torch.randn(n, n, generator=g, device=device).to(dtype)
+    a = torch.randn(m, k, generator=g, device=device).to(dtype)
+    b = torch.randn(k, n, generator=g, device=device).to(dtype)
     runs = []
     for i in range(2 + repeats):
         _sync(device)
@@ -91,7 +96,7 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, repeats: int = 5) ->
         _sync(device)
         if i >= 2:
             runs.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(runs) / 1e12
+    return 2 * m * k * n / statistics.median(runs) / 1e12
 
 
 # -- measuring ----------------------------------------------------------------------------------------------------
@@ -283,8 +288,8 @@ def run_bench(
             "peak_source": (
                 None if peak is None else ("--peak-tflops" if settings.peak_tflops is not None else PEAK_SOURCE)
             ),
-            "matmul_tflops": {},  # dtype -> measured dense matmul rate (matmul_size cubed)
-            "matmul_size": MATMUL_SIZE.get(dev.type, 1024),
+            "matmul_tflops": {},  # dtype -> rate measured on the feed-forward matmul at the largest batch
+            "matmul_shape": None,  # its (M, K, N)
         },
         model={},
         settings={**asdict(settings), "dtypes": list(dtypes), "diffusers_dtypes": list(theirs_dtypes)},
@@ -295,8 +300,10 @@ def run_bench(
             + (" and diffusers' pipeline on its weights" if dtype in theirs_dtypes else "")
         )
         pipe = load.pipeline(dtype)
-        say(f"{dtype}: the device's dense matmul rate")
-        report.device["matmul_tflops"][dtype] = matmul_tflops(dev, DTYPES[dtype])
+        shape = feed_forward_shape(pipe.config.transformer, max(settings.batches), settings.guidance_scale != 1.0)
+        say(f"{dtype}: the device's matmul rate on the feed-forward's {shape[0]}x{shape[1]}x{shape[2]} matmul")
+        report.device["matmul_tflops"][dtype] = matmul_tflops(dev, DTYPES[dtype], shape)
+        report.device["matmul_shape"] = list(shape)
         if not report.model:
             cfg = pipe.config.transformer
             report.model = {

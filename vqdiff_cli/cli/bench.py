@@ -182,7 +182,8 @@ def render(report: BenchReport) -> None:
     peak = f", peak {dev['peak_tflops']:.0f} TFLOP/s ({dev['peak_source']})" if dev["peak_tflops"] else ""
     threads = f", {dev['threads']} threads" if dev["threads"] else ""
     rates = ", ".join(f"{k} {v:.3g}" for k, v in dev.get("matmul_tflops", {}).items())
-    matmul = f"; measured dense matmul TFLOP/s: {rates}" if rates else ""
+    shape = "x".join(str(v) for v in dev.get("matmul_shape") or ())
+    matmul = f"; measured TFLOP/s of its {shape} feed-forward matmul: {rates}" if rates else ""
     console.print(f"device: {dev['name']}{threads}{peak}{matmul}")
     versions = ", ".join(f"{k} {v}" for k, v in report.versions.items() if v)
     console.print(f"model: {report.model.get('source')}; {versions}")
