@@ -17,7 +17,7 @@ complete -c vqdiff -n '__fish_use_subcommand' -l help -s h -d 'Show help and exi
 complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l model -s m -x -d 'Checkpoint folder (default: random weights, built in memory)'
 complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l config -x -d 'Architecture of the random weights: a shipped name or a config folder'
 complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l device -x -a 'auto cpu cuda mps' -d 'auto, cpu, cuda (or cuda:N) or mps (env VQDIFF_DEVICE)'
-complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l dtype -x -a 'auto float32 float16 bfloat16' -d 'Comma-separated dtypes (default: float32,bfloat16 on CPU; float16,bfloat16 on GP'
+complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l dtype -x -a 'auto float32 float16 bfloat16' -d 'Comma-separated dtypes (default: float32, plus bfloat16 if native, on CPU; float'
 complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l steps -x -d 'Comma-separated step counts'
 complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l batch -x -d 'Comma-separated batch sizes'
 complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l sampler -x -d 'Comma-separated: reference, fast (default: fast on CUDA, both on CPU)'

@@ -153,3 +153,21 @@ def test_real_process_and_module_entry(tiny, tmp_path):
     )
     assert r.returncode == 2
     assert r.stderr.count("\n") <= 2 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_emulated_half_precision_on_a_cpu_is_called_out(tiny, tmp_path, monkeypatch, native):
+    import torch
+
+    import vqdiff_cli.device
+    from vqdiff_cli.device import native_dtypes
+
+    monkeypatch.setattr(vqdiff_cli.device, "cpu_runs_natively", lambda dtype: native or dtype == torch.float32)
+    args = ["generate", "a cat", "--model", str(tiny.path), "--device", "cpu", "--steps", "2", "--seed", "1"]
+    result = runner.invoke(app, [*args, "--dtype", "bfloat16", "-o", str(tmp_path / "bf16.png")])
+    assert result.exit_code == 0, result.output
+    assert ("no native bfloat16" in result.stderr) is not native
+    result = runner.invoke(app, [*args, "--dtype", "float32", "-o", str(tmp_path / "fp32.png")])
+    assert result.exit_code == 0 and "no native" not in result.stderr
+    # vqdiff bench's default CPU dtypes leave emulated bfloat16 out (about 10x slower than float32)
+    assert native_dtypes(torch.device("cpu")) == (("float32", "bfloat16") if native else ("float32",))

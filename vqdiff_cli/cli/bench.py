@@ -56,7 +56,8 @@ def bench(
     dtype: Annotated[
         str | None,
         typer.Option(
-            "--dtype", help="Comma-separated dtypes (default: float32,bfloat16 on CPU; float16,bfloat16 on GPU)."
+            "--dtype",
+            help="Comma-separated dtypes (default: float32, plus bfloat16 if native, on CPU; float16,bfloat16 on GPU).",
         ),
     ] = None,
     steps: Annotated[str, typer.Option("--steps", help="Comma-separated step counts.")] = "100,25,10",

@@ -28,12 +28,12 @@ def load_model(
 ) -> VQDiffusion:
     """Load `model` (a local folder or a Hub repo id, fetched and converted on first use), saying so on stderr."""
     from ..api import VQDiffusion
-    from ..device import configure_cpu_threads
+    from ..device import configure_cpu_threads, cpu_runs_natively, dtype_name
 
     configure_cpu_threads(threads)
     out.info(f"loading {model}" + (f" ({revision})" if revision else ""))
     with LoadReporter(out) as report:
-        return VQDiffusion.from_pretrained(
+        pipe = VQDiffusion.from_pretrained(
             model,
             device=device,
             dtype=dtype,
@@ -45,6 +45,10 @@ def load_model(
             compile=compile,
             cuda_graphs=cuda_graphs,
         )
+    if pipe.device.type == "cpu" and not cpu_runs_natively(pipe.dtype):
+        name = dtype_name(pipe.dtype)
+        out.warn(f"this CPU has no native {name}: torch emulates it, many times slower than float32 (--dtype float32)")
+    return pipe
 
 
 MODEL_KEYS = ("model", "revision", "variant", "device", "dtype", "cache_dir")
