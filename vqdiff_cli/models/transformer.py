@@ -16,6 +16,8 @@ from torch import nn
 
 from ..config import TransformerConfig
 
+GELU2_SCALE = 1.702  # the feed-forward activation: x * sigmoid(1.702 x)
+
 
 class ImagePositionalEmbeddings(nn.Module):
     """Token embedding plus a row and a column embedding (DALL-E style)."""
@@ -93,7 +95,7 @@ class ApproximateGELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)
-        return x * torch.sigmoid(1.702 * x)
+        return x * torch.sigmoid(GELU2_SCALE * x)
 
 
 class FeedForward(nn.Module):
@@ -144,9 +146,6 @@ def call_block(
 ) -> torch.Tensor:
     out: torch.Tensor = block(x, context, timestep, context_kv)
     return out
-
-
-GELU2_SCALE = 1.702  # ApproximateGELU: x * sigmoid(1.702 x)
 
 
 def fused_block(
