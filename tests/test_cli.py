@@ -105,6 +105,19 @@ def test_existing_output_is_named_and_kept(cli, tmp_path):
     assert not (tmp_path / "pic-0.png").exists()  # nothing is written when any output would clash
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_get_the_usual_file_mode(cli, tmp_path, umask):
+    """Written through a private temporary file, an output still ends up with the mode the umask gives a new file."""
+    old = os.umask(umask)
+    try:
+        result = cli("generate", "a cat", "--steps", "2", "--seed", "1", "-o", "cat.png", "--save-tokens", "cat.npy")
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    for name in ("cat.png", "cat.npy"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
 def test_unwritable_directory(cli, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()

@@ -28,11 +28,24 @@ def check_writable(path: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot write {path}: folder {folder} is not writable")
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask can only be read by setting it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def _temporary_beside(path: Path) -> Iterator[tuple[BinaryIO, Path]]:
     folder = path.parent if str(path.parent) else Path(".")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
     tmp = Path(tmp_name)
+    with contextlib.suppress(OSError):  # mkstemp makes 0600 files; an output file gets the usual mode (umask)
+        os.fchmod(fd, 0o666 & ~_umask())
     try:
         with os.fdopen(fd, "wb") as f:
             yield f, tmp
