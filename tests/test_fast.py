@@ -8,6 +8,8 @@ known tokens. No timings here: speed is measured by `vqdiff bench`.
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -390,6 +392,18 @@ def test_a_failing_compile_falls_back_with_a_note(monkeypatch):
     assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0))
     assert notes == ["torch.compile failed, running eagerly (RuntimeError: backend exploded)"]
     assert len(calls) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("c++") is None, reason="inductor needs a C++ compiler on the CPU")
+def test_compiled_fast_path_compiles_and_gives_the_eager_tokens(tiny):
+    """`--compile` really compiles (no fallback note) the fused block and the step math, and samples what eager does."""
+    options = GenerateOptions(seed=5, num_images=2, batch_size=2, sampler="fast", steps=3, truncation_rate=0.9)
+    compiled = VQDiffusion.from_pretrained(tiny.path, device="cpu", compile=True)
+    got = compiled.generate(["a red ball", "a cat"], options)
+    assert compiled.acceleration_notes == []
+    eager = VQDiffusion.from_pretrained(tiny.path, device="cpu").generate(["a red ball", "a cat"], options)
+    assert [r.tokens.tolist() for r in got] == [r.tokens.tolist() for r in eager]
 
 
 def test_compiled_variants_past_the_limit_run_eagerly_with_a_note(monkeypatch):
