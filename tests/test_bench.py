@@ -167,3 +167,15 @@ def test_bench_output_keeps_finished_batches_when_a_run_is_cut_short(tiny, tmp_p
     assert result.exit_code == 130
     doc = json.loads(out.read_text())
     assert {e["batch"] for e in doc["end_to_end"]} == {1} and doc["settings"]["batches"] == [1, 2]
+
+
+def test_bench_skips_warm_up_when_no_run_is_short_enough(tiny, monkeypatch):
+    from vqdiff_cli.bench_engines import OurEngine
+
+    calls = []
+    monkeypatch.setattr(OurEngine, "generate", lambda self, prompts, steps: calls.append(steps))
+    doc = bench(
+        "--model", str(tiny.path), "--dtype", "float32", "--sampler", "fast", "--warmup", "1", "--max-run-seconds", "0"
+    )
+    assert calls == []  # every end-to-end figure is derived: no warm-up run either
+    assert {e["kind"] for e in doc["end_to_end"]} == {"derived"}

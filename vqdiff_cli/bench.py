@@ -30,8 +30,8 @@ import torch
 from . import __version__
 from .accel import Acceleration
 from .api import ModelSource, VQDiffusion
-from .bench_engines import DIFFUSERS, DiffusersEngine, Engine, OurEngine, diffusers_pipeline
-from .bench_report import BenchReport, BenchSettings, EndToEnd, PhaseResult, Speedup
+from .bench_engines import DiffusersEngine, Engine, OurEngine, diffusers_pipeline
+from .bench_report import BenchReport, BenchSettings, EndToEnd, PhaseResult, derive_end_to_end, speedups
 from .config import TransformerConfig
 from .device import DTYPES, device_name, native_dtypes, resolve_device
 from .errors import UsageError
@@ -324,14 +324,14 @@ def run_bench(
         for batch in settings.batches:
             _bench_batch(report, engines, pipe, dtype, batch, settings, dev, say)
             report.notes.extend(n for n in pipe.acceleration_notes if n not in report.notes)
-            report.speedups = _speedups(report.end_to_end)
+            report.speedups = speedups(report.end_to_end)
             if on_update is not None:
                 on_update(report)
         del engines, pipe
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    report.speedups = _speedups(report.end_to_end)
+    report.speedups = speedups(report.end_to_end)
     return report
 
 
@@ -395,21 +395,25 @@ def _bench_batch(
     tokens = _random_tokens(batch, cfg.num_latent_pixels, codes, 0.0, st.seed, dev)
     record("decode", None, measure({n: partial(e.decode, tokens) for n, e in by.items()}, st.warmup, st.repeats, dev))
     outputs.clear()
-    estimates = _derive(report, by, results, dtype, batch, st)
+    estimates = derive_end_to_end(report, by, results, dtype, batch, st)
     if st.phases_only:
         return
 
     # Once per batch, before the timed runs: on CUDA a cold run per engine that measures its memory, then short
     # warm-up runs (they capture the CUDA graphs and compile what a run of any length needs).
+    runnable_at = {
+        steps: {n: e for n, e in by.items() if estimates[(n, steps)] <= st.max_run_seconds} for steps in st.steps
+    }
     memory: dict[str, tuple[int, int]] = {}
     for name, engine in by.items():
+        if not any(name in runnable for runnable in runnable_at.values()):
+            continue  # only derived figures for this engine: nothing to warm up
         if dev.type == "cuda":
             say(f"{dtype}, batch {batch}: memory of a cold run ({name})")
             memory[name] = (engine.model_bytes(), run_memory(engine, prompts, dev))
         for _ in range(st.warmup):
             engine.generate(prompts, WARMUP_STEPS)
-    for steps in st.steps:
-        runnable = {n: e for n, e in by.items() if estimates[(n, steps)] <= st.max_run_seconds}
+    for steps, runnable in runnable_at.items():
         for n in by.keys() - runnable.keys():
             report.notes.append(
                 f"{n} {dtype} batch {batch} steps {steps}: not run end to end (about {estimates[(n, steps)]:.0f} s "
@@ -427,47 +431,3 @@ def _bench_batch(
                 row.model_bytes, row.run_memory_bytes = memory[name]
                 row.peak_memory_bytes = row.model_bytes + row.run_memory_bytes
             report.end_to_end.append(row)
-
-
-def _derive(
-    report: BenchReport,
-    engines: Mapping[str, Engine],
-    results: Mapping[tuple[str, str, int | None], PhaseResult],
-    dtype: str,
-    batch: int,
-    st: BenchSettings,
-) -> dict[tuple[str, int], float]:
-    """End-to-end seconds derived from the phases, per engine and step count, recorded as "derived" rows:
-    text + steps x forward + (steps - 1) x mean(step math) + final step math + decode."""
-    estimates = {}
-    for steps in st.steps:
-        for name in engines:
-            posterior = [results[(name, "sampling", t)].median_s for t in st.sampling_timesteps]
-            seconds = (
-                results[(name, "text", None)].median_s
-                + steps * results[(name, "transformer", st.transformer_timestep)].median_s
-                + (steps - 1) * statistics.fmean(posterior)
-                + results[(name, "sampling", 0)].median_s
-                + results[(name, "decode", None)].median_s
-            )
-            estimates[(name, steps)] = seconds
-            report.end_to_end.append(
-                EndToEnd(name, dtype, batch, steps, "derived", seconds, seconds / batch, batch / seconds)
-            )
-    return estimates
-
-
-def _speedups(rows: list[EndToEnd]) -> list[Speedup]:
-    """Each vqdiff configuration against diffusers at the same batch and steps, in every dtype diffusers ran:
-    derived against derived always, and measured against measured where both ran end to end."""
-    by_key = {(r.engine, r.dtype, r.batch, r.steps, r.kind): r for r in rows}
-    out = []
-    for (engine, dtype, batch, steps, kind), ours in by_key.items():
-        if engine == DIFFUSERS:
-            continue
-        for (other, base_dtype, b, st, base_kind), base in by_key.items():
-            if other == DIFFUSERS and (b, st, base_kind) == (batch, steps, kind):
-                out.append(
-                    Speedup(engine, dtype, DIFFUSERS, base_dtype, batch, steps, kind, base.median_s / ours.median_s)
-                )
-    return out

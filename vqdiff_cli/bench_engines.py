@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import torch
 
 from .api import GenerateOptions, VQDiffusion
+from .bench_report import BASELINE
 from .diffusion.fast import step_coefficients
 from .diffusion.sampler import sample_step
 from .diffusion.streams import seed_words
@@ -21,7 +22,8 @@ from .diffusion.streams import seed_words
 if TYPE_CHECKING:
     from .bench_report import BenchSettings
 
-REFERENCE, FAST, DIFFUSERS = "vqdiff-reference", "vqdiff-fast", "diffusers"
+REFERENCE, FAST = "vqdiff-reference", "vqdiff-fast"
+DIFFUSERS = BASELINE
 
 
 def module_bytes(*modules: torch.nn.Module) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -9,6 +11,7 @@ from .device import DTYPES
 from .errors import UsageError
 
 SCHEMA = "vqdiff.bench/1"
+BASELINE = "diffusers"  # the engine every other one is compared with
 
 
 @dataclass(frozen=True)
@@ -106,3 +109,47 @@ class BenchReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **asdict(self)}
+
+
+def derive_end_to_end(
+    report: BenchReport,
+    engines: Iterable[str],
+    results: Mapping[tuple[str, str, int | None], PhaseResult],
+    dtype: str,
+    batch: int,
+    st: BenchSettings,
+) -> dict[tuple[str, int], float]:
+    """End-to-end seconds derived from the phases, per engine and step count, recorded as "derived" rows:
+    text + steps x forward + (steps - 1) x mean(step math) + final step math + decode."""
+    estimates = {}
+    for steps in st.steps:
+        for name in engines:
+            posterior = [results[(name, "sampling", t)].median_s for t in st.sampling_timesteps]
+            seconds = (
+                results[(name, "text", None)].median_s
+                + steps * results[(name, "transformer", st.transformer_timestep)].median_s
+                + (steps - 1) * statistics.fmean(posterior)
+                + results[(name, "sampling", 0)].median_s
+                + results[(name, "decode", None)].median_s
+            )
+            estimates[(name, steps)] = seconds
+            report.end_to_end.append(
+                EndToEnd(name, dtype, batch, steps, "derived", seconds, seconds / batch, batch / seconds)
+            )
+    return estimates
+
+
+def speedups(rows: list[EndToEnd]) -> list[Speedup]:
+    """Each vqdiff configuration against diffusers at the same batch and steps, in every dtype diffusers ran:
+    derived against derived always, and measured against measured where both ran end to end."""
+    by_key = {(r.engine, r.dtype, r.batch, r.steps, r.kind): r for r in rows}
+    out = []
+    for (engine, dtype, batch, steps, kind), ours in by_key.items():
+        if engine == BASELINE:
+            continue
+        for (other, base_dtype, b, st, base_kind), base in by_key.items():
+            if other == BASELINE and (b, st, base_kind) == (batch, steps, kind):
+                out.append(
+                    Speedup(engine, dtype, BASELINE, base_dtype, batch, steps, kind, base.median_s / ours.median_s)
+                )
+    return out
