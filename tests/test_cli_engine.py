@@ -169,5 +169,6 @@ def test_emulated_half_precision_on_a_cpu_is_called_out(tiny, tmp_path, monkeypa
     assert ("no native bfloat16" in result.stderr) is not native
     result = runner.invoke(app, [*args, "--dtype", "float32", "-o", str(tmp_path / "fp32.png")])
     assert result.exit_code == 0 and "no native" not in result.stderr
+    assert ("runs bfloat16 natively: --dtype bfloat16 is usually faster" in result.stderr) is native
     # vqdiff bench's default CPU dtypes leave emulated bfloat16 out (about 10x slower than float32)
     assert native_dtypes(torch.device("cpu")) == (("float32", "bfloat16") if native else ("float32",))

@@ -27,6 +27,8 @@ def load_model(
     threads: int | None = None,
 ) -> VQDiffusion:
     """Load `model` (a local folder or a Hub repo id, fetched and converted on first use), saying so on stderr."""
+    import torch
+
     from ..api import VQDiffusion
     from ..device import configure_cpu_threads, cpu_runs_natively, dtype_name
 
@@ -48,6 +50,8 @@ def load_model(
     if pipe.device.type == "cpu" and not cpu_runs_natively(pipe.dtype):
         name = dtype_name(pipe.dtype)
         out.warn(f"this CPU has no native {name}: torch emulates it, many times slower than float32 (--dtype float32)")
+    elif pipe.device.type == "cpu" and pipe.dtype == torch.float32 and cpu_runs_natively(torch.bfloat16):
+        out.info("this CPU runs bfloat16 natively: --dtype bfloat16 is usually faster (with other tokens than float32)")
     return pipe
 
 
