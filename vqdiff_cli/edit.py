@@ -183,9 +183,13 @@ def inpaint_iter(
         yield result
 
 
-def variation_start(strength: float, num_train_timesteps: int) -> int | None:
+def check_strength(strength: float) -> None:
     if not 0 <= strength <= 1:
         raise UsageError(f"--strength must be between 0 and 1, got {strength}")
+
+
+def variation_start(strength: float, num_train_timesteps: int) -> int | None:
+    check_strength(strength)
     return None if strength == 0 else round(strength * (num_train_timesteps - 1))
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..console import LoadReporter, Output
 
@@ -71,16 +71,21 @@ def cache_dir_of(settings: Resolved) -> Path | None:
     return Path(settings["cache_dir"]).expanduser() if settings["cache_dir"] else None
 
 
-def load_from_flags(out: Output, *, offline: bool = False, **flags: str | Path | None) -> VQDiffusion:
-    """Resolve the model settings and load the model."""
-    s = model_settings(**flags)
+def load_resolved(out: Output, settings: Resolved, *, offline: bool = False, **acceleration: Any) -> VQDiffusion:
+    """Load the model that resolved settings name (`acceleration`: compile, cuda_graphs, threads)."""
     return load_model(
         out,
-        s["model"],
-        device=s["device"],
-        dtype=s["dtype"],
-        variant=s["variant"],
-        revision=s["revision"],
+        settings["model"],
+        device=settings["device"],
+        dtype=settings["dtype"],
+        variant=settings["variant"],
+        revision=settings["revision"],
         offline=offline,
-        cache_dir=cache_dir_of(s),
+        cache_dir=cache_dir_of(settings),
+        **acceleration,
     )
+
+
+def load_from_flags(out: Output, *, offline: bool = False, **flags: str | Path | None) -> VQDiffusion:
+    """Resolve the model settings and load the model."""
+    return load_resolved(out, model_settings(**flags), offline=offline)

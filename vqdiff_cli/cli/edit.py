@@ -237,12 +237,11 @@ def vary(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Make variations of an image (noise its tokens, then denoise)."""
-    from ..errors import UsageError
+    from ..edit import check_strength
     from ..images import load_rgb
 
     out = Output(quiet=quiet, json_mode=json_out)
-    if not 0 <= strength <= 1:
-        raise UsageError(f"--strength must be between 0 and 1, got {strength}")
+    check_strength(strength)  # before the model loads
     picture = load_rgb(image)
     plan = RunPlan.build(
         out,

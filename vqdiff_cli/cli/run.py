@@ -19,7 +19,7 @@ from ..errors import UsageError
 from ..files import check_writable
 from ..settings import SETTINGS, Resolved, read_config, resolve
 from . import naming
-from .common import cache_dir_of, load_model
+from .common import load_resolved
 
 if TYPE_CHECKING:
     from ..api import GeneratedImage, GenerateOptions, StepEvent, VQDiffusion
@@ -60,7 +60,7 @@ class RunPlan:
     animations: list[Path] | None = None
     save_steps: Path | None = None
     offline: bool = False
-    acceleration: dict[str, Any] = field(default_factory=dict)  # compile, cuda_graphs, threads for load_model
+    acceleration: dict[str, Any] = field(default_factory=dict)  # compile, cuda_graphs, threads for load_resolved
     extra_metadata: dict[str, Any] = field(default_factory=dict)
     extra_files: list[Path] = field(default_factory=list)  # written by the command itself (e.g. a token mask)
 
@@ -207,18 +207,7 @@ def execute(out: Output, plan: RunPlan, sample: Sampler) -> list[GeneratedImage]
     from .. import metadata
     from ..images import png_bytes, save_png, save_tokens
 
-    s = plan.settings.values
-    pipe = load_model(
-        out,
-        s["model"],
-        device=s["device"],
-        dtype=s["dtype"],
-        variant=s["variant"],
-        revision=s["revision"],
-        offline=plan.offline,
-        cache_dir=cache_dir_of(plan.settings),
-        **plan.acceleration,
-    )
+    pipe = load_resolved(out, plan.settings, offline=plan.offline, **plan.acceleration)
     if plan.seed_was_random:
         out.info(f"seed {plan.items[0].seed} (random)")
     meta_settings = _settings_for_metadata(plan, pipe)
