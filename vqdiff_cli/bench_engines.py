@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from .bench_report import BenchSettings
 
 REFERENCE, FAST = "vqdiff-reference", "vqdiff-fast"
-DIFFUSERS = BASELINE
 
 
 def module_bytes(*modules: torch.nn.Module) -> int:
@@ -156,7 +155,7 @@ class OurEngine:
 class DiffusersEngine:
     """diffusers' VQDiffusionPipeline, built from components on our weights; its loop body timed phase by phase."""
 
-    name = DIFFUSERS
+    name = BASELINE
 
     def __init__(self, pipe: Any, settings: BenchSettings) -> None:
         self.pipe, self.settings = pipe, settings
