@@ -329,6 +329,38 @@ def test_trajectory_animation_and_steps(cli, tmp_path):
     assert (last == np.asarray(Image.open(tmp_path / "v-1.png").convert("RGB"))).all()
 
 
+@pytest.mark.parametrize("template", ["v.png", "v{seed}-at-{step:02d}.png"])
+def test_save_steps_frames_are_checked_before_the_model_loads(cli, tmp_path, monkeypatch, template):
+    args = ("generate", "a cat", "--seed", "3", "--stride", "50", "-o", template, "--save-steps", "steps")
+    assert cli(*args).exit_code == 0
+    for image in tmp_path.glob("v*.png"):
+        image.unlink()  # the images are gone, the frames in steps/ are still there
+    frames = sorted(p.name for p in (tmp_path / "steps").iterdir())
+
+    from vqdiff_cli.cli import run
+
+    load = run.load_resolved
+    monkeypatch.setattr(run, "load_resolved", lambda *a, **k: pytest.fail("the model was loaded"))
+    r = cli(*args)
+    assert r.exit_code == 2
+    assert f"steps/{frames[0]} already exists" in one_line_error(r)
+    assert not list(tmp_path.glob("v*.png"))
+    monkeypatch.setattr(run, "load_resolved", load)
+    assert cli(*args, "--overwrite").exit_code == 0
+
+
+def test_output_template_from_the_config_file_expands_the_home_folder(cli, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / "pictures").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    config = tmp_path / "config.toml"
+    config.write_text('output = "~/pictures/{prompt}-{seed}.png"\n')
+    monkeypatch.setenv("VQDIFF_CONFIG", str(config))
+    r = cli("generate", "a red ball", "--seed", "1", "--steps", "1")
+    assert r.exit_code == 0, r.output
+    assert (home / "pictures" / "a-red-ball-1.png").is_file()
+
+
 def test_out_of_memory_message(cli, monkeypatch):
     from vqdiff_cli import api
 

@@ -101,8 +101,28 @@ def test_python_examples_run(tiny, tmp_path, monkeypatch):
     assert namespace["inpainted"].image.size == (16, 16)
 
 
-@pytest.mark.parametrize("key", ["model", "device", "dtype", "output", "steps", "guidance", "truncation"])
-def test_documented_config_keys_exist(key):
+def test_the_config_keys_listed_are_the_settings():
+    listed = README.split("with any of the keys ", 1)[1].split(". ", 1)[0]
     from vqdiff_cli.settings import SETTINGS
 
-    assert key in SETTINGS
+    assert re.findall(r"`(\w+)`", listed) == list(SETTINGS)
+
+
+def test_config_file_example_works(tiny, tmp_path, monkeypatch):
+    """The README's TOML example, as a config file: its keys are read and its `~/pictures` output is where images go
+    (the model and device it names are overridden, since neither exists here)."""
+    (config,) = blocks("toml")
+    home = tmp_path / "home"
+    (home / "pictures").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("VQDIFF_CONFIG", str(tmp_path / "config.toml"))
+    (tmp_path / "config.toml").write_text(config, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    shown = runner.invoke(app, ["config", "show"])
+    assert shown.exit_code == 0, shown.output
+    assert "/data/models/vq-diffusion-ithq" in shown.stdout and "bfloat16" in shown.stdout
+    args = ["generate", "a red ball", "--seed", "1", "--steps", "1", "--model", str(tiny.path), "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert (home / "pictures" / "a-red-ball-1.png").is_file()

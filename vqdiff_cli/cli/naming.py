@@ -46,7 +46,7 @@ def check_template(template: str, allowed: tuple[str, ...] = FIELDS) -> None:
             )
 
 
-def render(template: str, item: Item, step: int = 0) -> str:
+def render(template: str, item: Item, step: int | _AnyStep = 0) -> str:
     check_template(template)
     try:
         return template.format(prompt=slugify(item.prompt), seed=item.seed, index=item.index, step=step)
@@ -59,8 +59,9 @@ def _numbered(path: Path, index: int) -> Path:
 
 
 def output_paths(template: str, items: list[Item], step: int = 0) -> list[Path]:
-    """One path per item; names that would repeat get the item's index appended. `{step}` is the final step."""
-    rendered = [Path(render(template, item, step)) for item in items]
+    """One path per item; names that would repeat get the item's index appended. `{step}` is the final step. A
+    leading `~` is the home folder (templates from the config file never pass through a shell)."""
+    rendered = [Path(render(template, item, step)).expanduser() for item in items]
     if len(set(rendered)) == len(rendered):
         return rendered
     return [_numbered(path, item.index) for path, item in zip(rendered, items, strict=True)]
@@ -75,3 +76,26 @@ def step_paths(folder: Path, template: str, item: Item, image_path: Path, num_st
             return [folder / name for name in names]
     width = max(3, len(str(num_steps)))
     return [folder / f"{image_path.stem}-step-{i:0{width}d}.png" for i in range(num_steps + 1)]
+
+
+class _AnyStep:
+    """Stands for every step number when a template is rendered into a pattern."""
+
+    def __format__(self, spec: str) -> str:
+        return _ANY_STEP
+
+
+_ANY_STEP = "\x00step\x00"
+
+
+def existing_step_files(folder: Path, template: str, item: Item, image_path: Path) -> list[Path]:
+    """Files already in `folder` that `step_paths` could name for this item, whatever the number of steps: the run's
+    step count is known only once the model is loaded, and outputs are checked before that."""
+    if not folder.is_dir():
+        return []
+    patterns = [re.escape(f"{image_path.stem}-step-") + r"\d{3,}\.png"]
+    if "{step" in template:
+        name = Path(render(template, item, _AnyStep())).name
+        patterns.append(r"\d+".join(re.escape(part) for part in name.split(_ANY_STEP)))
+    matcher = re.compile("|".join(f"(?:{p})" for p in patterns))
+    return sorted(path for path in folder.iterdir() if matcher.fullmatch(path.name))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..console import Output
 from ..errors import UsageError
 from ..files import check_writable
-from ..settings import SETTINGS, Resolved, read_config, resolve
+from ..settings import DEFAULT_OUTPUT, SETTINGS, Resolved, read_config, resolve
 from . import naming
 from .common import load_resolved
 
@@ -152,6 +152,17 @@ class RunPlan:
             check_writable(path, self.overwrite)
         if self.save_steps is not None and self.save_steps.exists() and not self.save_steps.is_dir():
             raise UsageError(f"--save-steps {self.save_steps} exists and is not a folder")
+        if self.save_steps is not None and not self.overwrite:
+            for item in self.items:
+                existing = naming.existing_step_files(
+                    self.save_steps, self.settings["output"], item, self.image_path(item)
+                )
+                if existing:
+                    check_writable(existing[0], overwrite=False)
+
+    def image_path(self, item: naming.Item) -> Path:
+        """The image whose name --save-steps frames take (stdout's image is named as by default)."""
+        return self.outputs[item.index] if self.outputs else Path(naming.render(DEFAULT_OUTPUT, item))
 
     def print_dry_run(self, out: Output) -> None:
         rows = {k: {"value": self.settings.values[k], "source": self.settings.sources[k]} for k in self.settings.values}
@@ -289,7 +300,7 @@ def _write_visuals(plan: RunPlan, pipe: VQDiffusion, result: GeneratedImage) -> 
     if plan.save_steps is not None:
         plan.save_steps.mkdir(parents=True, exist_ok=True)
         item = plan.items[result.index]
-        image_path = plan.outputs[result.index] if plan.outputs else Path(naming.render("{prompt}-{seed}.png", item))
+        image_path = plan.image_path(item)
         for frame, path in zip(
             frames,
             naming.step_paths(plan.save_steps, plan.settings["output"], item, image_path, len(frames) - 1),
