@@ -118,6 +118,45 @@ def test_outputs_get_the_usual_file_mode(cli, tmp_path, umask):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
+def test_seeds_past_the_largest_are_refused_before_the_model_loads(cli, monkeypatch):
+    from vqdiff_cli.cli import run
+
+    monkeypatch.setattr(run, "load_resolved", lambda *a, **k: pytest.fail("the model was loaded"))
+    for args in (("--dry-run",), ()):
+        r = cli("generate", "a cat", "-n", "2", "--seed", str(2**63 - 1), *args)
+        assert r.exit_code == 2
+        assert "leaves no room for 2 consecutive seeds" in one_line_error(r)
+
+
+def test_a_failed_replace_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from vqdiff_cli.errors import OutputError
+    from vqdiff_cli.files import atomic_write
+
+    (tmp_path / "out.bin").write_bytes(b"old")
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OutputError, match="Permission denied"):
+        atomic_write(tmp_path / "out.bin", lambda f: f.write(b"new"), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    assert (tmp_path / "out.bin").read_bytes() == b"old"
+
+
+def test_a_cuda_index_the_machine_lacks_is_a_clear_error(monkeypatch):
+    import torch
+
+    from vqdiff_cli.device import resolve_device
+    from vqdiff_cli.errors import DeviceError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(DeviceError, match="has 2 CUDA GPUs"):
+        resolve_device("cuda:5")
+
+
 def test_unwritable_directory(cli, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()

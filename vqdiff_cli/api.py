@@ -9,10 +9,8 @@ The library never prints and never exits: progress leaves through the `on_step` 
 
 from __future__ import annotations
 
-import secrets
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +29,11 @@ from .diffusion.streams import seed_words
 from .edit import EditSource, InpaintOptions, InpaintSetup
 from .errors import UsageError
 from .fastpath import FastSessions, SessionKey
-from .generation import MAX_SEED
 
 # Re-exported (`X as X`): `vqdiff_cli.__getattr__` and callers import the public API's names from here.
 from .generation import GeneratedImage as GeneratedImage
 from .generation import GenerateOptions as GenerateOptions
+from .generation import Job, plan_jobs, random_seed
 from .generation import ModelSource as ModelSource
 from .generation import StepCallback as StepCallback
 from .generation import StepEvent as StepEvent
@@ -46,13 +44,6 @@ PROGRESS_LAG = 2  # with a progress callback on a GPU, the host runs at most thi
 
 # per batch: the images' generators -> (x_t to start from (B, N), tokens to keep or None)
 StartFn = Callable[[list[torch.Generator]], tuple[torch.Tensor, KnownTokens | None]]
-
-
-@dataclass(frozen=True)
-class _Job:
-    prompt: str
-    seed: int
-    index: int
 
 
 class VQDiffusion:
@@ -197,10 +188,8 @@ class VQDiffusion:
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompt_list:
             raise UsageError("no prompts given")
-        seed = secrets.randbelow(2**31) if options.seed is None else options.seed
-        jobs = [_Job(p, seed + i, i) for i, p in enumerate(p for p in prompt_list for _ in range(options.num_images))]
-        if jobs[-1].seed > MAX_SEED:
-            raise UsageError(f"--seed {seed} leaves no room for {len(jobs)} consecutive seeds")
+        seed = random_seed() if options.seed is None else options.seed
+        jobs = plan_jobs(prompt_list, seed, options.num_images)
         states, truncated = self._encode_prompts(prompt_list)
         for first in range(0, len(jobs), options.batch_size):
             batch = jobs[first : first + options.batch_size]
@@ -238,7 +227,7 @@ class VQDiffusion:
     @torch.inference_mode()
     def _sample(
         self,
-        batch: list[_Job],
+        batch: list[Job],
         generators: list[torch.Generator],
         x_t: torch.Tensor,
         context: TextContext,

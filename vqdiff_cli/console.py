@@ -35,7 +35,7 @@ def _stderr_console() -> Console:
 
 
 class Output:
-    """Human messages (stderr), machine results (stdout), progress; `quiet` silences everything but errors."""
+    """Human messages (stderr), machine results (stdout), progress; `quiet` silences all but warnings and errors."""
 
     def __init__(self, quiet: bool = False, json_mode: bool = False) -> None:
         self.quiet = quiet

@@ -32,9 +32,16 @@ def resolve_device(name: str) -> torch.device:
     if base == "mps" and not torch.backends.mps.is_available():
         raise DeviceError("device 'mps' was requested but MPS is not available", hint="use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"invalid device '{name}'") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise DeviceError(
+            f"device '{name}' was requested but this machine has {count} CUDA GPU{'s' if count != 1 else ''}",
+            hint=f"use cuda:0 to cuda:{count - 1}" if count > 1 else "use --device cuda",
+        )
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

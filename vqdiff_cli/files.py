@@ -54,6 +54,18 @@ def _temporary_beside(path: Path) -> Iterator[tuple[BinaryIO, Path]]:
         raise
 
 
+def _link_new(tmp: Path, path: Path) -> None:
+    """Give the finished `tmp` the name `path`, which must not exist yet."""
+    try:
+        os.link(tmp, path)  # fails if path exists: no race between check and write
+    except FileExistsError:
+        raise OutputError(f"{path} already exists", hint="pass --overwrite to replace it") from None
+    except OSError:  # file systems without hard links
+        if path.exists():
+            raise OutputError(f"{path} already exists", hint="pass --overwrite to replace it") from None
+        os.replace(tmp, path)
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object], overwrite: bool = False) -> None:
     """Write through `write(file)` into a temporary file, then move it to `path` in one step."""
     path = Path(path)
@@ -62,18 +74,12 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], overwrite: boo
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-            return
         try:
-            os.link(tmp, path)  # fails if path exists: no race between check and write
-        except FileExistsError:
-            raise OutputError(f"{path} already exists", hint="pass --overwrite to replace it") from None
-        except OSError:  # file systems without hard links
-            if path.exists():
-                raise OutputError(f"{path} already exists", hint="pass --overwrite to replace it") from None
-            os.replace(tmp, path)
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                _link_new(tmp, path)
         finally:
-            tmp.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)  # gone after a replace; the temporary name of a link
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None

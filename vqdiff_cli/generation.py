@@ -3,7 +3,8 @@ and the README's), `GeneratedImage`, the per-step `StepEvent`, and `ModelSource`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,28 @@ from .errors import UsageError
 
 MAX_SEED = 2**63 - 1
 SAMPLERS = ("auto", "reference", "fast")
+
+
+def random_seed() -> int:
+    """The seed of a run that names none (reported with its results, so the run can be repeated)."""
+    return secrets.randbelow(2**31)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image of a run: its prompt, its seed and its place in the run."""
+
+    prompt: str
+    seed: int
+    index: int
+
+
+def plan_jobs(prompts: Sequence[str], seed: int, num_images: int) -> list[Job]:
+    """The run's images in order: every image of the first prompt, then of the next; image i has seed `seed + i`."""
+    jobs = [Job(p, seed + i, i) for i, p in enumerate(p for p in prompts for _ in range(num_images))]
+    if jobs and jobs[-1].seed > MAX_SEED:
+        raise UsageError(f"--seed {seed} leaves no room for {len(jobs)} consecutive seeds", hint="use a smaller seed")
+    return jobs
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,9 @@ BatchSizeOpt = Annotated[
     ),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr; warnings and errors still print.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per result on stdout.")]
 DryRunOpt = Annotated[
     bool,

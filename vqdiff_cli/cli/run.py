@@ -6,7 +6,6 @@ loads, then load once, sample, and write each image (with metadata) as soon as i
 
 from __future__ import annotations
 
-import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -79,6 +78,7 @@ class RunPlan:
         """`params` are the command's parameters (its `locals()`): those named like a setting are flags (None =
         not given), plus num_images, seed, overwrite, no_metadata and the visual outputs."""
         from ..api import GenerateOptions
+        from ..generation import plan_jobs, random_seed
 
         flags = {k: str(v) if isinstance(v, Path) else v for k, v in params.items() if k in SETTINGS}
         num_images, seed, overwrite = params["num_images"], params["seed"], params["overwrite"]
@@ -86,7 +86,7 @@ class RunPlan:
         settings = resolve(flags, image=image_settings, config=config, config_file=config_file)
         seed_was_random = seed is None
         if seed is None:
-            seed = secrets.randbelow(2**31)
+            seed = random_seed()
         options = GenerateOptions(
             steps=settings["steps"],
             stride=settings["stride"],
@@ -97,7 +97,7 @@ class RunPlan:
             batch_size=settings["batch_size"],
             sampler=settings["sampler"],
         )
-        items = [naming.Item(p, seed + i, i) for i, p in enumerate(p for p in prompts for _ in range(num_images))]
+        items = [naming.Item(job.prompt, job.seed, job.index) for job in plan_jobs(prompts, seed, num_images)]
         template = settings["output"]
         if default_output is not None and settings.sources["output"] == "default":
             template = default_output

@@ -235,5 +235,7 @@ class DiffusionTransformer(nn.Module):
 
     def forward(self, x_t: torch.Tensor, context: torch.Tensor, timestep: int | torch.Tensor) -> torch.Tensor:
         logits = self.logits(x_t, context, timestep).permute(0, 2, 1)  # (B, K-1, N)
-        # log-softmax in float64, rounded to float32: what diffusers and the original code do.
-        return F.log_softmax(logits.double(), dim=1).float()
+        # log-softmax in float64, rounded to float32: what diffusers and the original code do. MPS has no float64:
+        # there it is float32 throughout (diffusers cannot run there at all).
+        precise = torch.float32 if logits.device.type == "mps" else torch.float64
+        return F.log_softmax(logits.to(precise), dim=1).float()
