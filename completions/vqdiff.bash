@@ -18,6 +18,7 @@ _vqdiff() {
         --variant) COMPREPLY=($(compgen -W "auto fp16 fp32" -- "$cur")); return ;;
         --mask-mode) COMPREPLY=($(compgen -W "any half all" -- "$cur")); return ;;
         --known) COMPREPLY=($(compgen -W "restore renoise" -- "$cur")); return ;;
+        --sampler) COMPREPLY=($(compgen -W "auto reference fast" -- "$cur")); return ;;
     esac
     if [[ " $valued " == *" $prev "* ]]; then
         if [[ " $paths " == *" $prev "* ]]; then COMPREPLY=($(compgen -f -- "$cur")); fi
@@ -73,22 +74,22 @@ _vqdiff_valued() {
 _vqdiff_paths() {
     case "$1" in
         "") echo "" ;;
-        "bench") echo "" ;;
+        "bench") echo "--model -m --output -o" ;;
         "completion") echo "" ;;
         "config") echo "" ;;
         "config path") echo "" ;;
         "config show") echo "" ;;
-        "decode") echo "" ;;
-        "download") echo "" ;;
-        "encode") echo "" ;;
-        "generate") echo "" ;;
+        "decode") echo "--output -o --cache-dir" ;;
+        "download") echo "--cache-dir" ;;
+        "encode") echo "--output -o --cache-dir" ;;
+        "generate") echo "--prompts-file -f --output -o --cache-dir --from-image --save-tokens --trajectory --animate --save-steps" ;;
         "info") echo "" ;;
-        "inpaint") echo "" ;;
+        "inpaint") echo "--mask -M --save-token-mask --output -o --cache-dir --save-tokens --trajectory --animate --save-steps" ;;
         "models") echo "" ;;
-        "models list") echo "" ;;
-        "models path") echo "" ;;
-        "models rm") echo "" ;;
-        "vary") echo "" ;;
+        "models list") echo "--cache-dir" ;;
+        "models path") echo "--cache-dir" ;;
+        "models rm") echo "--cache-dir" ;;
+        "vary") echo "--output -o --cache-dir --save-tokens --trajectory --animate --save-steps" ;;
     esac
 }
 _vqdiff_subs() {

@@ -23,11 +23,29 @@ def test_completion_files_are_current(shell):
 
 def test_value_choices_match_the_code():
     from vqdiff_cli.device import DEVICES, DTYPE_CHOICES
+    from vqdiff_cli.edit import KNOWN_MODES
+    from vqdiff_cli.generation import SAMPLERS
+    from vqdiff_cli.images import MASK_MODES
     from vqdiff_cli.weights import VARIANTS
 
-    assert completion.VALUE_CHOICES["--device"] == DEVICES
-    assert completion.VALUE_CHOICES["--dtype"] == DTYPE_CHOICES
-    assert completion.VALUE_CHOICES["--variant"] == VARIANTS
+    assert completion.VALUE_CHOICES == {
+        "--device": DEVICES,
+        "--dtype": DTYPE_CHOICES,
+        "--variant": VARIANTS,
+        "--mask-mode": MASK_MODES,
+        "--known": KNOWN_MODES,
+        "--sampler": SAMPLERS,
+    }
+
+
+def test_file_options_and_arguments_are_known():
+    tree = {path: node for path, node in completion._flat(completion.command_tree())}
+    paths = {path: {n for o in node.options if o.is_path for n in o.names} for path, node in tree.items()}
+    assert {"--mask", "--output", "-o"} <= paths["inpaint"]
+    assert {"--from-image", "--prompts-file", "--save-steps"} <= paths["generate"]
+    assert "--steps" not in paths["generate"] and "--model" not in paths["generate"]  # a repo id is no file
+    assert tree["encode"].path_arguments and tree["inpaint"].path_arguments
+    assert not tree["generate"].path_arguments  # its argument is the prompt
 
 
 def _bash_complete(words: list[str]) -> list[str]:
@@ -39,6 +57,13 @@ def _bash_complete(words: list[str]) -> list[str]:
     )
     out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, check=True).stdout
     return out.split()
+
+
+def test_bash_completes_file_names_after_file_options(tmp_path, monkeypatch):
+    (tmp_path / "mask.png").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert _bash_complete(["vqdiff", "inpaint", "photo.png", "--mask", "ma"]) == ["mask.png"]
+    assert _bash_complete(["vqdiff", "generate", "a cat", "--steps", "ma"]) == []
 
 
 def test_bash_completes_commands_options_and_values():

@@ -7,7 +7,9 @@ the files in the repository are stale. Static scripts complete instantly and nee
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # values offered after an option (kept equal to the constants in device.py / weights.py by a test)
@@ -17,7 +19,10 @@ VALUE_CHOICES: dict[str, tuple[str, ...]] = {
     "--variant": ("auto", "fp16", "fp32"),
     "--mask-mode": ("any", "half", "all"),
     "--known": ("restore", "renoise"),
+    "--sampler": ("auto", "reference", "fast"),
 }
+# file name templates (strings, not paths, to the app): completed as file names all the same
+FILE_TEMPLATES = ("--output", "--animate")
 SHELLS = ("bash", "zsh", "fish")
 HEADER = "generated from the vqdiff app by scripts/completions.py; do not edit"
 
@@ -45,14 +50,29 @@ def _short_help(text: str | None) -> str:
     return text[:80]
 
 
+def _mentions_path(annotation: Any) -> bool:
+    """`Path`, `Path | None`, `list[Path]`, ..."""
+    return annotation is Path or any(_mentions_path(arg) for arg in typing.get_args(annotation))
+
+
+def _is_path(param: Any) -> bool:
+    """Whether a parameter takes a file name: click's `path` type, or (Typer 0.29 and later, whose parameters carry
+    their annotation instead) a `Path` annotation; or a file name template."""
+    if any(name in FILE_TEMPLATES for name in getattr(param, "opts", ())):
+        return True
+    kind = getattr(param, "type", None)
+    if kind is not None:
+        return getattr(kind, "name", "") == "path"
+    return _mentions_path(getattr(getattr(param, "type_descriptor", None), "annotation", None))
+
+
 def _tree(command: Any, name: str) -> Cmd:
     node = Cmd(name=name, help=_short_help(getattr(command, "help", None) or getattr(command, "short_help", None)))
     for param in getattr(command, "params", []):
         if getattr(param, "hidden", False):
             continue
-        type_name = getattr(getattr(param, "type", None), "name", "")
         if getattr(param, "param_type_name", "") == "argument":
-            node.path_arguments = node.path_arguments or type_name == "path"
+            node.path_arguments = node.path_arguments or _is_path(param)
             continue
         names = [*param.opts, *getattr(param, "secondary_opts", [])]
         names.sort(key=lambda n: (not n.startswith("--"), n))
@@ -60,7 +80,7 @@ def _tree(command: Any, name: str) -> Cmd:
             Opt(
                 names,
                 not getattr(param, "is_flag", False),
-                type_name == "path",
+                _is_path(param),
                 _short_help(getattr(param, "help", "")),
             )
         )
