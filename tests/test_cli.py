@@ -388,6 +388,22 @@ def test_save_steps_frames_are_checked_before_the_model_loads(cli, tmp_path, mon
     assert cli(*args, "--overwrite").exit_code == 0
 
 
+def test_step_in_the_output_name_is_the_final_step(cli, tmp_path):
+    r = cli("generate", "a cat", "--seed", "3", "--stride", "50", "-o", "img-{step}.png", "--dry-run")
+    assert "-> img-{step}.png" in r.stdout
+    r = cli("generate", "a cat", "--seed", "3", "--stride", "50", "-o", "img-{step}.png", "--save-steps", ".")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.split() == ["img-3.png"]  # t = 99, 49, 0: three steps
+    assert sorted(p.name for p in tmp_path.glob("img-*.png")) == [f"img-{i}.png" for i in range(4)]
+    assert (np.asarray(Image.open(tmp_path / "img-0.png").convert("RGB")) == 128).all()  # the all-mask start
+    assert "vqdiff" in Image.open(tmp_path / "img-3.png").text  # the image (with its metadata), not a bare frame
+    for step in range(3):
+        (tmp_path / f"img-{step}.png").unlink()
+    r = cli("generate", "a cat", "--seed", "3", "--steps", "5", "-o", "img-{step}.png")
+    assert r.exit_code == 2  # img-3.png could be this run's name too, whatever its number of steps
+    assert "img-3.png already exists" in one_line_error(r)
+
+
 def test_output_template_from_the_config_file_expands_the_home_folder(cli, tmp_path, monkeypatch):
     home = tmp_path / "home"
     (home / "pictures").mkdir(parents=True)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ..console import Output
+from . import naming
 from .app import app, report_errors
 from .options import (
     BatchSizeOpt,
@@ -60,10 +61,6 @@ OutputOpt = Annotated[
         show_default=False,
     ),
 ]
-
-
-def _template_stem(path: Path) -> str:
-    return path.stem.replace("{", "{{").replace("}", "}}")
 
 
 @app.command()
@@ -163,7 +160,7 @@ def inpaint(
         mode="inpaint",
         prompts=list(prompt or [""]),
         params=locals(),
-        default_output=f"{_template_stem(image)}-inpaint-{{seed}}.png",
+        default_output=f"{naming.literal(image.stem)}-inpaint-{{seed}}.png",
         extra_files=(save_token_mask,) if save_token_mask else (),
     )
 
@@ -248,7 +245,7 @@ def vary(
         mode="vary",
         prompts=list(prompt or [""]),
         params=locals(),
-        default_output=f"{_template_stem(image)}-vary-{{seed}}.png",
+        default_output=f"{naming.literal(image.stem)}-vary-{{seed}}.png",
     )
 
     plan.extra_metadata = {"source_image": str(image), "strength": strength}

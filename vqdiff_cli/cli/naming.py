@@ -33,6 +33,17 @@ class Item:
     index: int
 
 
+class _AnyStep:
+    """Stands for every step number when a template is rendered into a pattern."""
+
+    def __format__(self, spec: str) -> str:
+        return _ANY_STEP_TEXT
+
+
+_ANY_STEP_TEXT = "\x00step\x00"
+ANY_STEP = _AnyStep()
+
+
 def check_template(template: str, allowed: tuple[str, ...] = FIELDS) -> None:
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
@@ -58,9 +69,10 @@ def _numbered(path: Path, index: int) -> Path:
     return path.with_name(f"{path.stem}-{index}{path.suffix}")
 
 
-def output_paths(template: str, items: list[Item], step: int = 0) -> list[Path]:
-    """One path per item; names that would repeat get the item's index appended. `{step}` is the final step. A
-    leading `~` is the home folder (templates from the config file never pass through a shell)."""
+def output_paths(template: str, items: list[Item], step: int | _AnyStep) -> list[Path]:
+    """One path per item; names that would repeat get the item's index appended. `{step}` is the image's final step
+    (the number of steps it took), or `ANY_STEP` before that is known. A leading `~` is the home folder (templates
+    from the config file never pass through a shell)."""
     rendered = [Path(render(template, item, step)).expanduser() for item in items]
     if len(set(rendered)) == len(rendered):
         return rendered
@@ -78,14 +90,34 @@ def step_paths(folder: Path, template: str, item: Item, image_path: Path, num_st
     return [folder / f"{image_path.stem}-step-{i:0{width}d}.png" for i in range(num_steps + 1)]
 
 
-class _AnyStep:
-    """Stands for every step number when a template is rendered into a pattern."""
-
-    def __format__(self, spec: str) -> str:
-        return _ANY_STEP
+def literal(text: str) -> str:
+    """`text` as a template that renders to itself (braces doubled)."""
+    return text.replace("{", "{{").replace("}", "}}")
 
 
-_ANY_STEP = "\x00step\x00"
+def names_a_step(path: str | Path) -> bool:
+    """Whether `path` was rendered with `ANY_STEP`: its name waits for the run's number of steps."""
+    return _ANY_STEP_TEXT in str(path)
+
+
+def shown(path: Path) -> str:
+    """A path for people: a step still to come reads `{step}`."""
+    return str(path).replace(_ANY_STEP_TEXT, "{step}")
+
+
+def _name_pattern(name: str) -> str:
+    return r"\d+".join(re.escape(part) for part in name.split(_ANY_STEP_TEXT))
+
+
+def existing_matches(path: Path) -> list[Path]:
+    """The files that exist now under a name `path` may take once its step is known (`path` itself if it names no
+    step). Only the file name may name a step."""
+    if not names_a_step(path.name):
+        return [path] if path.exists() else []
+    if not path.parent.is_dir():
+        return []
+    matcher = re.compile(_name_pattern(path.name))
+    return sorted(p for p in path.parent.iterdir() if matcher.fullmatch(p.name))
 
 
 def existing_step_files(folder: Path, template: str, item: Item, image_path: Path) -> list[Path]:
@@ -93,9 +125,8 @@ def existing_step_files(folder: Path, template: str, item: Item, image_path: Pat
     step count is known only once the model is loaded, and outputs are checked before that."""
     if not folder.is_dir():
         return []
-    patterns = [re.escape(f"{image_path.stem}-step-") + r"\d{3,}\.png"]
+    patterns = [_name_pattern(f"{image_path.stem}-step-") + r"\d{3,}\.png"]
     if "{step" in template:
-        name = Path(render(template, item, _AnyStep())).name
-        patterns.append(r"\d+".join(re.escape(part) for part in name.split(_ANY_STEP)))
+        patterns.append(_name_pattern(Path(render(template, item, ANY_STEP)).name))
     matcher = re.compile("|".join(f"(?:{p})" for p in patterns))
     return sorted(path for path in folder.iterdir() if matcher.fullmatch(path.name))

@@ -57,11 +57,13 @@ class RunPlan:
     save_tokens: Path | None = None
     trajectory: Path | None = None
     animations: list[Path] | None = None
+    animate: str | None = None  # the template of `animations`
     save_steps: Path | None = None
     offline: bool = False
     acceleration: dict[str, Any] = field(default_factory=dict)  # compile, cuda_graphs, threads for load_resolved
     extra_metadata: dict[str, Any] = field(default_factory=dict)
     extra_files: list[Path] = field(default_factory=list)  # written by the command itself (e.g. a token mask)
+    _rendered: dict[tuple[str, int], list[Path]] = field(default_factory=dict, repr=False)  # names with a {step}
 
     @classmethod
     def build(
@@ -107,7 +109,7 @@ class RunPlan:
             raise UsageError(f"-o - writes one PNG to stdout, but this run makes {len(items)} images")
         if to_stdout and out.json_mode:
             raise UsageError("-o - and --json both want stdout; choose one")
-        outputs = None if to_stdout else naming.output_paths(template, items)
+        outputs = None if to_stdout else naming.output_paths(template, items, naming.ANY_STEP)
         animate = params.get("animate")
         if animate is not None:
             naming.check_template(animate)
@@ -123,7 +125,8 @@ class RunPlan:
             overwrite=overwrite,
             save_tokens=params.get("save_tokens"),
             trajectory=params.get("trajectory"),
-            animations=naming.output_paths(animate, items) if animate else None,
+            animations=naming.output_paths(animate, items, naming.ANY_STEP) if animate else None,
+            animate=animate,
             save_steps=params.get("save_steps"),
             offline=bool(params.get("offline", False)),
             acceleration={k: params.get(k) for k in ("compile", "cuda_graphs", "threads")},
@@ -137,37 +140,58 @@ class RunPlan:
         return bool(self.trajectory or self.animations or self.save_steps)
 
     def files(self) -> list[Path]:
+        """Every file the run writes but the --save-steps frames; a name with `{step}` is still to be filled in."""
         paths = [*(self.outputs or []), *(self.animations or [])]
         paths += [p for p in (self.save_tokens, self.trajectory) if p is not None]
         return paths + self.extra_files
 
     def check_outputs(self) -> None:
-        """Every file this run writes is new (or --overwrite) and its folder writable; no name is used twice."""
+        """Every file this run writes is new (or --overwrite) and its folder writable; no name is used twice. A name
+        whose `{step}` is still to come clashes with any file it could become."""
         paths = self.files()
         seen: set[Path] = set()
         for path in paths:
             if path in seen:
-                raise UsageError(f"two outputs of this run are both named {path}")
+                raise UsageError(f"two outputs of this run are both named {naming.shown(path)}")
             seen.add(path)
-            check_writable(path, self.overwrite)
+            if naming.names_a_step(path.parent):
+                raise UsageError(f"{{step}} names files, not folders: {naming.shown(path)}")
+            for existing in naming.existing_matches(path):
+                check_writable(existing, self.overwrite)
+            check_writable(path, overwrite=True)  # the folder
         if self.save_steps is not None and self.save_steps.exists() and not self.save_steps.is_dir():
             raise UsageError(f"--save-steps {self.save_steps} exists and is not a folder")
         if self.save_steps is not None and not self.overwrite:
             for item in self.items:
-                existing = naming.existing_step_files(
+                frames = naming.existing_step_files(
                     self.save_steps, self.settings["output"], item, self.image_path(item)
                 )
-                if existing:
-                    check_writable(existing[0], overwrite=False)
+                if frames:
+                    check_writable(frames[0], overwrite=False)
 
-    def image_path(self, item: naming.Item) -> Path:
-        """The image whose name --save-steps frames take (stdout's image is named as by default)."""
-        return self.outputs[item.index] if self.outputs else Path(naming.render(DEFAULT_OUTPUT, item))
+    def image_path(self, item: naming.Item, num_steps: int | None = None) -> Path:
+        """Where an image goes once it took `num_steps` steps (None: not known yet), and so the name its
+        --save-steps frames take (stdout's image is named as by default)."""
+        if not self.outputs:
+            return Path(naming.render(DEFAULT_OUTPUT, item))
+        return self._named(self.outputs, self.settings["output"], item, num_steps)
+
+    def animation_path(self, item: naming.Item, num_steps: int) -> Path:
+        assert self.animations is not None
+        assert self.animate is not None
+        return self._named(self.animations, self.animate, item, num_steps)
+
+    def _named(self, paths: list[Path], template: str, item: naming.Item, num_steps: int | None) -> Path:
+        if num_steps is None or not naming.names_a_step(paths[item.index]):
+            return paths[item.index]
+        if (template, num_steps) not in self._rendered:
+            self._rendered[template, num_steps] = naming.output_paths(template, self.items, num_steps)
+        return self._rendered[template, num_steps][item.index]
 
     def print_dry_run(self, out: Output) -> None:
         rows = {k: {"value": self.settings.values[k], "source": self.settings.sources[k]} for k in self.settings.values}
         seeds = f"{self.items[0].seed}..{self.items[-1].seed}" if len(self.items) > 1 else str(self.items[0].seed)
-        outputs = [str(p) for p in self.outputs] if self.outputs is not None else ["-"]
+        outputs = [naming.shown(p) for p in self.outputs] if self.outputs is not None else ["-"]
         if out.json_mode:
             out.record(
                 {
@@ -177,7 +201,7 @@ class RunPlan:
                     "seeds": [i.seed for i in self.items],
                     "seed_random": self.seed_was_random,
                     "outputs": outputs,
-                    "files": [str(p) for p in self.files()],
+                    "files": [naming.shown(p) for p in self.files()],
                     "metadata": self.metadata,
                 }
             )
@@ -255,7 +279,7 @@ def execute(out: Output, plan: RunPlan, sample: Sampler) -> list[GeneratedImage]
                 sys.stdout.buffer.flush()
                 path_text = "-"
             else:
-                path = plan.outputs[result.index]
+                path = plan.image_path(plan.items[result.index], len(result.timesteps))
                 save_png(result.image, path, text, overwrite=plan.overwrite)
                 path_text = str(path)
             if result.truncated_prompt:
@@ -295,15 +319,16 @@ def _write_visuals(plan: RunPlan, pipe: VQDiffusion, result: GeneratedImage) -> 
     from ..images import save_gif, save_png
 
     frames = pipe.render(result.trajectory)
+    item = plan.items[result.index]
     if plan.animations is not None:
-        save_gif(frames, plan.animations[result.index], overwrite=plan.overwrite)
+        save_gif(frames, plan.animation_path(item, len(frames) - 1), overwrite=plan.overwrite)
     if plan.save_steps is not None:
         plan.save_steps.mkdir(parents=True, exist_ok=True)
-        item = plan.items[result.index]
-        image_path = plan.image_path(item)
+        image_path = plan.image_path(item, len(frames) - 1)
         for frame, path in zip(
             frames,
             naming.step_paths(plan.save_steps, plan.settings["output"], item, image_path, len(frames) - 1),
             strict=True,
         ):
-            save_png(frame, path, overwrite=plan.overwrite)
+            if path != image_path:  # the last frame, named like the image itself: it is the image
+                save_png(frame, path, overwrite=plan.overwrite)

@@ -97,13 +97,11 @@ def decode(
 
     from ..files import check_writable
     from ..images import load_tokens, save_png
-    from .naming import Item, output_paths
+    from .naming import Item, literal, output_paths
 
     out = Output(quiet=quiet)
     grids = torch.from_numpy(load_tokens(tokens))
-    paths = output_paths(
-        str(output).replace("{", "{{").replace("}", "}}"), [Item("", 0, i) for i in range(grids.shape[0])]
-    )
+    paths = output_paths(literal(str(output)), [Item("", 0, i) for i in range(grids.shape[0])], step=0)
     for path in paths:
         check_writable(path, overwrite)
     pipe = load_from_flags(
