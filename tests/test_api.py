@@ -21,6 +21,21 @@ def test_image_in_a_batch_equals_the_same_seed_alone(tiny_pipe):
     assert not torch.equal(batch[0].tokens, batch[1].tokens)
 
 
+def test_each_prompt_is_encoded_once_and_only_while_its_images_run(tiny_pipe, monkeypatch):
+    encode = tiny_pipe._encode_prompts
+    calls: list[list[str]] = []
+
+    def counting(prompts):
+        calls.append(list(prompts))
+        return encode(prompts)
+
+    monkeypatch.setattr(tiny_pipe, "_encode_prompts", counting)
+    prompts = ["a cat", "a dog", "a hat"]
+    results = list(tiny_pipe.generate_iter(prompts, GenerateOptions(seed=1, steps=2, num_images=3, batch_size=2)))
+    assert [r.prompt for r in results] == [p for p in prompts for _ in range(3)]
+    assert calls == [["a cat"], ["a dog"], ["a hat"]]  # batches: cat cat | cat dog | dog dog | hat hat | hat
+
+
 def test_random_seed_is_reported_and_reproduces(tiny_pipe):
     first = tiny_pipe.generate("a hat", GenerateOptions(steps=20))[0]
     again = tiny_pipe.generate("a hat", GenerateOptions(steps=20, seed=first.seed))[0]

@@ -39,7 +39,7 @@ def test_value_choices_match_the_code():
 
 
 def test_file_options_and_arguments_are_known():
-    tree = {path: node for path, node in completion._flat(completion.command_tree())}
+    tree = dict(completion._flat(completion.command_tree()))
     paths = {path: {n for o in node.options if o.is_path for n in o.names} for path, node in tree.items()}
     assert {"--mask", "--output", "-o"} <= paths["inpaint"]
     assert {"--from-image", "--prompts-file", "--save-steps"} <= paths["generate"]

@@ -8,6 +8,7 @@ known tokens. No timings here: speed is measured by `vqdiff bench`.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import numpy as np
@@ -437,6 +438,21 @@ def test_step_runner_without_graphs_calls_the_step():
     assert seen == [True] and runner.notes == []
 
 
+def test_compiled_code_failing_inside_a_capture_is_left_to_the_capture(monkeypatch):
+    import vqdiff_cli.accel as accel
+
+    def broken(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    notes: list[str] = []
+    compiled = Compiled(broken, notes)
+    monkeypatch.setattr(accel, "_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="capturing"):
+        compiled(torch.zeros(1))
+    assert notes == []  # not blamed on the compiler, and compiling stays on
+    assert compiled.fn is not compiled.eager
+
+
 def test_a_failed_capture_restores_the_stream_and_stops_later_sessions_trying(tiny, monkeypatch):
     """What is testable without a GPU: the fallback's bookkeeping (CUDA calls replaced by stand-ins)."""
     import vqdiff_cli.accel as accel
@@ -444,6 +460,8 @@ def test_a_failed_capture_restores_the_stream_and_stops_later_sessions_trying(ti
     streams = ["caller's stream"]
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: streams[-1])
     monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
+    devices = []  # the GPU the runner makes current for its streams and graphs: the batch's
+    monkeypatch.setattr(torch.cuda, "device", lambda d: devices.append(d) or contextlib.nullcontext())
     captures = []
 
     def failing_capture(fn, example, pool):
@@ -461,6 +479,7 @@ def test_a_failed_capture_restores_the_stream_and_stops_later_sessions_trying(ti
     pipe = VQDiffusion.from_pretrained(tiny.path, device="cpu")
     assert torch.equal(pipe.generate("a red ball", options)[0].tokens, expected)  # the step ran without a graph
     assert streams[-1] == "caller's stream"
+    assert devices == [torch.device("cpu")]
     pipe.generate(["a red ball", "a blue ball"], GenerateOptions(seed=1, sampler="fast", steps=3, batch_size=2))
     assert captures == [1]  # the second batch shape's session did not try again
     assert pipe.fast_sessions.notes == [

@@ -70,11 +70,15 @@ class Compiled:
             with _recompile_limit(RECOMPILE_LIMIT):
                 return self.fn(*args)
         except Exception as e:
-            if _is_out_of_memory(e):
-                raise
+            if _is_out_of_memory(e) or _capturing():
+                raise  # a failed CUDA-graph capture is the graph's to handle (StepRunner), not the compiler's
             self.notes.append(f"torch.compile failed, running eagerly ({_first_line(e)})")
             self.fn = self.eager
             return self.eager(*args)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _recompile_limit(limit: int) -> contextlib.AbstractContextManager[Any]:
@@ -145,6 +149,12 @@ class StepRunner:
     ) -> torch.Tensor:
         if not self.cuda_graphs:
             return self.step(x, t, coef, salt, final)
+        with torch.cuda.device(x.device):  # streams and graphs on the batch's GPU, which need not be the current one
+            return self._replay(x, t, coef, salt, final)
+
+    def _replay(
+        self, x: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, salt: torch.Tensor, final: bool
+    ) -> torch.Tensor:
         graph = self._graphs.get(final)
         if graph is None:
 

@@ -184,15 +184,22 @@ class VQDiffusion:
         trajectory: bool,
         on_step: StepCallback | None,
     ) -> Iterator[GeneratedImage]:
-        """The shared driver: jobs and seeds, prompt states once per prompt, then batch by batch from `start`."""
+        """The shared driver: jobs and seeds, then batch by batch from `start`. A prompt is encoded once for all its
+        images (they are consecutive), and only the prompts of the batch at hand are held."""
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompt_list:
             raise UsageError("no prompts given")
         seed = random_seed() if options.seed is None else options.seed
         jobs = plan_jobs(prompt_list, seed, options.num_images)
-        states, truncated = self._encode_prompts(prompt_list)
+        states: dict[str, torch.Tensor] = {}
+        truncated: dict[str, str] = {}
         for first in range(0, len(jobs), options.batch_size):
             batch = jobs[first : first + options.batch_size]
+            needed = list(dict.fromkeys(j.prompt for j in batch))
+            unseen = [p for p in needed if p not in states]
+            new_states, new_truncated = self._encode_prompts(unseen) if unseen else ({}, {})
+            states = {p: states[p] if p in states else new_states[p] for p in needed}
+            truncated = {p: truncated[p] if p in truncated else new_truncated[p] for p in needed}
             context = self._context([states[j.prompt] for j in batch], options.guided)
             generators = make_generators([j.seed for j in batch], self.device)
             with torch.inference_mode():
@@ -267,7 +274,7 @@ class VQDiffusion:
             if on_step is not None:
                 if self.device.type == "cuda":  # keep progress honest without ever letting the GPU idle
                     pace.append(torch.cuda.Event())  # type: ignore[no-untyped-call]  # torch's __new__ is unannotated
-                    pace[-1].record()
+                    pace[-1].record(torch.cuda.current_stream(self.device))
                     if len(pace) > PROGRESS_LAG:
                         pace.popleft().synchronize()
                 on_step(StepEvent(i + 1, len(timesteps), timesteps[i], batch[0].index, len(batch), total, x))

@@ -235,8 +235,9 @@ def _settings_for_metadata(plan: RunPlan, pipe: VQDiffusion) -> dict[str, Any]:
     }
 
 
-def execute(out: Output, plan: RunPlan, sample: Sampler) -> list[GeneratedImage]:
-    """Load the model, run `sample(pipe, options, trajectory=..., on_step=...)`, write everything; return results."""
+def execute(out: Output, plan: RunPlan, sample: Sampler) -> None:
+    """Load the model, run `sample(pipe, options, trajectory=..., on_step=...)`, write everything. Images are written
+    as they come; only the token grids that --save-tokens and --trajectory write at the end are kept."""
     import numpy as np
 
     from .. import metadata
@@ -246,7 +247,9 @@ def execute(out: Output, plan: RunPlan, sample: Sampler) -> list[GeneratedImage]
     if plan.seed_was_random:
         out.info(f"seed {plan.items[0].seed} (random)")
     meta_settings = _settings_for_metadata(plan, pipe)
-    results: list[GeneratedImage] = []
+    done = 0
+    token_grids: list[np.ndarray] = []  # for --save-tokens
+    trajectories: list[np.ndarray] = []  # for --trajectory
     started = time.perf_counter()
     with out.progress(len(plan.items), plan.mode) as bar:
 
@@ -300,16 +303,19 @@ def execute(out: Output, plan: RunPlan, sample: Sampler) -> list[GeneratedImage]
                 )
             elif plan.outputs is not None:
                 out.result(path_text)
-            results.append(result)
-            if len(results) % plan.options.batch_size == 0:
+            done += 1
+            if plan.save_tokens is not None:
+                token_grids.append(result.tokens.numpy())
+            if plan.trajectory is not None and result.trajectory is not None:
+                trajectories.append(result.trajectory.numpy())
+            if done % plan.options.batch_size == 0:
                 batch_started = time.perf_counter()
     if plan.save_tokens is not None:
-        save_tokens(np.stack([r.tokens.numpy() for r in results]), plan.save_tokens, overwrite=plan.overwrite)
+        save_tokens(np.stack(token_grids), plan.save_tokens, overwrite=plan.overwrite)
     if plan.trajectory is not None:
-        grids = np.stack([r.trajectory.numpy() for r in results if r.trajectory is not None], axis=1)
+        grids = np.stack(trajectories, axis=1)
         save_tokens(grids, plan.trajectory, overwrite=plan.overwrite)
-    out.info(f"{len(results)} image(s) in {time.perf_counter() - started:.1f} s")
-    return results
+    out.info(f"{done} image(s) in {time.perf_counter() - started:.1f} s")
 
 
 def _write_visuals(plan: RunPlan, pipe: VQDiffusion, result: GeneratedImage) -> None:
