@@ -26,6 +26,7 @@ from vqdiff_cli.diffusion.fast import (
     fast_step,
     guided_weights,
     make_step,
+    q_sample_start,
     sample_columns,
     step_coefficients,
     truncate_weights,
@@ -180,6 +181,44 @@ def test_masked_fraction_follows_cumgamma(steps):
         expected = float(schedule.cumprod_ct[s])
         sd = (expected * (1 - expected) / (n * b)) ** 0.5
         assert abs(frac - expected) < 5 * sd + 1e-3, (s, frac, expected)
+
+
+@pytest.mark.parametrize("t", [10, 60, 98])
+def test_the_start_draw_of_an_edit_follows_q(t):
+    """q_sample_start: mask with gamma-bar_t, x_0 with alpha-bar_t + beta-bar_t, each other code with beta-bar_t."""
+    k, n, b = 33, 8192, 2
+    schedule = MaskAndReplaceSchedule.from_config(SchedulerConfig(num_vec_classes=k, num_train_timesteps=100))
+    x_0 = torch.randint(0, k - 1, (b, n), generator=torch.Generator().manual_seed(3))
+    x_t = q_sample_start(x_0, schedule, t, seed_words([7, 8], "cpu"))
+    a, c = float(schedule.cumprod_at[t]), float(schedule.cumprod_ct[t])
+    for observed, expected in (
+        ((x_t == k - 1).double().mean(), c),
+        ((x_t == x_0).double().mean(), a + (1 - a - c) / (k - 1)),
+    ):
+        sd = (expected * (1 - expected) / (n * b)) ** 0.5
+        assert abs(observed.item() - expected) < 5 * sd + 1e-4, (t, observed, expected)
+    alone = q_sample_start(x_0[1:], schedule, t, seed_words([8], "cpu"))
+    assert torch.equal(alone, x_t[1:])  # the same alone or in a batch
+
+
+@pytest.mark.parametrize("edit", ["vary", "inpaint-renoise"])
+def test_the_fast_samplers_edits_never_draw_from_torch_generators(tiny_pipe, monkeypatch, edit):
+    """Their start draw too comes from the counter-based streams, so it is the same on any device."""
+    import vqdiff_cli.diffusion.sampler as reference
+
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    options = GenerateOptions(seed=4, num_images=2, batch_size=2, sampler="fast", steps=6)
+
+    def run():
+        if edit == "vary":
+            return tiny_pipe.vary(picture, "a teddy bear", strength=0.6, options=options)
+        mask = np.zeros((16, 16), dtype=bool)
+        mask[:8] = True
+        return tiny_pipe.inpaint(picture, mask, "a teddy bear", options, InpaintOptions(known="renoise"))
+
+    expected = [r.tokens for r in run()]
+    monkeypatch.setattr(reference, "gumbel_uniforms", lambda *a: pytest.fail("a torch generator was drawn from"))
+    assert all(torch.equal(r.tokens, e) for r, e in zip(run(), expected, strict=True))
 
 
 def test_known_tokens_are_restored_or_renoised():

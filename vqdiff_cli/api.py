@@ -42,8 +42,8 @@ from .weights import VARIANTS, Components, load_components
 
 PROGRESS_LAG = 2  # with a progress callback on a GPU, the host runs at most this many steps ahead of the device
 
-# per batch: the images' generators -> (x_t to start from (B, N), tokens to keep or None)
-StartFn = Callable[[list[torch.Generator]], tuple[torch.Tensor, KnownTokens | None]]
+# per batch: the images' generators and seeds -> (x_t to start from (B, N), tokens to keep or None)
+StartFn = Callable[[list[torch.Generator], list[int]], tuple[torch.Tensor, KnownTokens | None]]
 
 
 class VQDiffusion:
@@ -169,7 +169,7 @@ class VQDiffusion:
         options = options or GenerateOptions()
         h, w = self.token_grid
 
-        def all_masked(generators: list[torch.Generator]) -> tuple[torch.Tensor, KnownTokens | None]:
+        def all_masked(generators: list[torch.Generator], seeds: list[int]) -> tuple[torch.Tensor, KnownTokens | None]:
             return torch.full((len(generators), h * w), self.mask_id, dtype=torch.long, device=self.device), None
 
         timesteps = options.timesteps(self.num_train_timesteps)
@@ -203,7 +203,7 @@ class VQDiffusion:
             context = self._context([states[j.prompt] for j in batch], options.guided)
             generators = make_generators([j.seed for j in batch], self.device)
             with torch.inference_mode():
-                x_t, known = start(generators)
+                x_t, known = start(generators, [j.seed for j in batch])
             results = self._sample(
                 batch, generators, x_t, context, timesteps, options, len(jobs), trajectory, on_step, known
             )

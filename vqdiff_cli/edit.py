@@ -18,7 +18,9 @@ import torch
 from PIL import Image
 
 from . import images as imageio
+from .diffusion.fast import q_sample_start
 from .diffusion.sampler import KnownTokens, initial_tokens, q_sample, start_step_for
+from .diffusion.streams import seed_words
 from .errors import UsageError
 
 if TYPE_CHECKING:
@@ -168,10 +170,17 @@ def inpaint_iter(
     x_0 = setup.tokens.view(1, -1).to(pipe.device)
     regenerate = setup.regenerate.view(1, -1).to(pipe.device)
 
-    def start(generators: list[torch.Generator]) -> tuple[torch.Tensor, KnownTokens | None]:
+    fast = pipe.uses_fast_sampler(options)
+
+    def start(generators: list[torch.Generator], seeds: list[int]) -> tuple[torch.Tensor, KnownTokens | None]:
         b = len(generators)
         x0, regen = x_0.expand(b, -1), regenerate.expand(b, -1)
-        x_t = initial_tokens(x0, regen, setup.start_step, pipe.schedule, generators, renoise)
+        if fast:  # the fast sampler's own streams, as in its steps
+            words = seed_words(seeds, pipe.device)
+            kept = q_sample_start(x0, pipe.schedule, setup.start_step, words) if renoise else x0
+            x_t = torch.where(regen, torch.full_like(x0, pipe.mask_id), kept)
+        else:
+            x_t = initial_tokens(x0, regen, setup.start_step, pipe.schedule, generators, renoise)
         return x_t, KnownTokens(x0, regen, renoise)
 
     timesteps = options.timesteps(pipe.num_train_timesteps, start=setup.start_step)
@@ -210,12 +219,16 @@ def vary_iter(
     x_0 = source.tokens.view(1, -1).to(pipe.device)
     t_max = pipe.num_train_timesteps - 1
 
-    def start(generators: list[torch.Generator]) -> tuple[torch.Tensor, KnownTokens | None]:
+    fast = pipe.uses_fast_sampler(options)
+
+    def start(generators: list[torch.Generator], seeds: list[int]) -> tuple[torch.Tensor, KnownTokens | None]:
         b = len(generators)
         if t0 is None:
             return x_0.expand(b, -1).clone(), None
         if t0 == t_max:
             return torch.full((b, x_0.shape[1]), pipe.mask_id, dtype=torch.long, device=pipe.device), None
+        if fast:  # the fast sampler's own streams, as in its steps
+            return q_sample_start(x_0.expand(b, -1), pipe.schedule, t0, seed_words(seeds, pipe.device)), None
         return q_sample(x_0.expand(b, -1), pipe.schedule, t0, generators), None
 
     timesteps = () if t0 is None else options.timesteps(pipe.num_train_timesteps, start=t0)

@@ -47,6 +47,7 @@ NUM_COEF = 9
 
 DRAWS = 4  # uniforms per column and step: move?, from the model?, which class (model), which class (uniform)
 RENOISE_SALT = 1  # the re-noising stream of a step is salt + 1 (steps use even salts)
+START_SALT = -1  # the stream of an edit's start draw (steps use salts 2t and 2t + 1, never negative)
 
 
 def step_coefficients(schedule: MaskAndReplaceSchedule, t: int, s: int | None) -> list[float]:
@@ -173,6 +174,16 @@ def q_sample_columns(x_0: torch.Tensor, coef: torch.Tensor, u: torch.Tensor, num
     uniform_class = (u[..., 1] * num_codes).long().clamp_(max=num_codes - 1)
     kept = torch.where(u[..., 0] < c[G_S] + c[A_S], x_0, uniform_class)
     return torch.where(u[..., 0] < c[G_S], num_codes, kept)
+
+
+def q_sample_start(x_0: torch.Tensor, schedule: MaskAndReplaceSchedule, t: int, words: torch.Tensor) -> torch.Tensor:
+    """x_t ~ q(x_t | x_0) for (B, N) ids, drawn from the images' streams (B, 2 seed words): where an edit starts,
+    the same alone or in a batch and on any device, like the rest of the fast sampler's draws."""
+    coef = torch.zeros(NUM_COEF, dtype=torch.float64, device=x_0.device)
+    coef[G_S], coef[A_S] = float(schedule.cumprod_ct[t]), float(schedule.cumprod_at[t])
+    salt = torch.tensor(START_SALT, dtype=torch.long, device=x_0.device)
+    u = uniforms(words, salt, (x_0.shape[1], 2))
+    return q_sample_columns(x_0, coef, u, schedule.num_classes - 1)
 
 
 def fast_step(
