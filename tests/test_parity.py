@@ -108,6 +108,12 @@ def test_long_prompt_is_sliced_like_diffusers(tiny, tiny_pipe):
     assert ids.truncated[0]
     ref = tiny.pipeline()._encode_prompt([long_prompt], 1, False)
     assert torch.equal(tiny_pipe.components.text.encode([long_prompt]), ref)
+    # a batch may mix long and short prompts: each row is as it would be alone
+    mixed = tiny_pipe.components.text.tokenize([PROMPT, long_prompt])
+    assert mixed.truncated[0] == "" and mixed.truncated[1] == ids.truncated[0]
+    both = tiny_pipe.components.text.encode([PROMPT, long_prompt])
+    assert torch.equal(both[1:], ref)
+    assert torch.allclose(both[:1], tiny_pipe.components.text.encode([PROMPT]), atol=1e-6)
 
 
 def test_schedule_tables_match(tiny):

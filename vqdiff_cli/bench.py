@@ -35,9 +35,7 @@ from .bench_report import BenchReport, BenchSettings, EndToEnd, PhaseResult, der
 from .config import TransformerConfig
 from .device import DTYPES, device_name, native_dtypes, resolve_device
 from .errors import UsageError
-from .weights import read_json
-
-PHASES = ("text", "transformer", "sampling", "decode")
+from .weights import CONFIG_FILES, read_json
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, matched in order on the device
 # name. The issue's "about 790 TFLOP/s" for an H100/H200 is an achievable figure, not the datasheet peak used here.
@@ -230,14 +228,7 @@ class _Load:
 
 
 def _checkpoint_configs(model: Path) -> dict[str, dict[str, Any]]:
-    names = {
-        "transformer": "transformer/config.json",
-        "vqvae": "vqvae/config.json",
-        "scheduler": "scheduler/scheduler_config.json",
-        "learned_classifier_free_sampling_embeddings": "learned_classifier_free_sampling_embeddings/config.json",
-        "text_encoder": "text_encoder/config.json",
-    }
-    return {k: read_json(model / v) for k, v in names.items()}
+    return {component: read_json(model / file) for component, file in CONFIG_FILES.items()}
 
 
 def run_bench(
@@ -268,7 +259,7 @@ def run_bench(
     configs = _checkpoint_configs(model) if model is not None else architecture_configs(architecture)
     load = _Load(model, configs, dev, acceleration, settings.seed)
 
-    peak = settings.peak_tflops if settings.peak_tflops is not None else None
+    peak = settings.peak_tflops
     name = device_name(dev)
     if peak is None and dev.type == "cuda":
         peak = device_peak_tflops(name)
@@ -300,7 +291,7 @@ def run_bench(
             + (" and diffusers' pipeline on its weights" if dtype in theirs_dtypes else "")
         )
         pipe = load.pipeline(dtype)
-        shape = feed_forward_shape(pipe.config.transformer, max(settings.batches), settings.guidance_scale != 1.0)
+        shape = feed_forward_shape(pipe.config.transformer, max(settings.batches), settings.guided)
         say(f"{dtype}: the device's matmul rate on the feed-forward's {shape[0]}x{shape[1]}x{shape[2]} matmul")
         report.device["matmul_tflops"][dtype] = matmul_tflops(dev, DTYPES[dtype], shape)
         report.device["matmul_shape"] = list(shape)
@@ -348,7 +339,7 @@ def _bench_batch(
     cfg = pipe.config.transformer
     codes = cfg.num_vector_embeds - 1
     prompts = [st.prompt if i == 0 else f"{st.prompt} {i}" for i in range(batch)]  # distinct: no shared encoding
-    flops = transformer_flops(cfg) * batch * (2 if st.guidance_scale != 1.0 else 1)
+    flops = transformer_flops(cfg) * batch * (2 if st.guided else 1)
     peak_tflops = report.device["peak_tflops"]
     matmul_rate = report.device["matmul_tflops"].get(dtype)
     by = {e.name: e for e in engines}

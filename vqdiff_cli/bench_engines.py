@@ -67,7 +67,7 @@ class OurEngine:
     def __init__(self, pipe: VQDiffusion, sampler: str, settings: BenchSettings) -> None:
         self.pipe, self.sampler, self.settings = pipe, sampler, settings
         self.name = FAST if sampler == "fast" else REFERENCE
-        self.guided = settings.guidance_scale != 1.0
+        self.guided = settings.guided
         self.rows: torch.Tensor | None = None
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.constants = _DeviceConstants()

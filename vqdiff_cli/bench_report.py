@@ -47,6 +47,11 @@ class BenchSettings:
             if s not in ("reference", "fast"):
                 raise UsageError(f"unknown sampler '{s}'", hint="use reference or fast")
 
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance on: every forward runs the batch twice (as `GenerateOptions.guided`)."""
+        return self.guidance_scale != 1.0
+
 
 @dataclass
 class PhaseResult:

@@ -51,9 +51,3 @@ class OutputError(VqdiffError):
 
 class DeviceError(VqdiffError):
     """The requested device or dtype is not available, or the device ran out of memory."""
-
-
-class Interrupted(VqdiffError):
-    """The user pressed Ctrl-C; finished outputs are kept."""
-
-    exit_code = ExitStatus.INTERRUPTED

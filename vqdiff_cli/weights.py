@@ -4,8 +4,8 @@ A folder holds `model_index.json` and one sub-folder per component. Weights come
 (read with `torch.load(weights_only=True)`, never unrestricted pickle), optionally as the `fp16` variant
 (`*.fp16.safetensors`, `*.fp16.bin`) or sharded with an `*.index.json`.
 
-It also decides which files of a repository listing a load needs (`files_to_fetch`), and writes a converted copy of a
-folder with every component as one safetensors file in the dtype it will run in (`write_converted`).
+It also decides which files of a repository listing a load needs (`files_to_fetch`); `convert.py` writes the
+converted copy of a folder that the cache keeps.
 """
 
 from __future__ import annotations

@@ -59,7 +59,8 @@ class TextContext:
 
 @dataclass(frozen=True)
 class KnownTokens:
-    """Tokens that inpainting keeps: where `mask` is False, x is reset to `tokens` after every step."""
+    """Tokens that inpainting keeps: where `regenerate` is False, x is reset to `tokens` (or, with `renoise`, to a
+    draw of q(x_s | tokens)) after every step."""
 
     tokens: torch.Tensor  # (B, N) ids
     regenerate: torch.Tensor  # (B, N) bool, True where the token is generated

@@ -58,14 +58,16 @@ class TextConditioning(nn.Module):
         return self.text_model.embeddings.token_embedding.weight.device
 
     def tokenize(self, prompts: list[str]) -> PromptIds:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, return_tensors="pt").input_ids
-        truncated = [""] * len(prompts)
-        if ids.shape[-1] > self.max_length:
-            for i, row in enumerate(ids[:, self.max_length :]):
-                text = cast(str, self.tokenizer.decode(row, skip_special_tokens=True))  # one row: one string
-                truncated[i] = text.strip()
-            ids = ids[:, : self.max_length]
-        return PromptIds(ids, truncated)
+        """Each prompt padded to, or cut at, `max_length` tokens (one at a time: rows of a batch may differ in
+        length before the cut), with the text that was cut off."""
+        rows, truncated = [], []
+        for prompt in prompts:
+            ids = self.tokenizer([prompt], padding="max_length", max_length=self.max_length, return_tensors="pt")
+            row = ids.input_ids[0]
+            cut = cast(str, self.tokenizer.decode(row[self.max_length :], skip_special_tokens=True))  # one string
+            rows.append(row[: self.max_length])
+            truncated.append(cut.strip())
+        return PromptIds(torch.stack(rows), truncated)
 
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, L) ids -> (B, L, D) float32 states, each position divided by its L2 norm."""

@@ -222,8 +222,8 @@ class DiffusionTransformer(nn.Module):
         """Unnormalised scores (B, N, K-1) in the model's dtype.
 
         `context_kv` from `context_kv(context)` skips the per-call key and value projections of the text (the same
-        numbers); `run_block(block, h, context, t, kv)` replaces `block(h, context, t, kv)`, e.g. by a compiled
-        version of `call_block` (one compiled graph serves every block).
+        numbers); `run_block(block, h, context, t, kv)` replaces `block(h, context, t, kv)`, e.g. by `fused_block`,
+        compiled or not (one compiled graph serves every block).
         """
         t = torch.as_tensor(timestep, dtype=torch.long, device=x_t.device)  # one scalar t for the whole batch
         run = run_block or call_block
