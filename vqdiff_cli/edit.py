@@ -107,10 +107,14 @@ def mask_to_image_size(mask: np.ndarray, image_size: tuple[int, int]) -> np.ndar
     return np.asarray(resized) >= 128
 
 
+def check_mask_painted(mask: np.ndarray, name: str = "the mask") -> None:
+    if not mask.any():
+        raise UsageError(f"{name} is empty: nothing is painted white", hint="white marks what to regenerate")
+
+
 def regenerate_mask(mask: np.ndarray, grid: tuple[int, int], options: InpaintOptions) -> np.ndarray:
     """The token mask (h, w) for a pixel mask, with errors for masks that select nothing."""
-    if not mask.any():
-        raise UsageError("the mask is empty: nothing is painted white", hint="white marks what to regenerate")
+    check_mask_painted(mask)
     marked = imageio.tokens_to_regenerate(imageio.token_coverage(mask, grid), options.mask_mode, options.grow)
     if not marked.any():
         raise UsageError(

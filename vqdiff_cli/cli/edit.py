@@ -141,8 +141,7 @@ def inpaint(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Regenerate the masked part of an image and keep the rest."""
-    from ..edit import InpaintOptions, mask_to_image_size
-    from ..errors import UsageError
+    from ..edit import InpaintOptions, check_mask_painted, mask_to_image_size
     from ..images import load_mask, load_rgb, mask_image, save_png
 
     out = Output(quiet=quiet, json_mode=json_out)
@@ -152,8 +151,7 @@ def inpaint(
     # 1. inputs, read and checked before anything loads
     picture = load_rgb(image)
     pixels = mask_to_image_size(load_mask(mask), picture.size)
-    if not pixels.any():
-        raise UsageError(f"the mask {mask} is empty: nothing is painted white", hint="white marks what to regenerate")
+    check_mask_painted(pixels, f"the mask {mask}")
     # 2. settings and outputs
     plan = RunPlan.build(
         out,
