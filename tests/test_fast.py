@@ -406,10 +406,13 @@ def test_unknown_sampler_is_a_usage_error():
 # -- acceleration fallbacks ---------------------------------------------------------------------------------------
 
 
-def test_graphs_are_cuda_only_and_compile_is_opt_in_on_cpu():
-    cpu = torch.device("cpu")
-    assert Acceleration().resolve(cpu) == (False, False)
-    assert Acceleration(compile=True, cuda_graphs=True).resolve(cpu) == (True, False)
+def test_graphs_are_cuda_only_and_on_by_default_there():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)  # a device name only: nothing runs on it
+    assert not Acceleration().graphs_on(cpu)
+    assert not Acceleration(cuda_graphs=True).graphs_on(cpu)
+    assert Acceleration().graphs_on(cuda)
+    assert not Acceleration(cuda_graphs=False).graphs_on(cuda)
+    assert not Acceleration().compile  # compiling is opt-in
 
 
 def test_a_failing_compile_falls_back_with_a_note(monkeypatch):
@@ -514,7 +517,7 @@ def test_a_failed_capture_restores_the_stream_and_stops_later_sessions_trying(ti
     options = GenerateOptions(seed=1, sampler="fast", steps=3)
     expected = VQDiffusion.from_pretrained(tiny.path, device="cpu").generate("a red ball", options)[0].tokens
     monkeypatch.setattr(accel, "_Graph", failing_capture)
-    monkeypatch.setattr(Acceleration, "resolve", lambda self, device: (False, True))  # graphs on, as on CUDA
+    monkeypatch.setattr(Acceleration, "graphs_on", lambda self, device: True)  # as on CUDA
     pipe = VQDiffusion.from_pretrained(tiny.path, device="cpu")
     assert torch.equal(pipe.generate("a red ball", options)[0].tokens, expected)  # the step ran without a graph
     assert streams[-1] == "caller's stream"

@@ -37,10 +37,9 @@ class Acceleration:
     compile: bool | None = None  # torch.compile (inductor, default mode) of a block and of the step math; None: off
     cuda_graphs: bool | None = None  # capture each step into a CUDA graph and replay it; None: on for CUDA
 
-    def resolve(self, device: torch.device) -> tuple[bool, bool]:
-        cuda = device.type == "cuda"
-        graphs_on = cuda if self.cuda_graphs is None else (self.cuda_graphs and cuda)
-        return bool(self.compile), graphs_on
+    def graphs_on(self, device: torch.device) -> bool:
+        """Whether steps on `device` are replayed from CUDA graphs: on CUDA unless turned off; never elsewhere."""
+        return device.type == "cuda" and self.cuda_graphs is not False
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -125,7 +125,7 @@ class FastSessions:
             found.load(transformer, context, words, known)
             self._sessions.move_to_end(key)
             return found
-        _, graphs_on = self.acceleration.resolve(context.device)
+        graphs_on = self.acceleration.graphs_on(context.device)
         created = FastSession(
             transformer,
             key,
