@@ -108,6 +108,14 @@ def test_bench_errors(tiny, monkeypatch):
     assert result.exit_code == 2 and "comma-separated integers" in result.output
     result = runner.invoke(app, ["bench", *QUICK, "--dtype", "float8"])
     assert result.exit_code == 2 and "unknown dtype" in result.output
+    for args, message in (
+        (["-g", "-5"], "--guidance must be between 0 and"),
+        (["--max-run-seconds", "-1"], "--max-run-seconds must be at least 0"),
+        (["--peak-tflops", "0"], "--peak-tflops must be above 0"),
+        (["--diffusers-dtype", "float32"], "--diffusers-dtype needs --vs-diffusers"),
+    ):
+        result = runner.invoke(app, ["bench", *QUICK, "--model", str(tiny.path), *args])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
 
 
 def test_bench_output_is_never_clobbered_and_device_follows_the_settings(tiny, tmp_path, monkeypatch):

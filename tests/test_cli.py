@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,6 +117,21 @@ def test_outputs_get_the_usual_file_mode(cli, tmp_path, umask):
     assert result.exit_code == 0, result.output
     for name in ("cat.png", "cat.npy"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_a_save_steps_folder_that_cannot_be_made_is_refused_before_the_model_loads(cli, tmp_path, monkeypatch):
+    from vqdiff_cli.cli import run
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(run, "load_resolved", lambda *a, **k: pytest.fail("the model was loaded"))
+    r = cli("generate", "a cat", "--steps", "1", "-o", "ok.png", "--save-steps", "file/steps")
+    assert r.exit_code == 2
+    assert "cannot make folder file/steps: file is not a folder" in one_line_error(r)
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path).name != "ro")  # as a read-only mount is
+    r = cli("generate", "a cat", "--steps", "1", "-o", "ok.png", "--save-steps", "ro/new/steps")
+    assert "cannot write in ro/new/steps: ro is not writable" in one_line_error(r)
+    assert not (tmp_path / "ok.png").exists()
 
 
 def test_seeds_past_the_largest_are_refused_before_the_model_loads(cli, monkeypatch):

@@ -556,3 +556,11 @@ def test_thread_count_honours_omp_num_threads(monkeypatch):
     assert available_cpus() >= 1
     with pytest.raises(UsageError):
         configure_cpu_threads(0)
+    with pytest.raises(UsageError, match="between 1 and"):
+        configure_cpu_threads(100_000)  # torch would crash the process creating that many
+    for bad in ("abc", "0", "-2"):
+        monkeypatch.setenv("OMP_NUM_THREADS", bad)
+        with pytest.raises(UsageError, match="not a thread count"):
+            configure_cpu_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1,1")  # nested levels
+    assert configure_cpu_threads() == torch.get_num_threads()

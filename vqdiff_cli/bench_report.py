@@ -10,6 +10,7 @@ from typing import Any
 
 from .device import DTYPES
 from .errors import UsageError
+from .generation import GenerateOptions
 
 SCHEMA = "vqdiff.bench/1"
 BASELINE = "diffusers"  # the engine every other one is compared with
@@ -46,6 +47,14 @@ class BenchSettings:
         for s in self.samplers:
             if s not in ("reference", "fast"):
                 raise UsageError(f"unknown sampler '{s}'", hint="use reference or fast")
+        # the run's sampling settings, checked as a generation checks them
+        GenerateOptions(guidance_scale=self.guidance_scale, truncation_rate=self.truncation_rate)
+        if not self.max_run_seconds >= 0:
+            raise UsageError(f"--max-run-seconds must be at least 0, got {self.max_run_seconds}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise UsageError(f"--peak-tflops must be above 0, got {self.peak_tflops}")
+        if self.diffusers_dtypes and not self.vs_diffusers:
+            raise UsageError("--diffusers-dtype needs --vs-diffusers")
 
     @property
     def guided(self) -> bool:

@@ -125,10 +125,15 @@ def configure_cpu_threads(threads: int | None = None) -> int:
     """Set torch's intra-op thread count for this process and return it: `threads` if given, else what
     OMP_NUM_THREADS says (torch already honours it), else the CPUs available (torch may count the host's cores
     inside a container). Process-wide, so only the CLI calls it, once per command."""
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {threads}")
+    most = os.cpu_count() or 1
+    if threads is not None and not 1 <= threads <= most:
+        raise UsageError(f"--threads must be between 1 and {most} (this machine's CPUs), got {threads}")
     if threads is None:
-        if os.environ.get("OMP_NUM_THREADS"):
+        omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if omp:
+            first = omp.split(",")[0].strip()  # a list sets nested levels; torch's pool is the first
+            if not first.isdigit() or int(first) < 1:
+                raise UsageError(f"OMP_NUM_THREADS={omp!r} is not a thread count", hint="unset it, or give a number")
             return torch.get_num_threads()
         threads = available_cpus()
     if torch.get_num_threads() != threads:

@@ -28,6 +28,18 @@ def check_writable(path: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot write {path}: folder {folder} is not writable")
 
 
+def check_folder_writable(folder: Path) -> None:
+    """Fail early if `folder` cannot take new files: it, or the nearest part of its path that exists (where the
+    missing folders would be made), must be a writable folder."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot make folder {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write in {folder}: {existing} is not writable")
+
+
 def _umask() -> int:
     """The process's umask, read without changing it where Linux allows (os.umask can only be read by setting it)."""
     with contextlib.suppress(OSError, ValueError):

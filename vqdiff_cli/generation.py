@@ -15,6 +15,7 @@ from .diffusion.sampler import plan_timesteps
 from .errors import UsageError
 
 MAX_SEED = 2**63 - 1
+MAX_GUIDANCE = 1000.0  # far beyond any useful scale (3 to 10); keeps the guided scores finite in float16
 SAMPLERS = ("auto", "reference", "fast")
 
 
@@ -62,8 +63,8 @@ class GenerateOptions:
             raise UsageError(f"--steps must be at least 1, got {self.steps}")
         if self.stride is not None and self.stride < 1:
             raise UsageError(f"--stride must be at least 1, got {self.stride}")
-        if not self.guidance_scale >= 0:
-            raise UsageError(f"--guidance must be >= 0, got {self.guidance_scale}")
+        if not 0 <= self.guidance_scale <= MAX_GUIDANCE:  # NaN fails too
+            raise UsageError(f"--guidance must be between 0 and {MAX_GUIDANCE:g}, got {self.guidance_scale}")
         if not 0 < self.truncation_rate <= 1:
             raise UsageError(f"--truncation must be in (0, 1], got {self.truncation_rate}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:

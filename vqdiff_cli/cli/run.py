@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..console import Output
 from ..errors import UsageError
-from ..files import check_writable
+from ..files import check_folder_writable, check_writable
 from ..settings import DEFAULT_OUTPUT, SETTINGS, Resolved, read_config, resolve
 from . import naming
 from .common import load_resolved
@@ -161,6 +161,8 @@ class RunPlan:
             check_writable(path, overwrite=True)  # the folder
         if self.save_steps is not None and self.save_steps.exists() and not self.save_steps.is_dir():
             raise UsageError(f"--save-steps {self.save_steps} exists and is not a folder")
+        if self.save_steps is not None:
+            check_folder_writable(self.save_steps)
         if self.save_steps is not None and not self.overwrite:
             for item in self.items:
                 frames = naming.existing_step_files(
