@@ -432,6 +432,22 @@ def test_output_template_from_the_config_file_expands_the_home_folder(cli, tmp_p
     assert (home / "pictures" / "a-red-ball-1.png").is_file()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "x", "--steps", "abc"], "error: Invalid value for '--steps'"),
+        (["generate", "x", "--bogus"], "error: No such option: --bogus; see vqdiff generate --help"),
+        (["generat", "x"], "error: No such command 'generat'"),
+        (["inpaint", "x.png"], "error: Missing option '--mask'"),
+    ],
+)
+def test_usage_errors_are_one_line_too(cli, args, message):
+    r = cli(*args)
+    assert r.exit_code == 2
+    assert one_line_error(r).startswith(message)
+    assert "Usage:" not in r.output
+
+
 def test_out_of_memory_message(cli, monkeypatch):
     from vqdiff_cli import api
 

@@ -66,7 +66,7 @@ def test_encode_then_decode(tiny, tmp_path, image_file):
         (["generate", "x", "--steps", "0"], 2, "--steps must be at least 1"),
         (["generate", "x", "--steps", "101"], 2, "between 1 and 100"),
         (["generate", "x", "--truncation", "1.5"], 2, "--truncation must be in (0, 1]"),
-        (["generate", "x", "--guidance", "-1"], 2, "--guidance must be >= 0"),
+        (["generate", "x", "--guidance", "-1"], 2, "--guidance must be between 0 and"),
         (["generate", "x", "--steps", "3", "--stride", "3"], 2, "not both"),
         (["generate", "x", "--device", "tpu"], 2, "unknown device 'tpu'"),
         (["generate", "x", "--dtype", "float8"], 2, "unknown dtype"),

@@ -7,21 +7,62 @@ Heavy modules (torch, the API) are imported inside command bodies so that `--hel
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import Annotated, Any, TypeVar
 
 import typer
+import typer.core
 
 from .. import __version__
 from ..console import Output
 from ..errors import ExitStatus, VqdiffError
 
+# Typer 0.29 carries its own copy of click; earlier versions use click itself
+_click: Any = getattr(typer.core, "_click", None) or importlib.import_module("click")
+
+
+class _OneLineUsageErrors(typer.core.TyperGroup):
+    """Usage errors (an unknown option, a value of the wrong type, a missing argument) as one `error:` line with a
+    hint, like every other error, instead of click's usage block."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        run = functools.partial(super().main, args, prog_name, complete_var, False, windows_expand_args, **extra)
+        if not standalone_mode:
+            return run()
+        try:
+            status = run()
+        except _click.exceptions.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # `vqdiff` alone: the help, as asked for
+                e.show()
+                sys.exit(e.exit_code)
+            command = e.ctx.command_path if e.ctx is not None else "vqdiff"
+            Output().error(e.format_message().rstrip("."), f"see {command} --help")
+            sys.exit(e.exit_code)
+        except _click.exceptions.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except _click.exceptions.Abort:
+            Output().error("aborted")
+            sys.exit(int(ExitStatus.FAILURE))
+        sys.exit(status if isinstance(status, int) else 0)
+
+
 app = typer.Typer(
     name="vqdiff",
+    cls=_OneLineUsageErrors,
     help="VQ-Diffusion text-to-image generation, inpainting and token tools.",
     no_args_is_help=True,
     add_completion=False,
@@ -73,7 +114,7 @@ def report_errors(func: F) -> F:
                 first = (str(e).strip().splitlines() or [""])[0]
                 out.error(
                     f"unexpected {type(e).__name__}: {first}",
-                    "run again with --debug (or VQDIFF_DEBUG=1) for the traceback, and report it",
+                    "run again as vqdiff --debug ... (or with VQDIFF_DEBUG=1) for the traceback, and report it",
                 )
             raise typer.Exit(int(ExitStatus.FAILURE)) from None
 
@@ -109,8 +150,6 @@ COMMAND_MODULES = (
 
 
 def _register() -> None:
-    import importlib
-
     for name in COMMAND_MODULES:  # each module registers its commands on `app` when imported
         importlib.import_module(f"{__package__}.{name}")
 
