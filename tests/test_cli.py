@@ -59,6 +59,9 @@ def test_prompts_file_with_comments_and_stdin(cli, tmp_path):
     r = cli("generate", "-f", "-", "--seed", "1", "--steps", "2", "-o", "stdin-{index}.png", input="a dog\n")
     assert r.exit_code == 0, r.output
     assert r.stdout.split() == ["stdin-0.png"]
+    (tmp_path / "bom.txt").write_bytes("\ufeffa cat\n".encode())  # as some editors save UTF-8
+    r = cli("generate", "-f", "bom.txt", "--seed", "1", "--steps", "2", "-o", "{prompt}.png", "--json")
+    assert json.loads(r.stdout)["prompt"] == "a cat"
 
 
 def test_empty_prompts_file_is_a_usage_error(cli, tmp_path):
@@ -145,7 +148,7 @@ def test_seeds_past_the_largest_are_refused_before_the_model_loads(cli, monkeypa
 
 
 def test_a_failed_replace_leaves_no_temporary_file(tmp_path, monkeypatch):
-    from vqdiff_cli.errors import OutputError
+    from vqdiff_cli.errors import ExitStatus, WriteError
     from vqdiff_cli.files import atomic_write
 
     (tmp_path / "out.bin").write_bytes(b"old")
@@ -154,8 +157,9 @@ def test_a_failed_replace_leaves_no_temporary_file(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(os, "replace", refuse)
-    with pytest.raises(OutputError, match="Permission denied"):
+    with pytest.raises(WriteError, match="Permission denied") as failed:
         atomic_write(tmp_path / "out.bin", lambda f: f.write(b"new"), overwrite=True)
+    assert failed.value.exit_code == ExitStatus.FAILURE  # a failure while writing, not a usage error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
     assert (tmp_path / "out.bin").read_bytes() == b"old"
 
@@ -268,6 +272,21 @@ def test_human_info_and_errors(cli, tmp_path):
     assert cli("info", "junk.png").exit_code == 2
     r = cli("generate", "--from-image", "plain.png")
     assert r.exit_code == 2
+    # metadata with values of the wrong type: one clear line, whatever the field
+    from PIL.PngImagePlugin import PngInfo
+
+    for record, message in (
+        ({"prompt": "a cat", "seed": "x"}, "seed is not a whole number"),
+        ({"prompt": 3, "seed": 1}, "prompt is not text"),
+        ({"prompt": "a cat", "seed": 1, "steps": "abc"}, "'steps' must be int, got 'abc'"),
+        ({"prompt": "a cat", "seed": 1, "guidance": [1]}, "'guidance' must be float"),
+    ):
+        info = PngInfo()
+        info.add_text("vqdiff", json.dumps(record))
+        Image.new("RGB", (4, 4)).save(tmp_path / "odd.png", pnginfo=info)
+        r = cli("generate", "--from-image", "odd.png", "--dry-run")
+        assert r.exit_code == 2
+        assert message in one_line_error(r), r.output
 
 
 def test_no_metadata(cli, tmp_path):

@@ -87,7 +87,7 @@ def _recompile_limit(limit: int) -> contextlib.AbstractContextManager[Any]:
 
     wanted = {"recompile_limit": limit, "fail_on_recompile_limit_hit": True}
     older = {"recompile_limit": "cache_size_limit", "fail_on_recompile_limit_hit": "fail_on_cache_limit_hit"}
-    # torch < 2.6 names the two settings cache_size_limit and fail_on_cache_limit_hit
+    # torch 2.6 names the two settings cache_size_limit and fail_on_cache_limit_hit (2.7 added the new names)
     patch: contextlib.AbstractContextManager[Any] = dynamo_config.patch(
         {(name if hasattr(dynamo_config, name) else older[name]): value for name, value in wanted.items()}
     )

@@ -49,5 +49,9 @@ class OutputError(VqdiffError):
     exit_code = ExitStatus.USAGE
 
 
+class WriteError(VqdiffError):
+    """Writing an output failed as it was written (a full disk, an I/O error): a runtime failure, not a usage one."""
+
+
 class DeviceError(VqdiffError):
     """The requested device or dtype is not available, or the device ran out of memory."""

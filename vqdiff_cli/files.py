@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import OutputError
+from .errors import OutputError, WriteError
 
 
 def check_writable(path: Path, overwrite: bool) -> None:
@@ -94,4 +94,4 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], overwrite: boo
         finally:
             tmp.unlink(missing_ok=True)  # gone after a replace; the temporary name of a link
     except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None

@@ -103,6 +103,10 @@ def parse(text: dict[str, str], where: str) -> dict[str, Any]:
         raise UsageError(f"{where}: the vqdiff metadata is not valid JSON ({e})") from None
     if not isinstance(record, dict) or "prompt" not in record or "seed" not in record:
         raise UsageError(f"{where}: the vqdiff metadata lacks a prompt or seed")
+    if not isinstance(record["prompt"], str):
+        raise UsageError(f"{where}: the vqdiff metadata's prompt is not text")
+    if not isinstance(record["seed"], int) or isinstance(record["seed"], bool):
+        raise UsageError(f"{where}: the vqdiff metadata's seed is not a whole number, got {record['seed']!r}")
     return record
 
 

@@ -124,7 +124,14 @@ def resolve(
     keys = keys or tuple(SETTINGS)
     layers: list[tuple[str, Mapping[str, Any]]] = [
         ("flag", {k: v for k, v in flags.items() if v is not None}),
-        ("image", {k: v for k, v in image.items() if v is not None}),
+        (
+            "image",
+            {
+                k: _coerce(SETTINGS[k], v, "the image's metadata (--from-image)")
+                for k, v in image.items()
+                if v is not None and k in SETTINGS
+            },
+        ),
         (
             "env",
             {

@@ -14,6 +14,7 @@ from .app import app, report_errors
 from .common import cache_dir_of, model_settings
 from .options import (
     CacheDirOpt,
+    CachedRevisionOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
@@ -162,7 +163,7 @@ def list_models(cache_dir: CacheDirOpt = None, json_out: JsonOpt = False) -> Non
 @report_errors
 def model_path(
     model: ModelArg,
-    revision: RevisionOpt = None,
+    revision: CachedRevisionOpt = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="Only entries of this dtype.")] = None,
     cache_dir: CacheDirOpt = None,
     json_out: JsonOpt = False,
@@ -186,7 +187,7 @@ def model_path(
 @report_errors
 def remove_model(
     model: ModelArg,
-    revision: RevisionOpt = None,
+    revision: CachedRevisionOpt = None,
     yes: YesOpt = False,
     cache_dir: CacheDirOpt = None,
     json_out: JsonOpt = False,

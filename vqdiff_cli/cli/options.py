@@ -31,6 +31,12 @@ RevisionOpt = Annotated[
     str | None,
     typer.Option("--revision", help="Hub branch, tag or commit hash (default: main).", show_default=False),
 ]
+CachedRevisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--revision", help="Only copies of this branch, tag or commit (default: every one).", show_default=False
+    ),
+]
 OfflineOpt = Annotated[
     bool,
     typer.Option("--offline", help="Use cached files only, never the network (as HF_HUB_OFFLINE=1 does)."),

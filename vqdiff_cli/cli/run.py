@@ -29,12 +29,12 @@ Sampler = Callable[..., Iterator["GeneratedImage"]]
 def read_prompts_file(path: Path) -> list[str]:
     """One prompt per line; '-' is stdin; blank lines and lines starting with '#' are skipped."""
     try:
-        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8-sig")  # -sig: drop a BOM
     except FileNotFoundError:
         raise UsageError(f"prompts file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read prompts file {path}: {e}") from None
-    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [line.strip() for line in text.removeprefix("\ufeff").splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise UsageError(f"prompts file {path} has no prompts (blank lines and # comments are skipped)")
