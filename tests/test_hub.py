@@ -407,6 +407,108 @@ def test_a_damaged_entry_is_detected_and_rebuilt(hub, tmp_path, local_tokens, da
     assert np.array_equal(np.load(tmp_path / "out.npy"), local_tokens)
 
 
+def _hub_file(tmp_path: Path, path: str) -> Path:
+    """The blob in the Hub cache that the snapshot's `path` links to."""
+    [snapshot] = (tmp_path / "hf" / "hub" / "models--acme--tiny-vq" / "snapshots").iterdir()
+    return (snapshot / path).resolve()
+
+
+def _zero_start(path: Path) -> None:
+    """Damage a file and keep its size (as a bad sector or an interrupted overwrite may)."""
+    with open(path, "r+b") as f:
+        f.write(bytes(64))
+
+
+@pytest.mark.parametrize(("damage", "pinned"), [(_truncate, False), (_zero_start, False), (_zero_start, True)])
+def test_a_damaged_file_in_the_hub_cache_is_fetched_again(hub, tmp_path, local_tokens, damage, pinned):
+    """Truncated: its size differs from the listing's. Same size: converting fails and it no longer hashes to its
+    blob name. Either way it is fetched again (once) and the model works, with a note saying so."""
+    assert cli("download", REPO, "--device", "cpu").exit_code == 0
+    damage(_hub_file(tmp_path, BIN))
+    assert cli("models", "rm", REPO, "--yes").exit_code == 0
+    hub.clear_log()
+    r = generate(tmp_path, REPO, *(("--revision", main_commit(hub)) if pinned else ()))
+    assert r.exit_code == 0, r.output
+    assert f"{BIN} in the Hugging Face cache" in r.output and "fetching it again" in r.output
+    assert hub.fetched() == [BIN]
+    assert np.array_equal(np.load(tmp_path / "out.npy"), local_tokens)
+    hub.clear_log()
+    assert generate(tmp_path, REPO, name="again").exit_code == 0
+    assert hub.fetched() == []
+
+
+@pytest.mark.parametrize("damage", [_truncate, _zero_start])
+def test_offline_a_damaged_file_in_the_hub_cache_is_named(hub, tmp_path, monkeypatch, local_tokens, damage):
+    assert cli("download", REPO, "--device", "cpu").exit_code == 0
+    blob = _hub_file(tmp_path, BIN)
+    damage(blob)
+    assert cli("models", "rm", REPO, "--yes").exit_code == 0  # the branch is still resolved, through the Hub cache
+    hub.stop()
+    for args in (("--offline",), ()):  # offline, and online with the Hub out of reach
+        r = generate(tmp_path, REPO, *args)
+        assert r.exit_code == 1, r.output
+        [line] = [line for line in r.output.splitlines() if line.startswith("error:")]
+        assert BIN in line and "damaged" in line and f"run `vqdiff download {REPO}` while online" in line
+        assert "never downloaded" not in line and "cannot read weights" not in line
+    # online again: `vqdiff download` repairs it
+    monkeypatch.setenv("HF_ENDPOINT", hub.start().endpoint)  # a new port
+    r = cli("download", REPO, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert blob.stat().st_size == hub.commits[REPO][main_commit(hub)][BIN].size
+    offline_env(monkeypatch, True)
+    r = generate(tmp_path, REPO)
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(np.load(tmp_path / "out.npy"), local_tokens)
+
+
+def test_an_unreadable_file_that_cannot_be_checked_gets_a_repair_hint(hub, tmp_path):
+    """A blob not named by its hash (another tool's cache layout) cannot be verified: the error says how to repair."""
+    assert cli("download", REPO, "--device", "cpu").exit_code == 0
+    blob = _hub_file(tmp_path, BIN)
+    renamed = blob.with_name("not-a-hash")
+    blob.rename(renamed)
+    [snapshot] = (tmp_path / "hf" / "hub" / "models--acme--tiny-vq" / "snapshots").iterdir()
+    (snapshot / BIN).unlink()
+    (snapshot / BIN).symlink_to(renamed)
+    _truncate(renamed)
+    assert cli("models", "rm", REPO, "--yes").exit_code == 0
+    r = generate(tmp_path, REPO, "--offline")
+    assert r.exit_code == 1
+    [line] = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert "cannot read weights" in line and "delete it from the Hugging Face cache" in line
+    assert f"vqdiff download {REPO}" in line
+
+
+def test_offline_with_an_unrecorded_branch_says_so(hub, tmp_path):
+    """Files cached by a tool that downloads by commit only (or by an older vqdiff) record no branch."""
+    assert cli("download", REPO, "--device", "cpu").exit_code == 0
+    assert cli("models", "rm", REPO, "--yes").exit_code == 0
+    shutil.rmtree(tmp_path / "hf" / "hub" / "models--acme--tiny-vq" / "refs")
+    r = generate(tmp_path, REPO, "--offline")
+    assert r.exit_code == 1
+    assert "the commit 'main' points at was never recorded" in r.output and "never downloaded" not in r.output
+    assert generate(tmp_path, REPO, "--offline", "--revision", main_commit(hub)).exit_code == 0
+
+
+def test_a_cache_folder_that_is_a_file_is_one_line_error(hub, tmp_path, monkeypatch):
+    bear = tmp_path / "bear.png"
+    bear.write_bytes(b"not a folder")
+    for args in (("--cache-dir", str(bear)), ("--cache-dir", str(bear / "sub"))):
+        r = generate(tmp_path, REPO, *args)
+        assert r.exit_code == 2, r.output
+        [line] = [line for line in r.output.splitlines() if line.startswith("error:")]
+        assert f"vqdiff's cache folder {bear}" in line and "is a file" in line and "--cache-dir" in line
+        assert "unexpected" not in r.output and "Traceback" not in r.output
+        r = cli("models", "list", *args)
+        assert r.exit_code == 2 and "is a file" in r.output
+    assert hub.log() == []
+    monkeypatch.setenv("HF_HOME", str(bear))
+    r = generate(tmp_path, REPO)
+    assert r.exit_code == 2, r.output
+    assert f"the Hugging Face cache folder {bear / 'hub'}" in r.output and "HF_HOME" in r.output
+    assert "unexpected" not in r.output
+
+
 # -- models list / path / rm --------------------------------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from . import __version__
-from .errors import WeightsError
+from .errors import UsageError, WeightsError
 
 MANIFEST = "vqdiff-manifest.json"
 FORMAT = 1  # bump when the entry layout changes: older entries are then rebuilt
@@ -43,6 +43,20 @@ def default_cache_dir() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("vqdiff", appauthor=False))
+
+
+def check_cache_root(root: Path, what: str, hint: str) -> None:
+    """A cache folder, or the first of its parents that exists, must be a folder: say so once, before any use."""
+    for folder in (root, *root.parents):
+        try:
+            exists = folder.exists()
+        except OSError:
+            return  # unreadable: the first real use reports it
+        if exists:
+            if not folder.is_dir():
+                where = root if folder == root else f"{root} (its parent {folder})"
+                raise UsageError(f"{what} {where} is a file, not a folder", hint=hint)
+            return
 
 
 def repo_folder_name(repo_id: str) -> str:
@@ -87,6 +101,9 @@ class ModelCache:
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+        check_cache_root(
+            self.root, "vqdiff's cache folder", "point --cache-dir (or VQDIFF_CACHE_DIR) at a folder, or leave it out"
+        )
 
     # -- layout -----------------------------------------------------------------------------------------------
 

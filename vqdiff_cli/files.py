@@ -28,6 +28,12 @@ def check_writable(path: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot write {path}: folder {folder} is not writable")
 
 
+def check_suffix(path: Path, suffix: str, what: str) -> None:
+    """Refuse a name whose suffix promises another format than the one written (a PNG named .jpg, say)."""
+    if path.suffix.lower() != suffix:
+        raise OutputError(f"{path}: {what} is written as {suffix}", hint=f"give it a name ending in {suffix}")
+
+
 def check_folder_writable(folder: Path) -> None:
     """Fail early if `folder` cannot take new files: it, or the nearest part of its path that exists (where the
     missing folders would be made), must be a writable folder."""

@@ -9,6 +9,7 @@ Nothing here prints: download progress leaves through a callback that receives b
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 from collections.abc import Callable, Collection, Iterator
@@ -85,10 +86,14 @@ class Hub:
             info = HfApi(endpoint=self.endpoint).model_info(repo_id, revision=revision, files_metadata=True)
         if not info.sha:
             raise DownloadError(f"{self.endpoint} did not say which commit '{revision}' of {repo_id} is")
-        return RepoListing(repo_id, info.sha, {s.rfilename: s.size for s in info.siblings or []})
+        sizes = {s.rfilename: s.lfs.size if s.lfs is not None else s.size for s in info.siblings or []}
+        return RepoListing(repo_id, info.sha, sizes)
 
-    def download(self, repo_id: str, commit: str, path: str, on_bytes: ByteCallback | None = None) -> Path:
-        """One file at one commit into the Hub cache (no request at all when it is there); its local path."""
+    def download(
+        self, repo_id: str, commit: str, path: str, on_bytes: ByteCallback | None = None, force: bool = False
+    ) -> Path:
+        """One file at one commit into the Hub cache (no request at all when it is there, unless `force`: then it is
+        fetched again over a damaged copy); its local path."""
         from huggingface_hub import hf_hub_download
 
         with self._errors(repo_id, commit, path):
@@ -99,6 +104,7 @@ class Hub:
                 cache_dir=str(self.cache_dir),
                 endpoint=self.endpoint,
                 tqdm_class=_byte_counter(on_bytes),
+                force_download=force,
             )
         return Path(str(local))
 
@@ -122,6 +128,33 @@ class Hub:
         commit = Path(found).parent.name  # the cache keeps files under snapshots/<commit>/
         return commit if is_commit(commit) else None
 
+    def write_ref(self, repo_id: str, revision: str, commit: str) -> None:
+        """Record in the Hub cache which commit a branch or tag points at, as huggingface_hub does when it downloads by
+        branch (vqdiff downloads by commit, which records none): later offline runs, ours or diffusers', find it."""
+        if is_commit(revision) or not revision or ".." in revision.split("/") or revision.startswith("/"):
+            return
+        repo = self.cache_dir / _repo_folder(repo_id)
+        if not repo.is_dir():
+            return  # nothing of it is cached: a ref alone would only point at missing files
+        path = repo / "refs" / revision
+        try:
+            if path.is_file() and path.read_text(encoding="utf-8").strip() == commit:
+                return
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(commit, encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError:
+            pass  # only a shortcut for offline runs; vqdiff's own cache records the ref too
+
+    def cached_commits(self, repo_id: str) -> list[str]:
+        """Every commit of which the Hub cache holds files."""
+        folder = self.cache_dir / _repo_folder(repo_id) / "snapshots"
+        try:
+            return sorted(p.name for p in folder.iterdir() if is_commit(p.name))
+        except OSError:
+            return []
+
     def cached_snapshot(self, repo_id: str, commit: str) -> tuple[Path, set[str]] | None:
         """The cached folder of one commit and the files in it, or None when nothing of it is cached."""
         index = self.cached_path(repo_id, commit, "model_index.json")
@@ -135,6 +168,27 @@ class Hub:
                 if full.is_file():  # a link to a blob that is still there
                     files.add(full.relative_to(root).as_posix())
         return root, files
+
+    @staticmethod
+    def intact(local: Path) -> bool | None:
+        """Whether a file of the Hub cache still holds what was downloaded, by hashing it (read once): a blob is named
+        after its ETag, the sha256 of an LFS file or the git blob id of any other; None when the name is neither."""
+        try:
+            blob = local.resolve()
+            name = blob.name
+            if re.fullmatch(r"[0-9a-f]{64}", name):
+                digest = hashlib.sha256()
+            elif re.fullmatch(r"[0-9a-f]{40}", name):
+                digest = hashlib.sha1(usedforsecurity=False)
+                digest.update(b"blob %d\0" % blob.stat().st_size)
+            else:
+                return None
+            with open(blob, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+        except OSError:
+            return False
+        return digest.hexdigest() == name
 
     # -- errors -----------------------------------------------------------------------------------------------
 
@@ -185,6 +239,10 @@ class Hub:
 
 class HubUnreachable(DownloadError):
     """The Hub did not answer: no network, a timeout, or a dropped connection."""
+
+
+def _repo_folder(repo_id: str) -> str:
+    return "models--" + repo_id.replace("/", "--")
 
 
 def _first_line(e: BaseException) -> str:

@@ -9,6 +9,10 @@ The rules, in order:
    only cached files are used, and anything missing is an error that says how to download it.
 4. Online, one request lists the repository at the revision (the commit and every file with its size); the files a
    load needs are fetched unless cached, then converted. If the Hub cannot be reached, rule 3 applies.
+
+A file of the Hub cache can be damaged (truncated by a full disk, overwritten): online, one whose size differs from the
+listing's is fetched again, and so is one that fails to convert and no longer hashes to its blob name; offline the
+error names it. A damaged file is never the reason a model stays broken.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any, Literal
 import torch
 
 from . import convert, weights
-from .cache import Entry, EntryKey, ModelCache
+from .cache import Entry, EntryKey, ModelCache, check_cache_root
 from .device import dtype_name
 from .errors import DownloadError, UsageError, WeightsError
 from .hub import Hub, HubUnreachable, RepoListing, env_offline, is_commit, is_repo_id
@@ -40,6 +44,10 @@ class LoadEvent:
 
 
 LoadCallback = Callable[[LoadEvent], None]
+
+
+class DamagedCacheError(DownloadError):
+    """A file in the Hub cache no longer holds what was downloaded, and it cannot be fetched again now."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,11 @@ class _Preparer:
         self.offline = offline or env_offline()
         self.cache = ModelCache(cache_dir)
         self.hub = Hub.from_env()
+        check_cache_root(
+            self.hub.cache_dir,
+            "the Hugging Face cache folder",
+            "set HF_HUB_CACHE (or HF_HOME) to a folder, or unset it",
+        )
         self.on_event = on_event
 
     def emit(self, kind: Literal["download", "convert", "note"], message: str, done: int = 0, total: int = 0) -> None:
@@ -112,7 +125,12 @@ class _Preparer:
     def run(self) -> PreparedModel:
         # Rule 2: pinned by commit, and already here.
         if is_commit(self.revision):
-            ready = self.from_cache(self.revision)
+            try:
+                ready = self.from_cache(self.revision)
+            except DamagedCacheError:
+                if self.offline:
+                    raise
+                ready = None  # fetched again below
             if ready is not None:
                 return ready
         # Rule 4: ask the Hub which commit and which files.
@@ -139,7 +157,8 @@ class _Preparer:
         if entry is not None:
             return self.ready(entry)
         snapshot = self.fetch(listing)
-        return self.ready(self.convert(listing.commit, snapshot))
+        self.hub.write_ref(self.repo_id, self.revision, listing.commit)
+        return self.ready(self.build(listing.commit, snapshot, listing))
 
     # -- the cache --------------------------------------------------------------------------------------------
 
@@ -154,9 +173,12 @@ class _Preparer:
         if entry is not None:
             return self.ready(entry)
         snapshot = self.hub.cached_snapshot(self.repo_id, commit)
-        if snapshot is None or self.needed(snapshot[1], snapshot[0], strict=False) is None:
+        if snapshot is None:
             return None
-        return self.ready(self.convert(commit, snapshot[0]))
+        if self.needed(snapshot[1], snapshot[0], strict=False) is None:
+            self.check_damaged(commit, snapshot[0], weights.metadata_files(snapshot[1]))
+            return None
+        return self.ready(self.build(commit, snapshot[0], None))
 
     def missing_locally(self, commit: str) -> str:
         snapshot = self.hub.cached_snapshot(self.repo_id, commit)
@@ -192,13 +214,74 @@ class _Preparer:
             return None
         return chosen
 
-    def not_cached(self, why: str = "it was never downloaded") -> DownloadError:
+    def not_cached(self, why: str | None = None) -> DownloadError:
+        if why is None:
+            cached = self.hub.cached_commits(self.repo_id)
+            why = (
+                f"the commit '{self.revision}' points at was never recorded (the Hugging Face cache holds files of "
+                f"{len(cached)} commit{'s' if len(cached) != 1 else ''})"
+                if cached
+                else "it was never downloaded"
+            )
         revision = f" (revision {self.revision})" if self.revision != DEFAULT_REVISION else ""
         where = "offline mode is on" if self.offline else "the Hub cannot be reached"
-        again = f" --revision {self.revision}" if self.revision != DEFAULT_REVISION else ""
         return DownloadError(
             f"{self.repo_id}{revision} is not available: {where}, and {why}",
-            hint=f"run `vqdiff download {self.repo_id}{again}` while online",
+            hint=f"run `{self.download_command()}` while online",
+        )
+
+    def download_command(self) -> str:
+        again = f" --revision {self.revision}" if self.revision != DEFAULT_REVISION else ""
+        return f"vqdiff download {self.repo_id}{again}"
+
+    # -- damaged files in the Hub cache -----------------------------------------------------------------------
+
+    def build(self, commit: str, snapshot: Path, listing: RepoListing | None) -> Entry:
+        """Convert the snapshot. When that fails on a file of the Hub cache that no longer hashes to its blob name,
+        fetch it again and convert once more (online, `listing` given), or raise DamagedCacheError naming it."""
+        try:
+            return self.convert(commit, snapshot)
+        except WeightsError as e:
+            files = self.hub.cached_snapshot(self.repo_id, commit)
+            present = files[1] if files is not None else set()
+            chosen = self.needed(present, snapshot, strict=False) or sorted(present)
+            damaged, unknown = self.damaged(snapshot, chosen)
+            if not damaged:
+                if unknown and e.hint is None and e.message.startswith("cannot read"):
+                    raise WeightsError(
+                        e.message,
+                        hint="if the file is damaged, delete it from the Hugging Face cache and run "
+                        f"`{self.download_command()}` while online",
+                    ) from None
+                raise
+            if listing is None:
+                raise self.damaged_error(commit, snapshot, damaged) from None
+        self.emit("note", f"{_names(damaged)} in the Hugging Face cache {_is(damaged)} damaged: fetching it again")
+        _Bytes(self, listing).fetch(damaged, force=damaged)
+        return self.convert(commit, snapshot)
+
+    def damaged(self, snapshot: Path, files: Collection[str]) -> tuple[list[str], list[str]]:
+        """The files that no longer hash to their blob name, and those whose blob name says nothing."""
+        damaged, unknown = [], []
+        for f in files:
+            ok = self.hub.intact(snapshot / f)
+            if ok is False:
+                damaged.append(f)
+            elif ok is None:
+                unknown.append(f)
+        return damaged, unknown
+
+    def check_damaged(self, commit: str, snapshot: Path, files: Collection[str]) -> None:
+        damaged, _ = self.damaged(snapshot, files)
+        if damaged:
+            raise self.damaged_error(commit, snapshot, damaged)
+
+    def damaged_error(self, commit: str, snapshot: Path, damaged: list[str]) -> DamagedCacheError:
+        where = "offline mode is on" if self.offline else "the Hub cannot be reached"
+        return DamagedCacheError(
+            f"{_names(damaged)} of {self.repo_id} at {commit[:12]} in the Hugging Face cache {_is(damaged)} damaged "
+            f"({snapshot / damaged[0]}) and {where}",
+            hint=f"run `{self.download_command()}` while online to fetch it again",
         )
 
     # -- the network ------------------------------------------------------------------------------------------
@@ -210,7 +293,7 @@ class _Preparer:
         try:
             if "model_index.json" not in listing.files:
                 raise WeightsError(f"{where} is not a diffusers checkpoint: it has no model_index.json")
-            index = self.hub.download(self.repo_id, listing.commit, "model_index.json")
+            [index] = progress.fetch(["model_index.json"])
             folder = index.parent
             weights.check_model_index(folder)
             progress.fetch(weights.metadata_files(listing.files))
@@ -272,13 +355,29 @@ class _Bytes:
         self.done = 0
         self.total = 0
 
-    def fetch(self, paths: list[str]) -> None:
+    def fetch(self, paths: list[str], force: Collection[str] = ()) -> list[Path]:
+        """Fetch `paths` unless cached whole (a cached file of another size than the listing's is fetched again, as
+        is every file in `force`); their local paths."""
         repo, commit = self.listing.repo_id, self.listing.commit
-        todo = [f for f in paths if self.p.hub.cached_path(repo, commit, f) is None]
+        todo, again = [], set(force)
+        for f in paths:
+            cached = self.p.hub.cached_path(repo, commit, f)
+            expected = self.listing.sizes.get(f)
+            if cached is None or f in again:
+                todo.append(f)
+            elif expected is not None and (actual := _size(cached)) != expected:
+                self.p.emit(
+                    "note",
+                    f"{f} in the Hugging Face cache has {actual} bytes, the Hub lists {expected}: "
+                    "it is damaged, fetching it again",
+                )
+                todo.append(f)
+                again.add(f)
         self.total += sum(self.listing.sizes.get(f) or 0 for f in todo)
+        out = []
         for path in paths:
             if path not in todo:
-                self.p.hub.download(repo, commit, path)  # cached: returns without a request
+                out.append(self.p.hub.download(repo, commit, path))  # cached: returns without a request
                 continue
 
             def count(n: int, path: str = path) -> None:
@@ -286,7 +385,23 @@ class _Bytes:
                 self.p.emit("download", path, self.done, self.total)
 
             self.p.emit("download", path, self.done, self.total)
-            self.p.hub.download(repo, commit, path, count)
+            out.append(self.p.hub.download(repo, commit, path, count, force=path in again))
+        return out
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def _names(files: list[str]) -> str:
+    return ", ".join(files)
+
+
+def _is(files: list[str]) -> str:
+    return "is" if len(files) == 1 else "are"
 
 
 def _identity(root: Path, path: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..console import Output
 from ..errors import UsageError
-from ..files import check_folder_writable, check_writable
+from ..files import check_folder_writable, check_suffix, check_writable
 from ..settings import DEFAULT_OUTPUT, SETTINGS, Resolved, read_config, resolve
 from . import naming
 from .common import load_resolved
@@ -148,6 +148,11 @@ class RunPlan:
     def check_outputs(self) -> None:
         """Every file this run writes is new (or --overwrite) and its folder writable; no name is used twice. A name
         whose `{step}` is still to come clashes with any file it could become."""
+        formats = [(self.outputs or [], ".png", "an image"), (self.animations or [], ".gif", "an animation")]
+        formats += [([p], ".npy", "a token file") for p in (self.save_tokens, self.trajectory) if p is not None]
+        for group, suffix, what in formats:
+            for path in group:
+                check_suffix(Path(naming.shown(path)), suffix, what)
         paths = self.files()
         seen: set[Path] = set()
         for path in paths:

@@ -23,6 +23,13 @@ from .options import (
 )
 
 
+def refuse_stdout(output: Path) -> None:
+    if str(output) == "-":
+        from ..errors import UsageError
+
+        raise UsageError("-o - (standard output) is for generate's images; encode and decode write files")
+
+
 @app.command()
 @report_errors
 def encode(
@@ -51,10 +58,12 @@ def encode(
     import torch
 
     from ..errors import UsageError
-    from ..files import check_writable
+    from ..files import check_suffix, check_writable
     from ..images import load_rgb, save_tokens
 
     out = Output(quiet=quiet)
+    refuse_stdout(output)
+    check_suffix(output, ".npy", "a token file")
     check_writable(output, overwrite)
     pictures = [load_rgb(p) for p in images]
     pipe = load_from_flags(
@@ -95,11 +104,13 @@ def decode(
     """Decode token grids into images."""
     import torch
 
-    from ..files import check_writable
+    from ..files import check_suffix, check_writable
     from ..images import load_tokens, save_png
     from .naming import Item, literal, output_paths
 
     out = Output(quiet=quiet)
+    refuse_stdout(output)
+    check_suffix(output, ".png", "an image")
     grids = torch.from_numpy(load_tokens(tokens))
     paths = output_paths(literal(str(output)), [Item("", 0, i) for i in range(grids.shape[0])], step=0)
     for path in paths:
