@@ -467,6 +467,23 @@ def test_usage_errors_are_one_line_too(cli, args, message):
     assert "Usage:" not in r.output
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "x", "-o", "x.jpg"], "x.jpg: an image is written as .png"),
+        (["generate", "x", "--animate", "a.png"], "a.png: an animation is written as .gif"),
+        (["generate", "x", "--save-tokens", "t.png"], "t.png: a token file is written as .npy"),
+        (["encode", "in.png", "-o", "out.png"], "out.png: a token file is written as .npy"),
+        (["decode", "t.npy", "-o", "-"], "-o - (standard output) is for generate's images"),
+    ],
+)
+def test_output_names_match_the_format_written(cli, tmp_path, args, message):
+    r = cli(*args)
+    assert r.exit_code == 2
+    assert message in one_line_error(r)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_out_of_memory_message(cli, monkeypatch):
     from vqdiff_cli import api
 
