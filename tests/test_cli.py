@@ -484,6 +484,22 @@ def test_output_names_match_the_format_written(cli, tmp_path, args, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_a_bad_value_from_the_config_or_environment_says_where_it_came_from(cli, tmp_path, monkeypatch):
+    (tmp_path / "config.toml").write_text("guidance = -3\nsteps = 4\nstride = 10\n")
+    r = cli("generate", "x", "--dry-run", "-g", "2")
+    assert "give --steps or --stride, not both (steps from config" in one_line_error(r)
+    r = cli("generate", "x", "--dry-run", "--steps", "4")  # the flag decides steps and stride together
+    line = one_line_error(r)
+    assert "--guidance must be between 0 and 1000, got -3.0 (guidance from config" in line
+    assert str(tmp_path / "config.toml") in line
+    (tmp_path / "config.toml").write_text("")
+    monkeypatch.setenv("VQDIFF_DTYPE", "nonsense")
+    r = cli("generate", "x", "--steps", "1")
+    assert "unknown dtype 'nonsense' (dtype from env VQDIFF_DTYPE)" in one_line_error(r)
+    r = cli("generate", "x", "--steps", "1", "--dtype", "half")  # a flag is its own origin
+    assert one_line_error(r).startswith("error: unknown dtype 'half'; ")
+
+
 def test_out_of_memory_message(cli, monkeypatch):
     from vqdiff_cli import api
 

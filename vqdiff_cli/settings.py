@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import UsageError, VqdiffError
 
 DEFAULT_MODEL = "microsoft/vq-diffusion-ithq"
 DEFAULT_OUTPUT = "{prompt}-{seed}.png"
@@ -106,6 +106,20 @@ class Resolved:
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
+
+
+def with_origin(error: VqdiffError, settings: Resolved, keys: Iterable[str]) -> VqdiffError:
+    """`error` (about one of `keys`, named as its flag `--key` or as `key '...'`) saying where the value came from
+    when that was not a flag: a bad value in the config file or the environment is not the command line's fault."""
+    origins = [
+        f"{key} from {settings.sources[key]}"
+        for key in keys
+        if settings.sources.get(key, "flag") not in ("flag", "default")
+        and ("--" + key.replace("_", "-") in error.message or f"{key} '" in error.message)
+    ]
+    if not origins:
+        return error
+    return type(error)(f"{error.message} ({'; '.join(origins)})", error.hint)
 
 
 def resolve(

@@ -73,17 +73,23 @@ def cache_dir_of(settings: Resolved) -> Path | None:
 
 def load_resolved(out: Output, settings: Resolved, *, offline: bool = False, **acceleration: Any) -> VQDiffusion:
     """Load the model that resolved settings name (`acceleration`: compile, cuda_graphs, threads)."""
-    return load_model(
-        out,
-        settings["model"],
-        device=settings["device"],
-        dtype=settings["dtype"],
-        variant=settings["variant"],
-        revision=settings["revision"],
-        offline=offline,
-        cache_dir=cache_dir_of(settings),
-        **acceleration,
-    )
+    from ..errors import DeviceError, UsageError
+    from ..settings import with_origin
+
+    try:
+        return load_model(
+            out,
+            settings["model"],
+            device=settings["device"],
+            dtype=settings["dtype"],
+            variant=settings["variant"],
+            revision=settings["revision"],
+            offline=offline,
+            cache_dir=cache_dir_of(settings),
+            **acceleration,
+        )
+    except (UsageError, DeviceError) as e:
+        raise with_origin(e, settings, ("device", "dtype", "variant")) from None
 
 
 def load_from_flags(out: Output, *, offline: bool = False, **flags: str | Path | None) -> VQDiffusion:

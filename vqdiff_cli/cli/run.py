@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..console import Output
 from ..errors import UsageError
 from ..files import check_folder_writable, check_suffix, check_writable
-from ..settings import DEFAULT_OUTPUT, SETTINGS, Resolved, read_config, resolve
+from ..settings import DEFAULT_OUTPUT, SETTINGS, Resolved, read_config, resolve, with_origin
 from . import naming
 from .common import load_resolved
 
@@ -89,16 +89,19 @@ class RunPlan:
         seed_was_random = seed is None
         if seed is None:
             seed = random_seed()
-        options = GenerateOptions(
-            steps=settings["steps"],
-            stride=settings["stride"],
-            guidance_scale=settings["guidance"],
-            truncation_rate=settings["truncation"],
-            seed=seed,
-            num_images=num_images,
-            batch_size=settings["batch_size"],
-            sampler=settings["sampler"],
-        )
+        try:
+            options = GenerateOptions(
+                steps=settings["steps"],
+                stride=settings["stride"],
+                guidance_scale=settings["guidance"],
+                truncation_rate=settings["truncation"],
+                seed=seed,
+                num_images=num_images,
+                batch_size=settings["batch_size"],
+                sampler=settings["sampler"],
+            )
+        except UsageError as e:
+            raise with_origin(e, settings, SETTINGS) from None
         items = [naming.Item(job.prompt, job.seed, job.index) for job in plan_jobs(prompts, seed, num_images)]
         template = settings["output"]
         if default_output is not None and settings.sources["output"] == "default":
