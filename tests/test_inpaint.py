@@ -13,7 +13,7 @@ from vqdiff_cli.cli import app
 from vqdiff_cli.config import SchedulerConfig
 from vqdiff_cli.diffusion.sampler import start_step_for
 from vqdiff_cli.diffusion.schedule import MaskAndReplaceSchedule
-from vqdiff_cli.edit import InpaintOptions
+from vqdiff_cli.edit import InpaintOptions, mask_to_image_size
 from vqdiff_cli.errors import UsageError
 from vqdiff_cli.images import mask_values, token_coverage, tokens_to_regenerate
 
@@ -91,6 +91,66 @@ def test_opaque_rgba_uses_luminance():
     arr[..., 3] = 255
     arr[2:4, 2:4, :3] = 255
     assert (mask_values(Image.fromarray(arr)) >= 0.5).sum() == 4
+
+
+# -- masks of another size than the image ------------------------------------------------------------------------
+
+
+def test_shrinking_a_mask_keeps_every_painted_pixel():
+    rng = np.random.default_rng(0)
+    for mh, mw, h, w in ((160, 160, 16, 16), (100, 75, 16, 12), (37, 50, 24, 32), (33, 33, 32, 32)):
+        for y, x in zip(rng.integers(0, mh, 20), rng.integers(0, mw, 20), strict=True):
+            mask = np.zeros((mh, mw), bool)
+            mask[y, x] = True
+            shrunk = mask_to_image_size(mask, (w, h))
+            assert shrunk.shape == (h, w) and shrunk.sum() == 1
+            assert shrunk[int((y + 0.5) * h / mh), int((x + 0.5) * w / mw)]
+    full = np.ones((48, 64), bool)
+    assert mask_to_image_size(full, (32, 24)).all()
+    assert not mask_to_image_size(~full, (32, 24)).any()
+
+
+def test_enlarging_a_mask_is_nearest_neighbour_as_before():
+    rng = np.random.default_rng(1)
+    mask = rng.random((12, 16)) > 0.5
+    nearest = Image.fromarray(mask.astype(np.uint8) * 255).resize((44, 33), Image.Resampling.NEAREST)
+    assert (mask_to_image_size(mask, (44, 33)) == (np.asarray(nearest) >= 128)).all()
+    assert mask_to_image_size(mask, (16, 12)) is mask
+
+
+def test_one_pixel_of_a_larger_mask_is_inpainted(tiny_pipe):
+    """A 160x160 mask on a 16x16 image: its single white pixel marks one token and is composited."""
+    image = Image.new("RGB", (16, 16), (200, 50, 50))
+    mask = np.zeros((160, 160), bool)
+    mask[57, 83] = True  # token (1, 2) of the 4x4 grid; pixel (5, 8) of the image
+    setup = tiny_pipe.prepare_inpaint(image, mask, InpaintOptions(feather=0))
+    expected = np.zeros((4, 4), bool)
+    expected[1, 2] = True
+    assert (setup.regenerate.numpy() == expected).all()
+    assert setup.alpha is not None and setup.alpha.shape == (16, 16)
+    assert setup.alpha[5, 8] == 1 and setup.alpha.sum() == 1
+    as_image = Image.fromarray(mask.astype(np.uint8) * 255)
+    assert (tiny_pipe.prepare_inpaint(image, as_image).regenerate.numpy() == expected).all()
+
+
+def test_token_coverage_is_measured_at_the_mask_resolution(tiny_pipe):
+    """40% of token (0, 0) painted at 160 px is not half, though shrinking the mask to 16 px would make it 50%."""
+    image = Image.new("RGB", (16, 16), (20, 90, 160))
+    mask = np.zeros((160, 160), bool)
+    mask[0:16, 0:40] = True  # 16 of the token's 40 rows
+    mask[120:, 120:] = True  # all of token (3, 3)
+    half = tiny_pipe.prepare_inpaint(image, mask, InpaintOptions(mask_mode="half")).regenerate.numpy()
+    assert half.sum() == 1 and half[3, 3]
+    anywhere = tiny_pipe.prepare_inpaint(image, mask, InpaintOptions(mask_mode="any")).regenerate.numpy()
+    assert anywhere.sum() == 2 and anywhere[0, 0] and anywhere[3, 3]
+
+
+def test_prepare_edit_scales_a_16_bit_image(tiny_pipe):
+    values = np.linspace(0, 65535, 256).round().astype(np.uint16).reshape(16, 16)
+    eight_bit = Image.fromarray(np.rint(values / 257).astype(np.uint8)).convert("RGB")
+    source = tiny_pipe.prepare_edit(Image.fromarray(values))
+    assert (np.asarray(source.original) == np.asarray(eight_bit)).all()
+    assert torch.equal(source.tokens, tiny_pipe.prepare_edit(eight_bit).tokens)
 
 
 # -- the start step ---------------------------------------------------------------------------------------------
@@ -319,6 +379,42 @@ def test_mask_at_another_size_with_the_same_aspect(files, photo):
     assert r.exit_code == 0, r.output
 
 
+def test_thin_stroke_on_a_larger_mask_and_a_huge_feather(files):
+    """A 320x240 mask with one white pixel on the 32x24 photo is not 'empty'; --feather 100000000 ends."""
+    big = np.zeros((240, 320), np.uint8)
+    big[100, 170] = 255  # token (1, 2) of the 4x4 grid
+    Image.fromarray(big).save(files / "stroke.png")
+    r = run(
+        "inpaint",
+        "photo.png",
+        "--mask",
+        "stroke.png",
+        "--seed",
+        "1",
+        "--steps",
+        "3",
+        "--feather",
+        "100000000",
+        "--save-token-mask",
+        "tm.png",
+    )
+    assert r.exit_code == 0, r.output
+    token_mask = np.asarray(Image.open(files / "tm.png"))[::4, ::4] > 127
+    expected = np.zeros((4, 4), bool)
+    expected[1, 2] = True
+    assert (token_mask == expected).all()
+
+
+def test_16_bit_image_command(files, photo):
+    grey = np.linspace(0, 65535, 24 * 32).round().astype(np.uint16).reshape(24, 32)
+    Image.fromarray(grey).save(files / "grey16.png")
+    Image.fromarray(np.rint(grey / 257).astype(np.uint8)).save(files / "grey8.png")
+    for name in ("grey16", "grey8"):
+        r = run("vary", f"{name}.png", "--strength", "0", "--save-tokens", f"{name}.npy", "-o", f"{name}-out.png")
+        assert r.exit_code == 0, r.output
+    assert (np.load(files / "grey16.npy") == np.load(files / "grey8.npy")).all()
+
+
 def test_whole_mask_warns(files):
     Image.new("L", (32, 24), 255).save(files / "all.png")
     r = run("inpaint", "photo.png", "--mask", "all.png", "--seed", "1", "--steps", "3")
@@ -347,3 +443,28 @@ def test_fast_sampler_variations(tiny_pipe, photo):
     varied = tiny_pipe.vary(photo, "a cat", 1.0, fast)[0]
     assert torch.equal(varied.tokens, tiny_pipe.generate("a cat", fast)[0].tokens)
     assert tiny_pipe.vary(photo, "", 0.5, fast)[0].tokens.shape == (4, 4)
+
+
+def test_command_measures_coverage_at_the_mask_resolution(files):
+    """Token (0, 0) is 40% painted on the 320x240 mask (50% if the mask were shrunk to 32x24 first): not half."""
+    big = np.zeros((240, 320), np.uint8)
+    big[0:24, 0:80] = 255  # 24 of token (0, 0)'s 60 rows
+    big[180:, 240:] = 255  # all of token (3, 3)
+    Image.fromarray(big).save(files / "partial.png")
+    r = run(
+        "inpaint",
+        "photo.png",
+        "--mask",
+        "partial.png",
+        "--mask-mode",
+        "half",
+        "--steps",
+        "2",
+        "--save-token-mask",
+        "tm.png",
+    )
+    assert r.exit_code == 0, r.output
+    token_mask = np.asarray(Image.open(files / "tm.png"))[::4, ::4] > 127
+    expected = np.zeros((4, 4), bool)
+    expected[3, 3] = True
+    assert (token_mask == expected).all()

@@ -92,8 +92,24 @@ def check_image_size(image: Image.Image, grid: tuple[int, int], native: int) -> 
     return warnings
 
 
+def _shrink_axis(mask: np.ndarray, dst: int, axis: int) -> np.ndarray:
+    """Shrink a bool mask along one axis (when longer than `dst`): a destination pixel is painted when any source
+    pixel whose centre falls inside it is, so no painted pixel is lost."""
+    src = mask.shape[axis]
+    if src <= dst:
+        return mask
+    target = ((np.arange(src) + 0.5) * dst / src).astype(np.int64)  # non-decreasing; every 0..dst-1 occurs
+    starts = np.flatnonzero(np.diff(target, prepend=-1))
+    return np.logical_or.reduceat(mask, starts, axis=axis)
+
+
 def mask_to_image_size(mask: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
-    """A bool mask at the image's size; a mask of another size must have the same aspect ratio."""
+    """A bool mask at the image's size, for compositing; a mask of another size must have the same aspect ratio.
+
+    A larger mask is shrunk so that an image pixel is painted when any mask pixel inside it is: a stroke thinner than
+    an image pixel is kept, and the result is painted exactly when the mask is. A smaller mask is enlarged by nearest
+    neighbour. Token coverage is measured on the mask itself (`regenerate_mask`), not on this.
+    """
     mh, mw = mask.shape
     w, h = image_size
     if (mw, mh) == (w, h):
@@ -103,7 +119,10 @@ def mask_to_image_size(mask: np.ndarray, image_size: tuple[int, int]) -> np.ndar
             f"the mask is {mw}x{mh} but the image is {w}x{h}: their aspect ratios differ",
             hint="make the mask from the image, at its size",
         )
-    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)
+    shrunk = _shrink_axis(_shrink_axis(mask.astype(bool), h, 0), w, 1)
+    if shrunk.shape == (h, w):
+        return shrunk
+    resized = Image.fromarray(shrunk.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)
     return np.asarray(resized) >= 128
 
 
@@ -129,7 +148,7 @@ def regenerate_mask(mask: np.ndarray, grid: tuple[int, int], options: InpaintOpt
 
 @torch.inference_mode()
 def prepare_edit(pipe: VQDiffusion, image: Image.Image) -> EditSource:
-    original = image.convert("RGB")
+    original = imageio.to_rgb(image)
     size = pipe.config.image_size
     warnings = check_image_size(original, pipe.token_grid, size)
     native = original if original.size == (size, size) else original.resize((size, size), Image.Resampling.LANCZOS)
@@ -141,9 +160,9 @@ def prepare_inpaint(
     pipe: VQDiffusion, image: Image.Image, mask: Image.Image | np.ndarray, options: InpaintOptions
 ) -> InpaintSetup:
     source = prepare_edit(pipe, image)
-    pixels = mask if isinstance(mask, np.ndarray) else imageio.mask_values(mask) >= 0.5
-    pixels = mask_to_image_size(pixels.astype(bool), source.original.size)
-    regenerate = torch.from_numpy(regenerate_mask(pixels, pipe.token_grid, options))
+    painted = (mask if isinstance(mask, np.ndarray) else imageio.mask_values(mask) >= 0.5).astype(bool)
+    pixels = mask_to_image_size(painted, source.original.size)  # checks the aspect ratio; the composite's mask
+    regenerate = torch.from_numpy(regenerate_mask(painted, pipe.token_grid, options))  # at the mask's resolution
     t_max = pipe.num_train_timesteps - 1
     if options.start_step is not None and options.start_step > t_max:
         raise UsageError(f"--start-step must be between 0 and {t_max}, got {options.start_step}")

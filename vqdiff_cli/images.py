@@ -26,7 +26,7 @@ def _reading(path: Path, kind: str) -> Iterator[None]:
     except FileNotFoundError:
         raise UsageError(f"{kind} not found: {path}") from None
     except IsADirectoryError:
-        raise UsageError(f"{path} is a directory, not a {kind}") from None
+        raise UsageError(f"{path} is a directory, not {'an' if kind[0] in 'aeiou' else 'a'} {kind}") from None
     except (UnidentifiedImageError, OSError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise UsageError(f"cannot read {kind} {path}: {e}") from None
 
@@ -39,12 +39,45 @@ def open_image(path: Path | str) -> Image.Image:
         return im.copy()
 
 
+INT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+INT32_MAX = 2**31 - 1
+
+
+def _float_scale(values: np.ndarray) -> float:
+    """The value that means white in a float ("F") image: 1.0 when every value is at most 1 (0..1 data), else 255."""
+    return 1.0 if not values.size or float(np.nanmax(values)) <= 1.0 else 255.0
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any image as 8-bit RGB, with high-bit-depth greyscale scaled down rather than clipped.
+
+    Pillow's own conversion clips 16-bit, 32-bit and float values to 0..255, so a 16-bit image turns almost white.
+    Instead: I;16 (16-bit) values are divided by 257 (65535 -> 255); "I" (32-bit integer) values are read as
+    16-bit when none exceeds 65535 (a 16-bit PNG or TIFF read as "I"), otherwise over 0..2**31-1; "F" (float)
+    values are read as 0..1 when none exceeds 1, otherwise as 0..255, like float masks (`mask_values`). Negative
+    values and NaN become black, values above the range white; the result is rounded to the nearest 8-bit level.
+    Every other mode is converted by Pillow (alpha is dropped; `load_rgb` flattens it onto white first).
+    """
+    if image.mode in INT16_MODES or image.mode in ("I", "F"):
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+        if image.mode == "F":
+            top = _float_scale(values)
+        elif image.mode == "I" and values.size and values.max() > 65535:
+            top = float(INT32_MAX)
+        else:
+            top = 65535.0
+        grey = np.rint(np.clip(values / top, 0.0, 1.0) * 255.0).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return image.convert("RGB")
+
+
 def load_rgb(path: Path | str) -> Image.Image:
+    """Read an image as 8-bit RGB: transparency is flattened onto white, high bit depths are scaled (`to_rgb`)."""
     im = open_image(path)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(background, im.convert("RGBA"))
-    return im.convert("RGB")
+    return to_rgb(im)
 
 
 def fit_square(image: Image.Image, size: int) -> Image.Image:
@@ -61,7 +94,7 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """RGB images of one size -> (B, 3, H, W) float32 in [-1, 1]."""
     import torch
 
-    arrays = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])  # (B, H, W, 3)
+    arrays = np.stack([np.asarray(to_rgb(im), dtype=np.float32) for im in images])  # (B, H, W, 3)
     return torch.from_numpy(arrays).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
@@ -92,11 +125,42 @@ def save_tokens(tokens: np.ndarray, path: Path, overwrite: bool = False) -> None
     atomic_write(Path(path), lambda f: f.write(buf.getvalue()), overwrite=overwrite)
 
 
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _not_npy(path: Path, head: bytes) -> UsageError:
+    """The error for a token file that is not a .npy file, naming what it is where that is easy to tell."""
+    if not head:
+        what, hint = "not a .npy file (it is empty)", None
+    elif head.startswith(ZIP_MAGIC):
+        what, hint = "not a .npy array (an .npz archive)", "extract one array and write it with numpy.save"
+    else:
+        what, hint = "not a .npy file", "token grids are .npy arrays, as written by `vqdiff encode` or --save-tokens"
+        with contextlib.suppress(Exception), Image.open(path) as im:
+            what = f"not a .npy file (a {im.format} image)"
+            hint = "make token grids from images with `vqdiff encode`"
+    return UsageError(f"cannot read token file {path}: {what}", hint=hint)
+
+
 def load_tokens(path: Path | str) -> np.ndarray:
-    """A .npy of integer token grids, (H, W) or (N, H, W); returned as (N, H, W) int64."""
+    """A .npy of integer token grids, (H, W) or (N, H, W); returned as (N, H, W) int64.
+
+    Only plain .npy arrays are read (never with pickling): an .npz archive, an image or any other file, and a .npy
+    of Python objects are usage errors that say so.
+    """
     path = Path(path)
-    with _reading(path, "token file"):
-        arr: np.ndarray = np.load(path, allow_pickle=False)
+    with _reading(path, "token file"), path.open("rb") as f:
+        head = f.read(len(NPY_MAGIC))
+        if head != NPY_MAGIC:
+            raise _not_npy(path, head)
+        f.seek(0)
+        try:
+            arr: np.ndarray = np.load(f, allow_pickle=False)
+        except ValueError as e:
+            if "pickle" not in str(e):
+                raise
+            raise UsageError(f"{path} holds Python objects; token grids must be integers") from None
     if not np.issubdtype(arr.dtype, np.integer):
         raise UsageError(f"{path} holds {arr.dtype} values; token grids must be integers")
     if arr.ndim == 2:
@@ -157,7 +221,9 @@ def mask_values(mask: Image.Image) -> np.ndarray:
     """A mask image -> (H, W) float32 in [0, 1], 1 = regenerate.
 
     White regenerates. An alpha channel that is not fully opaque is the mask itself (painted = opaque); otherwise
-    the luminance is used. Works for 1-bit, L, LA, P, RGB, RGBA and 16-bit greyscale images.
+    the luminance is used. Works for 1-bit, L, LA, P, RGB, RGBA, 16-bit and float greyscale images: integer ("I",
+    "I;16") values are read as 16-bit when any exceeds 255, else as 8-bit; float ("F") ones as 0..1 when none
+    exceeds 1, else as 0..255 (the rule `to_rgb` uses for images).
     """
     if mask.mode == "P":
         mask = mask.convert("RGBA" if "transparency" in mask.info else "RGB")
@@ -165,11 +231,15 @@ def mask_values(mask: Image.Image) -> np.ndarray:
         alpha = np.asarray(mask.getchannel("A"), dtype=np.float32) / 255.0
         if (alpha < 1.0).any():
             return alpha
-    if mask.mode in ("I", "I;16", "I;16B", "I;16L"):
+    if mask.mode == "I" or mask.mode in INT16_MODES:
         values = np.asarray(mask, dtype=np.float32)
         top = 65535.0 if values.max() > 255 else 255.0
         clipped: np.ndarray = np.clip(values / top, 0.0, 1.0)
         return clipped
+    if mask.mode == "F":
+        floats = np.nan_to_num(np.asarray(mask, dtype=np.float32), nan=0.0)
+        scaled: np.ndarray = np.clip(floats / _float_scale(floats), 0.0, 1.0)
+        return scaled
     return np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
 
 
@@ -193,6 +263,8 @@ def dilate(grid: np.ndarray, steps: int) -> np.ndarray:
     """Grow a bool grid by `steps` cells in every direction (8-neighbourhood)."""
     out = grid.copy()
     for _ in range(steps):
+        if out.all() or not out.any():
+            break  # nothing left to grow into (or nothing to grow): more steps change nothing
         padded = np.pad(out, 1)
         out = np.zeros_like(out)
         for dy in (0, 1, 2):
@@ -219,11 +291,17 @@ def tokens_to_regenerate(coverage: np.ndarray, mode: str = "any", grow: int = 0)
 
 
 def feather(mask: np.ndarray, pixels: int) -> np.ndarray:
-    """Alpha (H, W) float32: 1 on the mask, falling linearly to 0 over `pixels` pixels outside it; exactly 0 beyond."""
+    """Alpha (H, W) float32: 1 on the mask, falling linearly to 0 over `pixels` pixels outside it; exactly 0 beyond.
+
+    Ring k (the pixels k steps from the mask, 8-neighbourhood) gets 1 - k / (pixels + 1). The rings run out after
+    at most max(H, W) - 1 steps, so any larger `pixels` costs no more than that.
+    """
     alpha = mask.astype(np.float32)
     grown = mask.copy()
     for k in range(1, pixels + 1):
         ring = dilate(grown, 1) & ~grown
+        if not ring.any():
+            break  # the whole image is reached (or the mask is empty): every further ring is empty too
         alpha[ring] = 1.0 - k / (pixels + 1)
         grown |= ring
     return alpha

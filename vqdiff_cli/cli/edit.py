@@ -150,8 +150,8 @@ def inpaint(
     )
     # 1. inputs, read and checked before anything loads
     picture = load_rgb(image)
-    pixels = mask_to_image_size(load_mask(mask), picture.size)
-    check_mask_painted(pixels, f"the mask {mask}")
+    pixels = load_mask(mask)  # at its own size: token coverage is measured there
+    check_mask_painted(mask_to_image_size(pixels, picture.size), f"the mask {mask}")  # checks the aspect ratio too
     # 2. settings and outputs
     plan = RunPlan.build(
         out,
