@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -399,7 +401,7 @@ def test_thin_stroke_on_a_larger_mask_and_a_huge_feather(files):
         "tm.png",
     )
     assert r.exit_code == 0, r.output
-    token_mask = np.asarray(Image.open(files / "tm.png"))[::4, ::4] > 127
+    token_mask = saved_token_mask(files / "tm.png")
     expected = np.zeros((4, 4), bool)
     expected[1, 2] = True
     assert (token_mask == expected).all()
@@ -464,7 +466,12 @@ def test_command_measures_coverage_at_the_mask_resolution(files):
         "tm.png",
     )
     assert r.exit_code == 0, r.output
-    token_mask = np.asarray(Image.open(files / "tm.png"))[::4, ::4] > 127
+    token_mask = saved_token_mask(files / "tm.png")
     expected = np.zeros((4, 4), bool)
     expected[3, 3] = True
     assert (token_mask == expected).all()
+
+
+def saved_token_mask(path: Path) -> np.ndarray:
+    """The (4, 4) token mask of `--save-token-mask` (a 16 px image, 4 px a token)."""
+    return np.asarray(Image.open(path))[::4, ::4] > 127

@@ -29,6 +29,7 @@ from urllib.parse import quote, unquote
 
 from . import __version__
 from .errors import UsageError, WeightsError
+from .files import replace_text
 
 MANIFEST = "vqdiff-manifest.json"
 FORMAT = 1  # bump when the entry layout changes: older entries are then rebuilt
@@ -122,12 +123,8 @@ class ModelCache:
         if revision == commit:
             return
         path = self.repo_dir(repo_id) / "refs" / quote(revision, safe="")
-        if path.is_file() and path.read_text(encoding="utf-8").strip() == commit:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(commit, encoding="utf-8")
-        os.replace(tmp, path)
+        if not (path.is_file() and path.read_text(encoding="utf-8").strip() == commit):
+            replace_text(path, commit)
 
     def read_ref(self, repo_id: str, revision: str) -> str | None:
         path = self.repo_dir(repo_id) / "refs" / quote(revision, safe="")

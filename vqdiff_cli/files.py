@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -26,6 +27,17 @@ def check_writable(path: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot write {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write {path}: folder {folder} is not writable")
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write a small text file (a ref, a note) in one step: readers see the old text or the new, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_suffix(path: Path, suffix: str, what: str) -> None:

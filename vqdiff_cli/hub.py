@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DownloadError
+from .files import replace_text
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
@@ -138,12 +139,8 @@ class Hub:
             return  # nothing of it is cached: a ref alone would only point at missing files
         path = repo / "refs" / revision
         try:
-            if path.is_file() and path.read_text(encoding="utf-8").strip() == commit:
-                return
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(commit, encoding="utf-8")
-            os.replace(tmp, path)
+            if not (path.is_file() and path.read_text(encoding="utf-8").strip() == commit):
+                replace_text(path, commit)
         except OSError:
             pass  # only a shortcut for offline runs; vqdiff's own cache records the ref too
 
