@@ -1,7 +1,7 @@
 # bash completion for vqdiff (generated from the vqdiff app by scripts/completions.py; do not edit)
 _vqdiff() {
     local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}"
-    local path="" word i skip=0 opts="" valued="" paths="" subs=""
+    local path="" word i skip=0 opts="" valued="" paths="" subs="" args=""
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
         if ((skip)); then skip=0; continue; fi
@@ -11,7 +11,7 @@ _vqdiff() {
         esac
     done
     opts="$(_vqdiff_opts "$path")"; valued="$(_vqdiff_valued "$path")"
-    paths="$(_vqdiff_paths "$path")"; subs="$(_vqdiff_subs "$path")"
+    paths="$(_vqdiff_paths "$path")"; subs="$(_vqdiff_subs "$path")"; args="$(_vqdiff_args "$path")"
     case "$prev" in
         --device) COMPREPLY=($(compgen -W "auto cpu cuda mps" -- "$cur")); return ;;
         --dtype) COMPREPLY=($(compgen -W "auto float32 float16 bfloat16" -- "$cur")); return ;;
@@ -26,6 +26,7 @@ _vqdiff() {
     fi
     if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "$opts" -- "$cur")); return; fi
     if [[ -n "$subs" ]]; then COMPREPLY=($(compgen -W "$subs" -- "$cur")); return; fi
+    if [[ -n "$args" ]]; then COMPREPLY=($(compgen -W "$args" -- "$cur")); return; fi
     COMPREPLY=($(compgen -f -- "$cur"))
 }
 
@@ -107,6 +108,27 @@ _vqdiff_subs() {
         "info") echo "" ;;
         "inpaint") echo "" ;;
         "models") echo "list path rm" ;;
+        "models list") echo "" ;;
+        "models path") echo "" ;;
+        "models rm") echo "" ;;
+        "vary") echo "" ;;
+    esac
+}
+_vqdiff_args() {
+    case "$1" in
+        "") echo "" ;;
+        "bench") echo "" ;;
+        "completion") echo "bash zsh fish" ;;
+        "config") echo "" ;;
+        "config path") echo "" ;;
+        "config show") echo "" ;;
+        "decode") echo "" ;;
+        "download") echo "" ;;
+        "encode") echo "" ;;
+        "generate") echo "" ;;
+        "info") echo "" ;;
+        "inpaint") echo "" ;;
+        "models") echo "" ;;
         "models list") echo "" ;;
         "models path") echo "" ;;
         "models rm") echo "" ;;

@@ -39,6 +39,7 @@ complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l overwrite -d 'Repla
 complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l quiet -s q -d 'No progress or messages on stderr; warnings and errors still print'
 complete -c vqdiff -n '__fish_seen_subcommand_from bench' -l help -s h -d 'Show help and exit'
 complete -c vqdiff -n '__fish_seen_subcommand_from completion' -l help -s h -d 'Show help and exit'
+complete -c vqdiff -n '__fish_seen_subcommand_from completion' -a 'bash zsh fish'
 complete -c vqdiff -n '__fish_seen_subcommand_from config; and not __fish_seen_subcommand_from path show' -a path -d 'Print the configuration file\'s path (it need not exist)'
 complete -c vqdiff -n '__fish_seen_subcommand_from config; and not __fish_seen_subcommand_from path show' -a show -d 'Print every setting with its value and where it comes from (environment, config '
 complete -c vqdiff -n '__fish_seen_subcommand_from config ; and __fish_seen_subcommand_from path' -l help -s h -d 'Show help and exit'

@@ -71,6 +71,7 @@ def test_bash_completes_commands_options_and_values():
     assert _bash_complete(["vqdiff", "generate", "--stri"]) == ["--stride"]
     assert _bash_complete(["vqdiff", "generate", "a cat", "--dtype", "bf"]) == ["bfloat16"]
     assert _bash_complete(["vqdiff", "config", "p"]) == ["path"]
+    assert _bash_complete(["vqdiff", "completion", ""]) == list(completion.SHELLS)
     # the value after --model is not mistaken for a command
     assert _bash_complete(["vqdiff", "encode", "--model", "generate", "--keep"]) == ["--keep-size"]
 

@@ -24,6 +24,8 @@ VALUE_CHOICES: dict[str, tuple[str, ...]] = {
 # file name templates (strings, not paths, to the app): completed as file names all the same
 FILE_TEMPLATES = ("--output", "--animate")
 SHELLS = ("bash", "zsh", "fish")
+# values offered for a command's arguments, by command name
+ARGUMENT_CHOICES: dict[str, tuple[str, ...]] = {"completion": SHELLS}
 HEADER = "generated from the vqdiff app by scripts/completions.py; do not edit"
 
 
@@ -41,6 +43,7 @@ class Cmd:
     help: str
     options: list[Opt] = field(default_factory=list)
     path_arguments: bool = False
+    argument_choices: tuple[str, ...] = ()
     children: list[Cmd] = field(default_factory=list)
 
 
@@ -67,7 +70,11 @@ def _is_path(param: Any) -> bool:
 
 
 def _tree(command: Any, name: str) -> Cmd:
-    node = Cmd(name=name, help=_short_help(getattr(command, "help", None) or getattr(command, "short_help", None)))
+    node = Cmd(
+        name=name,
+        help=_short_help(getattr(command, "help", None) or getattr(command, "short_help", None)),
+        argument_choices=ARGUMENT_CHOICES.get(name, ()),
+    )
     for param in getattr(command, "params", []):
         if getattr(param, "hidden", False):
             continue
@@ -116,7 +123,7 @@ def bash(root: Cmd) -> str:
         f"# bash completion for vqdiff ({HEADER})",
         "_vqdiff() {",
         '    local cur="${COMP_WORDS[COMP_CWORD]}" prev="${COMP_WORDS[COMP_CWORD-1]}"',
-        '    local path="" word i skip=0 opts="" valued="" paths="" subs=""',
+        '    local path="" word i skip=0 opts="" valued="" paths="" subs="" args=""',
     ]
     # walk the words before the cursor to find the (sub)command, skipping option values
     lines += [
@@ -129,7 +136,7 @@ def bash(root: Cmd) -> str:
         "        esac",
         "    done",
         '    opts="$(_vqdiff_opts "$path")"; valued="$(_vqdiff_valued "$path")"',
-        '    paths="$(_vqdiff_paths "$path")"; subs="$(_vqdiff_subs "$path")"',
+        '    paths="$(_vqdiff_paths "$path")"; subs="$(_vqdiff_subs "$path")"; args="$(_vqdiff_args "$path")"',
         '    case "$prev" in',
     ]
     for flag, choices in VALUE_CHOICES.items():
@@ -142,16 +149,18 @@ def bash(root: Cmd) -> str:
         "    fi",
         '    if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "$opts" -- "$cur")); return; fi',
         '    if [[ -n "$subs" ]]; then COMPREPLY=($(compgen -W "$subs" -- "$cur")); return; fi',
+        '    if [[ -n "$args" ]]; then COMPREPLY=($(compgen -W "$args" -- "$cur")); return; fi',
         '    COMPREPLY=($(compgen -f -- "$cur"))',
         "}",
         "",
     ]
-    tables: dict[str, dict[str, str]] = {"opts": {}, "valued": {}, "paths": {}, "subs": {}}
+    tables: dict[str, dict[str, str]] = {"opts": {}, "valued": {}, "paths": {}, "subs": {}, "args": {}}
     for path, node in _flat(root):
         tables["opts"][path] = " ".join(n for o in node.options for n in o.names)
         tables["valued"][path] = " ".join(n for o in node.options if o.takes_value for n in o.names)
         tables["paths"][path] = " ".join(n for o in node.options if o.is_path for n in o.names)
         tables["subs"][path] = " ".join(c.name for c in node.children)
+        tables["args"][path] = " ".join(node.argument_choices)
     for table, rows in tables.items():
         lines.append(f"_vqdiff_{table}() {{")
         lines.append('    case "$1" in')
@@ -216,7 +225,10 @@ def _zsh_function(node: Cmd, fname: str) -> list[str]:
         for child in node.children:
             lines += _zsh_function(child, f"{fname}_{_ident(child.name)}")
     else:
-        rest = "'*:file:_files'" if node.path_arguments else "'*: :'"
+        if node.argument_choices:
+            rest = f"'1:value:({' '.join(node.argument_choices)})'"
+        else:
+            rest = "'*:file:_files'" if node.path_arguments else "'*: :'"
         lines += ["    _arguments \\", *(f"        {s} \\" for s in specs), f"        {rest}", "}"]
     return lines
 
@@ -261,7 +273,9 @@ def fish(root: Cmd) -> str:
                         parts.append("-x")
                 parts.append(f"-d '{_fish_escape(opt.help)}'")
                 lines.append(" ".join(parts))
-            if node.path_arguments:
+            if node.argument_choices:
+                lines.append(f"complete -c vqdiff -n '{cond}' -a '{' '.join(node.argument_choices)}'")
+            elif node.path_arguments:
                 lines.append(f"complete -c vqdiff -n '{cond}' -F")
         elif not words:
             for opt in node.options:
