@@ -29,7 +29,8 @@ from urllib.parse import quote, unquote
 
 from . import __version__
 from .errors import UsageError, WeightsError
-from .files import replace_text
+from .files import nearest_existing, replace_text
+from .hub import repo_folder_name
 
 MANIFEST = "vqdiff-manifest.json"
 FORMAT = 1  # bump when the entry layout changes: older entries are then rebuilt
@@ -48,20 +49,14 @@ def default_cache_dir() -> Path:
 
 def check_cache_root(root: Path, what: str, hint: str) -> None:
     """A cache folder, or the first of its parents that exists, must be a folder: say so once, before any use."""
-    for folder in (root, *root.parents):
-        try:
-            exists = folder.exists()
-        except OSError:
-            return  # unreadable: the first real use reports it
-        if exists:
-            if not folder.is_dir():
-                where = root if folder == root else f"{root} (its parent {folder})"
-                raise UsageError(f"{what} {where} is a file, not a folder", hint=hint)
-            return
+    try:
+        folder = nearest_existing(root)
+    except OSError:
+        return  # unreadable: the first real use reports it
+    if not folder.is_dir():
+        where = root if folder == root else f"{root} (its parent {folder})"
+        raise UsageError(f"{what} {where} is a file, not a folder", hint=hint)
 
-
-def repo_folder_name(repo_id: str) -> str:
-    return "models--" + repo_id.replace("/", "--")
 
 
 def _repo_id(folder_name: str) -> str:

@@ -46,12 +46,17 @@ def check_suffix(path: Path, suffix: str, what: str) -> None:
         raise OutputError(f"{path}: {what} is written as {suffix}", hint=f"give it a name ending in {suffix}")
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` if it exists, else the nearest of its parents that does (where missing folders would be made)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 def check_folder_writable(folder: Path) -> None:
     """Fail early if `folder` cannot take new files: it, or the nearest part of its path that exists (where the
     missing folders would be made), must be a writable folder."""
-    existing = folder
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         raise OutputError(f"cannot make folder {folder}: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -134,7 +134,7 @@ class Hub:
         branch (vqdiff downloads by commit, which records none): later offline runs, ours or diffusers', find it."""
         if is_commit(revision) or not revision or ".." in revision.split("/") or revision.startswith("/"):
             return
-        repo = self.cache_dir / _repo_folder(repo_id)
+        repo = self.cache_dir / repo_folder_name(repo_id)
         if not repo.is_dir():
             return  # nothing of it is cached: a ref alone would only point at missing files
         path = repo / "refs" / revision
@@ -146,7 +146,7 @@ class Hub:
 
     def cached_commits(self, repo_id: str) -> list[str]:
         """Every commit of which the Hub cache holds files."""
-        folder = self.cache_dir / _repo_folder(repo_id) / "snapshots"
+        folder = self.cache_dir / repo_folder_name(repo_id) / "snapshots"
         try:
             return sorted(p.name for p in folder.iterdir() if is_commit(p.name))
         except OSError:
@@ -238,7 +238,8 @@ class HubUnreachable(DownloadError):
     """The Hub did not answer: no network, a timeout, or a dropped connection."""
 
 
-def _repo_folder(repo_id: str) -> str:
+def repo_folder_name(repo_id: str) -> str:
+    """A model repository's folder in the Hub cache's layout (vqdiff's own cache uses the same names)."""
     return "models--" + repo_id.replace("/", "--")
 
 
