@@ -58,7 +58,6 @@ def check_cache_root(root: Path, what: str, hint: str) -> None:
         raise UsageError(f"{what} {where} is a file, not a folder", hint=hint)
 
 
-
 def _repo_id(folder_name: str) -> str:
     return folder_name.removeprefix("models--").replace("--", "/", 1)
 

@@ -167,17 +167,13 @@ class RunPlan:
             for existing in naming.existing_matches(path):
                 check_writable(existing, self.overwrite)
             check_writable(path, overwrite=True)  # the folder
-        if self.save_steps is not None and self.save_steps.exists() and not self.save_steps.is_dir():
-            raise UsageError(f"--save-steps {self.save_steps} exists and is not a folder")
-        if self.save_steps is not None:
-            check_folder_writable(self.save_steps)
-        if self.save_steps is not None and not self.overwrite:
-            for item in self.items:
-                frames = naming.existing_step_files(
-                    self.save_steps, self.settings["output"], item, self.image_path(item)
-                )
-                if frames:
-                    check_writable(frames[0], overwrite=False)
+        if self.save_steps is None:
+            return
+        check_folder_writable(self.save_steps)  # a file there, or a read-only place, is refused
+        for item in self.items if not self.overwrite else ():
+            frames = naming.existing_step_files(self.save_steps, self.settings["output"], item, self.image_path(item))
+            if frames:
+                check_writable(frames[0], overwrite=False)
 
     def image_path(self, item: naming.Item, num_steps: int | None = None) -> Path:
         """Where an image goes once it took `num_steps` steps (None: not known yet), and so the name its
