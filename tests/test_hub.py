@@ -461,6 +461,20 @@ def test_offline_a_damaged_file_in_the_hub_cache_is_named(hub, tmp_path, monkeyp
     assert np.array_equal(np.load(tmp_path / "out.npy"), local_tokens)
 
 
+@pytest.mark.parametrize("pinned", [False, True])
+def test_a_file_missing_from_the_hub_cache_is_fetched(hub, tmp_path, local_tokens, pinned):
+    """A snapshot left incomplete (a first download cut short) is completed, not reported as a broken checkpoint."""
+    assert cli("download", REPO, "--device", "cpu").exit_code == 0
+    config = _hub_file(tmp_path, "vqvae/config.json")
+    config.unlink()
+    assert cli("models", "rm", REPO, "--yes").exit_code == 0
+    hub.clear_log()
+    r = generate(tmp_path, REPO, *(("--revision", main_commit(hub)) if pinned else ()))
+    assert r.exit_code == 0, r.output
+    assert hub.fetched() == ["vqvae/config.json"]
+    assert np.array_equal(np.load(tmp_path / "out.npy"), local_tokens)
+
+
 def test_an_unreadable_file_that_cannot_be_checked_gets_a_repair_hint(hub, tmp_path):
     """A blob not named by its hash (another tool's cache layout) cannot be verified: the error says how to repair."""
     assert cli("download", REPO, "--device", "cpu").exit_code == 0

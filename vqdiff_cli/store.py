@@ -175,8 +175,10 @@ class _Preparer:
         snapshot = self.hub.cached_snapshot(self.repo_id, commit)
         if snapshot is None:
             return None
-        if self.needed(snapshot[1], snapshot[0], strict=False) is None:
-            self.check_damaged(commit, snapshot[0], weights.metadata_files(snapshot[1]))
+        if self.needed(snapshot[1], snapshot[0], strict=False) is None:  # incomplete, or its small files damaged
+            small = ("model_index.json", *weights.CONFIG_FILES.values())
+            present = [f for f in snapshot[1] if f in small or f.startswith("tokenizer/")]
+            self.check_damaged(commit, snapshot[0], present)
             return None
         return self.ready(self.build(commit, snapshot[0], None))
 
