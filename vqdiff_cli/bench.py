@@ -322,7 +322,6 @@ def run_bench(
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    report.speedups = speedups(report.end_to_end)
     return report
 
 

@@ -117,8 +117,7 @@ class ModelCache:
         if revision == commit:
             return
         path = self.repo_dir(repo_id) / "refs" / quote(revision, safe="")
-        if not (path.is_file() and path.read_text(encoding="utf-8").strip() == commit):
-            replace_text(path, commit)
+        replace_text(path, commit)
 
     def read_ref(self, repo_id: str, revision: str) -> str | None:
         path = self.repo_dir(repo_id) / "refs" / quote(revision, safe="")

@@ -30,7 +30,11 @@ def check_writable(path: Path, overwrite: bool) -> None:
 
 
 def replace_text(path: Path, text: str) -> None:
-    """Write a small text file (a ref, a note) in one step: readers see the old text or the new, never a part."""
+    """Write a small text file (a ref, a note) in one step: readers see the old text or the new, never a part. A file
+    that already holds `text` is left alone."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if path.read_text(encoding="utf-8").strip() == text.strip():
+            return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:

@@ -139,8 +139,7 @@ class Hub:
             return  # nothing of it is cached: a ref alone would only point at missing files
         path = repo / "refs" / revision
         try:
-            if not (path.is_file() and path.read_text(encoding="utf-8").strip() == commit):
-                replace_text(path, commit)
+            replace_text(path, commit)
         except OSError:
             pass  # only a shortcut for offline runs; vqdiff's own cache records the ref too
 

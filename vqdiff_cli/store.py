@@ -226,11 +226,15 @@ class _Preparer:
                 else "it was never downloaded"
             )
         revision = f" (revision {self.revision})" if self.revision != DEFAULT_REVISION else ""
-        where = "offline mode is on" if self.offline else "the Hub cannot be reached"
+        where = self.why_local()
         return DownloadError(
             f"{self.repo_id}{revision} is not available: {where}, and {why}",
             hint=f"run `{self.download_command()}` while online",
         )
+
+    def why_local(self) -> str:
+        """Why only the Hub cache can be used."""
+        return "offline mode is on" if self.offline else "the Hub cannot be reached"
 
     def download_command(self) -> str:
         again = f" --revision {self.revision}" if self.revision != DEFAULT_REVISION else ""
@@ -279,7 +283,7 @@ class _Preparer:
             raise self.damaged_error(commit, snapshot, damaged)
 
     def damaged_error(self, commit: str, snapshot: Path, damaged: list[str]) -> DamagedCacheError:
-        where = "offline mode is on" if self.offline else "the Hub cannot be reached"
+        where = self.why_local()
         return DamagedCacheError(
             f"{_names(damaged)} of {self.repo_id} at {commit[:12]} in the Hugging Face cache {_is(damaged)} damaged "
             f"({snapshot / damaged[0]}) and {where}",
@@ -361,10 +365,12 @@ class _Bytes:
         """Fetch `paths` unless cached whole (a cached file of another size than the listing's is fetched again, as
         is every file in `force`); their local paths."""
         repo, commit = self.listing.repo_id, self.listing.commit
-        todo, again = [], set(force)
+        todo, again, cached_at = [], set(force), {}
         for f in paths:
             cached = self.p.hub.cached_path(repo, commit, f)
             expected = self.listing.sizes.get(f)
+            if cached is not None:
+                cached_at[f] = cached
             if cached is None or f in again:
                 todo.append(f)
             elif expected is not None and (actual := _size(cached)) != expected:
@@ -379,7 +385,7 @@ class _Bytes:
         out = []
         for path in paths:
             if path not in todo:
-                out.append(self.p.hub.download(repo, commit, path))  # cached: returns without a request
+                out.append(cached_at[path])
                 continue
 
             def count(n: int, path: str = path) -> None:
