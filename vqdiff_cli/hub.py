@@ -138,10 +138,8 @@ class Hub:
         if not repo.is_dir():
             return  # nothing of it is cached: a ref alone would only point at missing files
         path = repo / "refs" / revision
-        try:
+        with contextlib.suppress(OSError):  # only a shortcut for offline runs; vqdiff's own cache records the ref too
             replace_text(path, commit)
-        except OSError:
-            pass  # only a shortcut for offline runs; vqdiff's own cache records the ref too
 
     def cached_commits(self, repo_id: str) -> list[str]:
         """Every commit of which the Hub cache holds files."""
