@@ -27,7 +27,7 @@ from .weights import (
     find_weight_files,
     read_pipeline_config,
     read_state_dict,
-    renamed_key,
+    rename_keys,
     tensor_shapes,
     weight_files_needed,
 )
@@ -97,8 +97,6 @@ def expected_shapes(cfg: PipelineConfig, component: str) -> dict[str, tuple[int,
     from .models.transformer import DiffusionTransformer
     from .models.vqvae import VQVAE
 
-    if component == "learned_classifier_free_sampling_embeddings":
-        return {"embeddings": (cfg.null_embedding.length or 0, cfg.null_embedding.hidden_size or 0)}
     module: nn.Module
     if component == "text_encoder":
         module = build_clip_text_model(cfg.text_encoder)
@@ -112,11 +110,7 @@ def _check_component(cfg: PipelineConfig, component: str, found: Mapping[str, tu
     if component == "learned_classifier_free_sampling_embeddings":
         check_null_embedding(cfg, found)
     else:
-        check_shapes(component, expected_shapes(cfg, component), rename_shapes(component, found))
-
-
-def rename_shapes(component: str, found: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    return {new: shape for k, shape in found.items() if (new := renamed_key(component, k)) is not None}
+        check_shapes(component, expected_shapes(cfg, component), rename_keys(component, found))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -195,8 +195,11 @@ def renamed_key(component: str, key: str) -> str | None:
     return key
 
 
-def rename_keys(component: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map the names older files use onto the current ones."""
+T = TypeVar("T")
+
+
+def rename_keys(component: str, state: Mapping[str, T]) -> dict[str, T]:
+    """Map the names older files use onto the current ones (of tensors, or of anything else keyed alike)."""
     return {new: v for k, v in state.items() if (new := renamed_key(component, k)) is not None}
 
 
