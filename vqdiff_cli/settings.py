@@ -26,25 +26,24 @@ class Setting:
     default: Any
     kind: type
     env: str | None = None
-    help: str = ""
 
 
 SETTINGS: dict[str, Setting] = {
     s.key: s
     for s in (
-        Setting("model", DEFAULT_MODEL, str, "VQDIFF_MODEL", "local diffusers-format folder or Hub repo id"),
-        Setting("revision", None, str, None, "Hub revision (branch, tag or commit)"),
-        Setting("variant", "auto", str, None, "weight files: auto, fp16 or fp32"),
-        Setting("device", "auto", str, "VQDIFF_DEVICE", "auto, cpu, cuda[:N] or mps"),
-        Setting("dtype", "auto", str, "VQDIFF_DTYPE", "auto, float32, float16 or bfloat16"),
-        Setting("output", DEFAULT_OUTPUT, str, "VQDIFF_OUTPUT", "output file name template"),
-        Setting("steps", None, int, None, "timesteps to visit (default: all)"),
-        Setting("stride", None, int, None, "gap between visited timesteps"),
-        Setting("guidance", 5.0, float, None, "classifier-free guidance scale"),
-        Setting("truncation", 1.0, float, None, "truncation rate"),
-        Setting("batch_size", 1, int, None, "images per network call"),
-        Setting("sampler", "auto", str, None, "auto (fast on CUDA), reference or fast"),
-        Setting("cache_dir", None, str, "VQDIFF_CACHE_DIR", "vqdiff's cache of converted weights"),
+        Setting("model", DEFAULT_MODEL, str, "VQDIFF_MODEL"),
+        Setting("revision", None, str),
+        Setting("variant", "auto", str),
+        Setting("device", "auto", str, "VQDIFF_DEVICE"),
+        Setting("dtype", "auto", str, "VQDIFF_DTYPE"),
+        Setting("output", DEFAULT_OUTPUT, str, "VQDIFF_OUTPUT"),
+        Setting("steps", None, int),
+        Setting("stride", None, int),
+        Setting("guidance", 5.0, float),
+        Setting("truncation", 1.0, float),
+        Setting("batch_size", 1, int),
+        Setting("sampler", "auto", str),
+        Setting("cache_dir", None, str, "VQDIFF_CACHE_DIR"),
     )
 }
 # steps and stride say the same thing: the layer that sets either one decides both

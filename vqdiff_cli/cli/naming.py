@@ -44,16 +44,16 @@ _ANY_STEP_TEXT = "\x00step\x00"
 ANY_STEP = _AnyStep()
 
 
-def check_template(template: str, allowed: tuple[str, ...] = FIELDS) -> None:
+def check_template(template: str) -> None:
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as e:
         raise UsageError(f"bad output template '{template}': {e}") from None
     for name in names:
-        if name not in allowed:
+        if name not in FIELDS:
             raise UsageError(
                 f"unknown placeholder {{{name}}} in '{template}'",
-                hint=f"use {', '.join('{' + f + '}' for f in allowed)}",
+                hint=f"use {', '.join('{' + f + '}' for f in FIELDS)}",
             )
 
 

@@ -113,9 +113,7 @@ class RunPlan:
         if to_stdout and out.json_mode:
             raise UsageError("-o - and --json both want stdout; choose one")
         outputs = None if to_stdout else naming.output_paths(template, items, naming.ANY_STEP)
-        animate = params.get("animate")
-        if animate is not None:
-            naming.check_template(animate)
+        animate = params.get("animate")  # its template is checked as its names are made, below
         plan = cls(
             mode=mode,
             prompts=prompts,
