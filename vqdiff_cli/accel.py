@@ -57,6 +57,7 @@ class Compiled:
         self.eager = fn
         self.notes = notes
         self.fn: Callable[..., torch.Tensor] = fn
+        self._limit = _recompile_limit(RECOMPILE_LIMIT)  # built once, entered on every call
         try:
             self.fn = torch.compile(fn, dynamic=False)
         except Exception as e:  # torch.compile unsupported on this platform
@@ -66,7 +67,7 @@ class Compiled:
         if self.fn is self.eager:
             return self.eager(*args)
         try:
-            with _recompile_limit(RECOMPILE_LIMIT):
+            with self._limit:
                 return self.fn(*args)
         except Exception as e:
             if _is_out_of_memory(e) or _capturing():

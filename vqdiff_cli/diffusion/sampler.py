@@ -124,7 +124,7 @@ def initial_tokens(
     q(x_t | x_0). x_0: (B, N) codes; regenerate: (B, N) bool."""
     kept = x_0
     if renoise:
-        kept = torch.cat([q_sample(x_0[i : i + 1], schedule, t, [g]) for i, g in enumerate(generators)])
+        kept = q_sample(x_0, schedule, t, generators)  # one draw per image's generator
     return torch.where(regenerate, torch.full_like(x_0, schedule.mask_id), kept)
 
 
@@ -135,10 +135,9 @@ def _impose_known(
     schedule: MaskAndReplaceSchedule,
     generators: Sequence[torch.Generator],
 ) -> torch.Tensor:
+    source = known.tokens
     if known.renoise and s is not None:
-        source = torch.cat([q_sample(known.tokens[i : i + 1], schedule, s, [g]) for i, g in enumerate(generators)])
-    else:
-        source = known.tokens
+        source = q_sample(known.tokens, schedule, s, generators)  # one draw per image's generator
     return torch.where(known.regenerate, x, source)
 
 
