@@ -2,11 +2,12 @@
 pickled .bin weights to safetensors) and warm (from vqdiff's converted cache); and `vqdiff --help` against
 `python -c "import torch"`.
 
-The model is a full-size ITHQ-architecture checkpoint with random weights (`vqdiff_cli.synthetic`, fp32 .bin files as
-on the Hub, about 6 GB), published on the Hub stand-in of the tests (tests/hub_server.py) on 127.0.0.1 and fetched into
-a fresh Hub cache with huggingface_hub, as diffusers would. Each timed run is a new process that loads the model the
-way `vqdiff generate` does (`cli.common.load_model` with a repo id, `--revision <commit> --offline`: no network) and
-reports the wall-clock time at its first `on_step` callback; the parent subtracts the time it spawned the process.
+The model is a full-size ITHQ-architecture checkpoint with random weights (`vqdiff_cli.checkpoint.random`, fp32 .bin
+files as on the Hub, about 6 GB), published on the Hub stand-in of the tests (tests/hub_server.py) on 127.0.0.1 and
+fetched into a fresh Hub cache with huggingface_hub, as diffusers would. Each timed run is a new process that loads
+the model the way `vqdiff generate` does (`cli.common.load_model` with a repo id, `--revision <commit> --offline`: no
+network) and reports the wall-clock time at its first `on_step` callback; the parent subtracts the time it spawned the
+process.
 
     python benchmarks/startup.py --work-dir /tmp/vqdiff-bench            # writes benchmarks/results/startup-*.json
     python benchmarks/startup.py --help-only                             # only the --help figures
@@ -34,8 +35,8 @@ REPO = "bench/vq-diffusion-ithq-random"
 CHILD = """
 import json, os, sys, time
 from vqdiff_cli.cli.common import load_model
-from vqdiff_cli.console import Output
-from vqdiff_cli.api import GenerateOptions
+from vqdiff_cli.cli.console import Output
+from vqdiff_cli.pipeline.pipeline import GenerateOptions
 args = json.loads(sys.argv[1])
 pipe = load_model(Output(quiet=True), args["model"], device="cpu", dtype="float32", variant="auto",
                   revision=args["revision"], offline=True)
@@ -132,7 +133,7 @@ def model_figures(work: Path, warm_runs: int, keep: bool) -> dict[str, object]:
     from huggingface_hub import snapshot_download
 
     from tests.hub_server import FakeHub
-    from vqdiff_cli.synthetic import write_random_checkpoint
+    from vqdiff_cli.checkpoint.random import write_random_checkpoint
 
     work.mkdir(parents=True, exist_ok=True)
     checkpoint = work / "checkpoint"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vqdiff_cli.completion import FILES, command_tree, script
+from vqdiff_cli.cli.completion import FILES, command_tree, script
 
 
 def main() -> None:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from vqdiff_cli.api import ModelSource, VQDiffusion
-from vqdiff_cli.bench_engines import diffusers_pipeline
+from vqdiff_cli.bench.engines import diffusers_pipeline
+from vqdiff_cli.checkpoint.random import random_components, shipped_configs
 from vqdiff_cli.device import make_generators
 from vqdiff_cli.diffusion.sampler import TextContext, denoise
-from vqdiff_cli.synthetic import random_components, shipped_configs
+from vqdiff_cli.pipeline.pipeline import ModelSource, VQDiffusion
 
 PROMPT = "a teddy bear in a pool"
 

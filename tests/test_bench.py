@@ -12,9 +12,9 @@ from importlib import resources
 import pytest
 from typer.testing import CliRunner
 
-from vqdiff_cli.bench import device_peak_tflops, transformer_flops
+from vqdiff_cli.bench.run import device_peak_tflops, transformer_flops
+from vqdiff_cli.checkpoint.random import pipeline_config, shipped_configs
 from vqdiff_cli.cli import app
-from vqdiff_cli.synthetic import pipeline_config, shipped_configs
 
 runner = CliRunner()
 QUICK = ["--device", "cpu", "--steps", "3", "--batch", "2", "--repeats", "1", "--warmup", "0", "--json"]
@@ -98,9 +98,9 @@ def test_bench_random_weights_from_a_config_folder(tmp_path):
 
 
 def test_bench_errors(tiny, monkeypatch):
-    import vqdiff_cli.bench
+    import vqdiff_cli.bench.run
 
-    monkeypatch.setattr(vqdiff_cli.bench, "_diffusers_version", lambda: None)
+    monkeypatch.setattr(vqdiff_cli.bench.run, "_diffusers_version", lambda: None)
     result = runner.invoke(app, ["bench", *QUICK, "--model", str(tiny.path), "--vs-diffusers"])
     assert result.exit_code == 2
     assert "--vs-diffusers needs diffusers" in result.output
@@ -119,12 +119,12 @@ def test_bench_errors(tiny, monkeypatch):
 
 
 def test_bench_output_is_never_clobbered_and_device_follows_the_settings(tiny, tmp_path, monkeypatch):
-    import vqdiff_cli.bench
+    import vqdiff_cli.bench.run
 
     out = tmp_path / "bench.json"
     out.write_text("earlier results\n")
     measured = []
-    monkeypatch.setattr(vqdiff_cli.bench, "measure", lambda *a, **k: measured.append(1))
+    monkeypatch.setattr(vqdiff_cli.bench.run, "measure", lambda *a, **k: measured.append(1))
     result = runner.invoke(app, ["bench", *QUICK, "--model", str(tiny.path), "-o", str(out)])
     assert result.exit_code == 2 and "already exists" in result.output and "--overwrite" in result.output
     assert out.read_text() == "earlier results\n" and measured == []  # refused before any measuring
@@ -140,7 +140,7 @@ def test_bench_output_is_never_clobbered_and_device_follows_the_settings(tiny, t
 
 
 def test_bench_warms_up_once_per_batch_with_short_runs_and_measures_the_matmul_rate(tiny, monkeypatch):
-    from vqdiff_cli.bench_engines import OurEngine
+    from vqdiff_cli.bench.engines import OurEngine
 
     calls = []
     real = OurEngine.generate
@@ -159,16 +159,16 @@ def test_bench_warms_up_once_per_batch_with_short_runs_and_measures_the_matmul_r
 
 
 def test_bench_output_keeps_finished_batches_when_a_run_is_cut_short(tiny, tmp_path, monkeypatch):
-    import vqdiff_cli.bench
+    import vqdiff_cli.bench.run
 
-    real = vqdiff_cli.bench._bench_batch
+    real = vqdiff_cli.bench.run._bench_batch
 
     def interrupted_on_second(report, engines, pipe, dtype, batch, *rest):
         if batch == 2:
             raise KeyboardInterrupt
         real(report, engines, pipe, dtype, batch, *rest)
 
-    monkeypatch.setattr(vqdiff_cli.bench, "_bench_batch", interrupted_on_second)
+    monkeypatch.setattr(vqdiff_cli.bench.run, "_bench_batch", interrupted_on_second)
     out = tmp_path / "partial.json"
     args = ["--model", str(tiny.path), "--dtype", "float32", "--sampler", "fast", "--batch", "1,2", "-o", str(out)]
     result = runner.invoke(app, ["bench", *QUICK, *args])
@@ -178,7 +178,7 @@ def test_bench_output_keeps_finished_batches_when_a_run_is_cut_short(tiny, tmp_p
 
 
 def test_bench_skips_warm_up_when_no_run_is_short_enough(tiny, monkeypatch):
-    from vqdiff_cli.bench_engines import OurEngine
+    from vqdiff_cli.bench.engines import OurEngine
 
     calls = []
     monkeypatch.setattr(OurEngine, "generate", lambda self, prompts, steps: calls.append(steps))

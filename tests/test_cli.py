@@ -501,7 +501,7 @@ def test_a_bad_value_from_the_config_or_environment_says_where_it_came_from(cli,
 
 
 def test_out_of_memory_message(cli, monkeypatch):
-    from vqdiff_cli import api
+    from vqdiff_cli.pipeline import pipeline as api
 
     def boom(self, *a, **k):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -515,7 +515,7 @@ def test_out_of_memory_message(cli, monkeypatch):
 
 
 def test_unexpected_error_and_debug(cli, monkeypatch):
-    from vqdiff_cli import api
+    from vqdiff_cli.pipeline import pipeline as api
 
     def boom(self, *a, **k):
         raise ZeroDivisionError("surprise")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vqdiff_cli import completion
+from vqdiff_cli.cli import completion
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,11 +22,11 @@ def test_completion_files_are_current(shell):
 
 
 def test_value_choices_match_the_code():
+    from vqdiff_cli.checkpoint.load import VARIANTS
     from vqdiff_cli.device import DEVICES, DTYPE_CHOICES
-    from vqdiff_cli.edit import KNOWN_MODES
-    from vqdiff_cli.generation import SAMPLERS
     from vqdiff_cli.images import MASK_MODES
-    from vqdiff_cli.weights import VARIANTS
+    from vqdiff_cli.options import SAMPLERS
+    from vqdiff_cli.pipeline.editing import KNOWN_MODES
 
     assert completion.VALUE_CHOICES == {
         "--device": DEVICES,

@@ -18,7 +18,6 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vqdiff_cli import GenerateOptions, InpaintOptions, VQDiffusion
-from vqdiff_cli.accel import Acceleration, Compiled, StepRunner
 from vqdiff_cli.config import SchedulerConfig
 from vqdiff_cli.diffusion.fast import (
     FastPlan,
@@ -40,6 +39,7 @@ from vqdiff_cli.diffusion.schedule import (
     truncation_keep_mask,
 )
 from vqdiff_cli.diffusion.streams import seed_words, uniforms
+from vqdiff_cli.pipeline.accel import Acceleration, Compiled, StepRunner
 
 K = 9  # 8 codes + the mask: small enough for a chi-square test per column distribution
 # A schedule with a large uniform-replacement share, so that unmasked tokens really move and that branch is tested.
@@ -357,7 +357,7 @@ def test_the_fast_step_loop_never_waits_for_the_host(tiny_pipe, monkeypatch, mod
                 return
             yield x
 
-    monkeypatch.setattr("vqdiff_cli.api.denoise_fast", recorded)
+    monkeypatch.setattr("vqdiff_cli.pipeline.pipeline.denoise_fast", recorded)
     options = GenerateOptions(seed=4, num_images=2, batch_size=2, sampler="fast", steps=6, truncation_rate=0.9)
     if mode == "generate":
         tiny_pipe.generate("a teddy bear", options)
@@ -451,7 +451,7 @@ def test_compiled_fast_path_compiles_and_gives_the_eager_tokens(tiny):
 
 def test_compiled_variants_past_the_limit_run_eagerly_with_a_note(monkeypatch):
     """dynamo alone would fall back to eager silently past its limit; here the fallback is noted."""
-    monkeypatch.setattr("vqdiff_cli.accel.RECOMPILE_LIMIT", 1)
+    monkeypatch.setattr("vqdiff_cli.pipeline.accel.RECOMPILE_LIMIT", 1)
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))  # no C++ build
     notes: list[str] = []
@@ -481,7 +481,7 @@ def test_step_runner_without_graphs_calls_the_step():
 
 
 def test_compiled_code_failing_inside_a_capture_is_left_to_the_capture(monkeypatch):
-    import vqdiff_cli.accel as accel
+    import vqdiff_cli.pipeline.accel as accel
 
     def broken(*args):
         raise RuntimeError("operation not permitted when stream is capturing")
@@ -497,7 +497,7 @@ def test_compiled_code_failing_inside_a_capture_is_left_to_the_capture(monkeypat
 
 def test_a_failed_capture_restores_the_stream_and_stops_later_sessions_trying(tiny, monkeypatch):
     """What is testable without a GPU: the fallback's bookkeeping (CUDA calls replaced by stand-ins)."""
-    import vqdiff_cli.accel as accel
+    import vqdiff_cli.pipeline.accel as accel
 
     streams = ["caller's stream"]
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: streams[-1])

@@ -102,7 +102,7 @@ def test_python_examples_run(tiny, tmp_path, monkeypatch):
 
 def test_the_config_keys_listed_are_the_settings():
     listed = README.split("with any of the keys ", 1)[1].split(". ", 1)[0]
-    from vqdiff_cli.settings import SETTINGS
+    from vqdiff_cli.cli.settings import SETTINGS
 
     assert re.findall(r"`(\w+)`", listed) == list(SETTINGS)
 

@@ -169,7 +169,7 @@ def test_mismatched_components(tiny, tmp_path):
 def test_safetensors_written_with_shared_storage_and_checked(tmp_path):
     from safetensors.torch import load_file
 
-    from vqdiff_cli.convert import safetensors_header, save_safetensors
+    from vqdiff_cli.checkpoint.convert import safetensors_header, save_safetensors
 
     base = torch.arange(12.0)
     path = tmp_path / "w.safetensors"

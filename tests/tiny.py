@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vqdiff_cli.synthetic import hub_vq_names, write_clip_tokenizer
+from vqdiff_cli.checkpoint.random import hub_vq_names, write_clip_tokenizer
 
 WORDS = ["a", "teddy", "bear", "in", "the", "pool", "red", "ball", "cat", "dog", "on", "hat"]
 
@@ -196,7 +196,7 @@ def resave(
         state = torch.load(old, weights_only=True)
         old.unlink()
         if component == "vqvae" and new_vq_names:
-            from vqdiff_cli.weights import rename_keys
+            from vqdiff_cli.checkpoint.load import rename_keys
 
             state = rename_keys("vqvae", state)
         if variant == "fp16":

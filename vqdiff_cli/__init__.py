@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .api import GeneratedImage, GenerateOptions, ModelSource, StepEvent, VQDiffusion
     from .errors import VqdiffError
+    from .pipeline.pipeline import GeneratedImage, GenerateOptions, ModelSource, StepEvent, VQDiffusion
 
 __all__ = ["GenerateOptions", "GeneratedImage", "ModelSource", "StepEvent", "VQDiffusion", "VqdiffError", "__version__"]
 
@@ -22,11 +22,11 @@ def __getattr__(name: str) -> Any:
 
         return VqdiffError
     if name == "InpaintOptions":
-        from .edit import InpaintOptions
+        from .pipeline.editing import InpaintOptions
 
         return InpaintOptions
     if name in __all__:
-        from . import api
+        from .pipeline import pipeline as api
 
         return getattr(api, name)
     raise AttributeError(f"module 'vqdiff_cli' has no attribute {name!r}")

@@ -19,8 +19,8 @@ import typer
 import typer.core
 
 from .. import __version__
-from ..console import Output
 from ..errors import ExitStatus, VqdiffError
+from .console import Output
 
 # Typer 0.29 carries its own copy of click; earlier versions use click itself
 _click: Any = getattr(typer.core, "_click", None) or importlib.import_module("click")

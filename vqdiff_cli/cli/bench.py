@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ..console import Output
 from ..errors import UsageError
 from .app import app, report_errors
+from .console import Output
 from .options import CompileOpt, CudaGraphsOpt, DeviceOpt, OverwriteOpt, QuietOpt, ThreadsOpt
 
 if TYPE_CHECKING:
-    from ..bench_report import BenchReport
+    from ..bench.report import BenchReport
 
 
 def _ints(flag: str, text: str) -> tuple[int, ...]:
@@ -104,11 +104,11 @@ def bench(
     quiet: QuietOpt = False,
 ) -> None:
     """Measure speed: per phase and end to end, seconds per image and images per second."""
-    from ..accel import Acceleration
-    from ..bench import run_bench
-    from ..bench_report import BenchSettings
+    from ..bench.report import BenchSettings
+    from ..bench.run import run_bench
     from ..device import configure_cpu_threads
     from ..files import atomic_write, check_writable
+    from ..pipeline.accel import Acceleration
     from .common import model_settings
 
     out = Output(quiet=quiet, json_mode=json_out)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..console import LoadReporter, Output
+from .console import LoadReporter, Output
 
 if TYPE_CHECKING:
-    from ..api import VQDiffusion
-    from ..settings import Resolved
+    from ..pipeline.pipeline import VQDiffusion
+    from .settings import Resolved
 
 
 def load_model(
@@ -29,8 +29,8 @@ def load_model(
     """Load `model` (a local folder or a Hub repo id, fetched and converted on first use), saying so on stderr."""
     import torch
 
-    from ..api import VQDiffusion
     from ..device import configure_cpu_threads, cpu_runs_natively, dtype_name
+    from ..pipeline.pipeline import VQDiffusion
 
     configure_cpu_threads(threads)
     out.info(f"loading {model}" + (f" ({revision})" if revision else ""))
@@ -60,7 +60,7 @@ MODEL_KEYS = ("model", "revision", "variant", "device", "dtype", "cache_dir")
 
 def model_settings(**flags: str | Path | None) -> Resolved:
     """The model settings (flag > env > config > default) of a command that loads or fetches a model."""
-    from ..settings import read_config, resolve
+    from .settings import read_config, resolve
 
     config, config_file = read_config()
     flags = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}
@@ -74,7 +74,7 @@ def cache_dir_of(settings: Resolved) -> Path | None:
 def load_resolved(out: Output, settings: Resolved, *, offline: bool = False, **acceleration: Any) -> VQDiffusion:
     """Load the model that resolved settings name (`acceleration`: compile, cuda_graphs, threads)."""
     from ..errors import DeviceError, UsageError
-    from ..settings import with_origin
+    from .settings import with_origin
 
     try:
         return load_model(

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..console import Output
 from . import naming
 from .app import app, report_errors
+from .console import Output
 from .options import (
     BatchSizeOpt,
     CacheDirOpt,
@@ -39,7 +39,7 @@ from .options import (
 from .run import RunPlan, execute
 
 if TYPE_CHECKING:
-    from ..api import GeneratedImage, GenerateOptions, VQDiffusion
+    from ..pipeline.pipeline import GeneratedImage, GenerateOptions, VQDiffusion
 
 ImageArg = Annotated[
     Path, typer.Argument(help="The image to edit (any size; worked on at the model's size).", show_default=False)
@@ -141,8 +141,8 @@ def inpaint(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Regenerate the masked part of an image and keep the rest."""
-    from ..edit import InpaintOptions, check_mask_painted, mask_to_image_size
     from ..images import load_mask, load_rgb, mask_image, save_png
+    from ..pipeline.editing import InpaintOptions, check_mask_painted, mask_to_image_size
 
     out = Output(quiet=quiet, json_mode=json_out)
     inpaint_options = InpaintOptions(
@@ -232,8 +232,8 @@ def vary(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Make variations of an image (noise its tokens, then denoise)."""
-    from ..edit import check_strength
     from ..images import load_rgb
+    from ..pipeline.editing import check_strength
 
     out = Output(quiet=quiet, json_mode=json_out)
     check_strength(strength)  # before the model loads

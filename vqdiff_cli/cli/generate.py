@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from ..console import Output
 from ..errors import UsageError
 from .app import app, report_errors
+from .console import Output
 from .options import (
     BatchSizeOpt,
     CacheDirOpt,

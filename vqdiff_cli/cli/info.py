@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from ..console import Output
 from .app import app, report_errors
+from .console import Output
 from .options import JsonOpt
 
 config_app = typer.Typer(help="Show where the configuration file is and what it sets.", no_args_is_help=True)
@@ -65,7 +65,7 @@ def info(
 @report_errors
 def config_path_cmd() -> None:
     """Print the configuration file's path (it need not exist)."""
-    from ..settings import config_path
+    from .settings import config_path
 
     Output().result(str(config_path()))
 
@@ -74,7 +74,7 @@ def config_path_cmd() -> None:
 @report_errors
 def config_show(json_out: JsonOpt = False) -> None:
     """Print every setting with its value and where it comes from (environment, config file or default)."""
-    from ..settings import SETTINGS, read_config, resolve
+    from .settings import SETTINGS, read_config, resolve
 
     out = Output(json_mode=json_out)
     config, path = read_config()

@@ -8,10 +8,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..console import LoadReporter, Output
-from ..settings import DEFAULT_MODEL
 from .app import app, report_errors
 from .common import cache_dir_of, model_settings
+from .console import LoadReporter, Output
 from .options import (
     CacheDirOpt,
     CachedRevisionOpt,
@@ -23,9 +22,10 @@ from .options import (
     RevisionOpt,
     VariantOpt,
 )
+from .settings import DEFAULT_MODEL
 
 if TYPE_CHECKING:
-    from ..cache import Entry, ModelCache
+    from ..checkpoint.cache import Entry, ModelCache
 
 models_app = typer.Typer(
     name="models",
@@ -106,10 +106,10 @@ def download(
     quiet: QuietOpt = False,
 ) -> None:
     """Fetch a model from the Hub and convert it, so that later runs start fast and work offline."""
-    from ..cache import ModelCache
+    from ..checkpoint.cache import ModelCache
+    from ..checkpoint.resolve import prepare
     from ..device import resolve_device, resolve_dtype
     from ..errors import UsageError
-    from ..store import prepare
 
     out = Output(quiet=quiet, json_mode=json_out)
     s = model_settings(model=model, revision=revision, variant=variant, dtype=dtype, device=device, cache_dir=cache_dir)
@@ -140,7 +140,7 @@ def download(
 @report_errors
 def list_models(cache_dir: CacheDirOpt = None, json_out: JsonOpt = False) -> None:
     """Cached models: one line each with model, revision, commit, variant-dtype, size and location."""
-    from ..cache import ModelCache
+    from ..checkpoint.cache import ModelCache
 
     out = Output(json_mode=json_out)
     cache = ModelCache(cache_dir_of(model_settings(cache_dir=cache_dir)))
@@ -169,7 +169,7 @@ def model_path(
     json_out: JsonOpt = False,
 ) -> None:
     """The folder(s) of a cached model, newest first: ready to pass to --model."""
-    from ..cache import ModelCache
+    from ..checkpoint.cache import ModelCache
 
     out = Output(json_mode=json_out)
     cache = ModelCache(cache_dir_of(model_settings(cache_dir=cache_dir)))
@@ -193,7 +193,7 @@ def remove_model(
     json_out: JsonOpt = False,
 ) -> None:
     """Delete a model's converted copies from vqdiff's cache (the Hub cache's downloads are left alone)."""
-    from ..cache import ModelCache
+    from ..checkpoint.cache import ModelCache
     from ..errors import UsageError
 
     out = Output(json_mode=json_out)

@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..console import Output
 from ..errors import UsageError
 from ..files import check_folder_writable, check_suffix, check_writable
-from ..settings import DEFAULT_OUTPUT, SETTINGS, Resolved, read_config, resolve, with_origin
 from . import naming
 from .common import load_resolved
+from .console import Output
+from .settings import DEFAULT_OUTPUT, SETTINGS, Resolved, read_config, resolve, with_origin
 
 if TYPE_CHECKING:
-    from ..api import GeneratedImage, GenerateOptions, StepEvent, VQDiffusion
+    from ..pipeline.pipeline import GeneratedImage, GenerateOptions, StepEvent, VQDiffusion
 
 Sampler = Callable[..., Iterator["GeneratedImage"]]
 
@@ -79,8 +79,8 @@ class RunPlan:
     ) -> RunPlan:
         """`params` are the command's parameters (its `locals()`): those named like a setting are flags (None =
         not given), plus num_images, seed, overwrite, no_metadata and the visual outputs."""
-        from ..api import GenerateOptions
-        from ..generation import plan_jobs, random_seed
+        from ..options import plan_jobs, random_seed
+        from ..pipeline.pipeline import GenerateOptions
 
         flags = {k: str(v) if isinstance(v, Path) else v for k, v in params.items() if k in SETTINGS}
         num_images, seed, overwrite = params["num_images"], params["seed"], params["overwrite"]

@@ -6,9 +6,9 @@ from typing import Annotated
 
 import typer
 
-from ..console import Output
 from ..errors import UsageError
 from .app import app, report_errors
+from .console import Output
 
 
 @app.command()
@@ -17,7 +17,7 @@ def completion(
     shell: Annotated[str, typer.Argument(help="bash, zsh or fish.", show_default=False)],
 ) -> None:
     """Print the completion script for a shell (see the README for where to put it)."""
-    from ..completion import SHELLS, script
+    from .completion import SHELLS, script
 
     if shell not in SHELLS:
         raise UsageError(f"unknown shell '{shell}'", hint=f"use one of: {', '.join(SHELLS)}")

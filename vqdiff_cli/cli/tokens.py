@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from ..console import Output
 from .app import app, report_errors
 from .common import load_from_flags
+from .console import Output
 from .options import (
     CacheDirOpt,
     DeviceOpt,

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import nn
 
-from .config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig, VQVAEConfig
-from .errors import UsageError, WeightsError
+from ..config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig, VQVAEConfig
+from ..errors import UsageError, WeightsError
 
 if TYPE_CHECKING:
-    from .models.text import TextConditioning
-    from .models.transformer import DiffusionTransformer
-    from .models.vqvae import VQVAE
+    from ..models.text import TextConditioning
+    from ..models.transformer import DiffusionTransformer
+    from ..models.vqvae import VQVAE
 
 COMPONENTS = (
     "vqvae",
@@ -273,9 +273,9 @@ def load_components(root: Path, device: torch.device, dtype: torch.dtype, varian
     The transformer and VQ-VAE take `dtype`; the text encoder and null embedding stay float32 (they run once per
     prompt, and their states are cast when they enter the transformer).
     """
-    from .models.text import TextConditioning, build_clip_text_model, restore_position_ids
-    from .models.transformer import DiffusionTransformer
-    from .models.vqvae import VQVAE
+    from ..models.text import TextConditioning, build_clip_text_model, restore_position_ids
+    from ..models.transformer import DiffusionTransformer
+    from ..models.vqvae import VQVAE
 
     cfg = read_pipeline_config(root)
 

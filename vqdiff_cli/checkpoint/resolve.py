@@ -24,10 +24,11 @@ from typing import Any, Literal
 
 import torch
 
-from . import convert, weights
+from ..device import dtype_name
+from ..errors import DownloadError, UsageError, WeightsError
+from . import convert
+from . import load as weights
 from .cache import Entry, EntryKey, ModelCache, check_cache_root
-from .device import dtype_name
-from .errors import DownloadError, UsageError, WeightsError
 from .hub import Hub, HubUnreachable, RepoListing, env_offline, is_commit, is_repo_id
 
 DEFAULT_REVISION = "main"

@@ -8,9 +8,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .device import DTYPES
-from .errors import UsageError
-from .generation import GenerateOptions
+from ..device import DTYPES
+from ..errors import UsageError
+from ..options import GenerateOptions
 
 SCHEMA = "vqdiff.bench/1"
 BASELINE = "diffusers"  # the engine every other one is compared with

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from .config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig, VQVAEConfig
-from .errors import UsageError
+from ..config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig, VQVAEConfig
+from ..errors import UsageError
 
 if TYPE_CHECKING:
-    from .weights import Components
+    from .load import Components
 
 _M = TypeVar("_M", bound=torch.nn.Module)
 
@@ -146,9 +146,9 @@ def hub_vq_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def random_modules(cfg: PipelineConfig, seed: int = 0) -> dict[str, torch.nn.Module | torch.Tensor]:
     """Our networks with random weights (small normal values, so activations stay finite at full depth)."""
-    from .models.text import build_clip_text_model
-    from .models.transformer import DiffusionTransformer
-    from .models.vqvae import VQVAE
+    from ..models.text import build_clip_text_model
+    from ..models.transformer import DiffusionTransformer
+    from ..models.vqvae import VQVAE
 
     g = torch.Generator().manual_seed(seed)
     text = build_clip_text_model(cfg.text_encoder).to_empty(device="cpu")
@@ -186,10 +186,10 @@ def random_components(
     """
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from .models.text import TextConditioning
-    from .models.transformer import DiffusionTransformer
-    from .models.vqvae import VQVAE
-    from .weights import Components
+    from ..models.text import TextConditioning
+    from ..models.transformer import DiffusionTransformer
+    from ..models.vqvae import VQVAE
+    from .load import Components
 
     cfg = pipeline_config(configs)
     modules = random_modules(cfg, seed)

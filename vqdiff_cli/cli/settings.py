@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError, VqdiffError
+from ..errors import UsageError, VqdiffError
 
 DEFAULT_MODEL = "microsoft/vq-diffusion-ithq"
 DEFAULT_OUTPUT = "{prompt}-{seed}.png"

@@ -101,7 +101,7 @@ def _tree(command: Any, name: str) -> Cmd:
 def command_tree() -> Cmd:
     import typer
 
-    from .cli import app
+    from .app import app
 
     return _tree(typer.main.get_command(app), "vqdiff")
 

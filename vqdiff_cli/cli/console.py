@@ -27,7 +27,7 @@ from rich.progress import (
 )
 
 if TYPE_CHECKING:
-    from .store import LoadEvent
+    from ..checkpoint.resolve import LoadEvent
 
 
 def _stderr_console() -> Console:

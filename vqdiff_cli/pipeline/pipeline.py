@@ -17,28 +17,28 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import edit
-from . import images as imageio
-from .accel import Acceleration
-from .config import PipelineConfig
-from .device import dtype_name, make_generators, resolve_device, resolve_dtype
-from .diffusion.fast import FastPlan, denoise_fast
-from .diffusion.sampler import KnownTokens, TextContext, denoise
-from .diffusion.schedule import MaskAndReplaceSchedule
-from .diffusion.streams import seed_words
-from .edit import EditSource, InpaintOptions, InpaintSetup
-from .errors import UsageError
-from .fastpath import FastSessions, SessionKey
+from .. import images as imageio
+from ..checkpoint.load import VARIANTS, Components, load_components
+from ..checkpoint.resolve import LoadCallback, prepare
+from ..config import PipelineConfig
+from ..device import dtype_name, make_generators, resolve_device, resolve_dtype
+from ..diffusion.fast import FastPlan, denoise_fast
+from ..diffusion.sampler import KnownTokens, TextContext, denoise
+from ..diffusion.schedule import MaskAndReplaceSchedule
+from ..diffusion.streams import seed_words
+from ..errors import UsageError
 
 # Re-exported (`X as X`): `vqdiff_cli.__getattr__` and callers import the public API's names from here.
-from .generation import GeneratedImage as GeneratedImage
-from .generation import GenerateOptions as GenerateOptions
-from .generation import Job, plan_jobs, random_seed
-from .generation import ModelSource as ModelSource
-from .generation import StepCallback as StepCallback
-from .generation import StepEvent as StepEvent
-from .store import LoadCallback, prepare
-from .weights import VARIANTS, Components, load_components
+from ..options import GeneratedImage as GeneratedImage
+from ..options import GenerateOptions as GenerateOptions
+from ..options import Job, plan_jobs, random_seed
+from ..options import ModelSource as ModelSource
+from ..options import StepCallback as StepCallback
+from ..options import StepEvent as StepEvent
+from . import editing as edit
+from .accel import Acceleration
+from .editing import EditSource, InpaintOptions, InpaintSetup
+from .fastpath import FastSessions, SessionKey
 
 PROGRESS_LAG = 2  # with a progress callback on a GPU, the host runs at most this many steps ahead of the device
 

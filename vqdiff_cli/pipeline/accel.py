@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .diffusion.fast import FastStep
+from ..diffusion.fast import FastStep
 
 GRAPH_WARMUP = 2  # eager (or compiling) runs on a side stream before a capture: lazy library set-up, autotuning
 # Compiled variants one function may have: batch shapes x dtypes x (final step or not) x (guided, truncated) in one

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..diffusion.fast import fast_step, make_step
+from ..diffusion.sampler import KnownTokens
+from ..models.transformer import BlockRunner, DiffusionTransformer, fused_block
 from .accel import Acceleration, Compiled, StepRunner
-from .diffusion.fast import fast_step, make_step
-from .diffusion.sampler import KnownTokens
-from .models.transformer import BlockRunner, DiffusionTransformer, fused_block
 
 MAX_SESSIONS = 4  # batch shapes kept warm per pipeline (a run usually needs one, plus a smaller last batch)
 

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import PipelineConfig
-from .errors import WeightsError
-from .weights import (
+from ..config import PipelineConfig
+from ..errors import WeightsError
+from .load import (
     CONFIG_FILES,
     FLOAT32_COMPONENTS,
     check_null_embedding,
@@ -93,9 +93,9 @@ def save_safetensors(state: Mapping[str, torch.Tensor], path: Path) -> None:
 
 def expected_shapes(cfg: PipelineConfig, component: str) -> dict[str, tuple[int, ...]]:
     """The state-dict shapes the config implies (modules built on the meta device: no memory, no init)."""
-    from .models.text import build_clip_text_model
-    from .models.transformer import DiffusionTransformer
-    from .models.vqvae import VQVAE
+    from ..models.text import build_clip_text_model
+    from ..models.transformer import DiffusionTransformer
+    from ..models.vqvae import VQVAE
 
     module: nn.Module
     if component == "text_encoder":

@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 
-from .api import GenerateOptions, VQDiffusion
-from .bench_report import BASELINE
-from .diffusion.fast import step_coefficients
-from .diffusion.sampler import sample_step
-from .diffusion.streams import seed_words
+from ..diffusion.fast import step_coefficients
+from ..diffusion.sampler import sample_step
+from ..diffusion.streams import seed_words
+from ..pipeline.pipeline import GenerateOptions, VQDiffusion
+from .report import BASELINE
 
 if TYPE_CHECKING:
-    from .bench_report import BenchSettings
+    from .report import BenchSettings
 
 REFERENCE, FAST = "vqdiff-reference", "vqdiff-fast"
 

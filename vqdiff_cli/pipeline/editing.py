@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import images as imageio
-from .diffusion.fast import q_sample_start
-from .diffusion.sampler import KnownTokens, initial_tokens, q_sample, start_step_for
-from .diffusion.streams import seed_words
-from .errors import UsageError
+from .. import images as imageio
+from ..diffusion.fast import q_sample_start
+from ..diffusion.sampler import KnownTokens, initial_tokens, q_sample, start_step_for
+from ..diffusion.streams import seed_words
+from ..errors import UsageError
 
 if TYPE_CHECKING:
-    from .api import GeneratedImage, GenerateOptions, StepCallback, VQDiffusion
+    from .pipeline import GeneratedImage, GenerateOptions, StepCallback, VQDiffusion
 
 KNOWN_MODES = ("restore", "renoise")
 ASPECT_TOLERANCE = 0.02  # relative difference of width/height ratios accepted between image and mask

@@ -27,15 +27,15 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .accel import Acceleration
-from .api import ModelSource, VQDiffusion
-from .bench_engines import DiffusersEngine, Engine, OurEngine, diffusers_pipeline
-from .bench_report import BenchReport, BenchSettings, EndToEnd, PhaseResult, derive_end_to_end, speedups
-from .config import TransformerConfig
-from .device import DTYPES, device_name, native_dtypes, resolve_device
-from .errors import UsageError
-from .weights import CONFIG_FILES, read_json
+from .. import __version__
+from ..checkpoint.load import CONFIG_FILES, read_json
+from ..config import TransformerConfig
+from ..device import DTYPES, device_name, native_dtypes, resolve_device
+from ..errors import UsageError
+from ..pipeline.accel import Acceleration
+from ..pipeline.pipeline import ModelSource, VQDiffusion
+from .engines import DiffusersEngine, Engine, OurEngine, diffusers_pipeline
+from .report import BenchReport, BenchSettings, EndToEnd, PhaseResult, derive_end_to_end, speedups
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, matched in order on the device
 # name. The issue's "about 790 TFLOP/s" for an H100/H200 is an achievable figure, not the datasheet peak used here.
@@ -220,7 +220,7 @@ class _Load:
                 compile=self.acceleration.compile,
                 cuda_graphs=self.acceleration.cuda_graphs,
             )
-        from .synthetic import random_components
+        from ..checkpoint.random import random_components
 
         components = random_components(self.configs, self.device, DTYPES[dtype], self.seed)
         source = ModelSource("random weights (shipped configs)", Path("."))
@@ -246,7 +246,7 @@ def run_bench(
     `on_update(report)` is called with the figures so far after each batch size, e.g. to save them: a run cut short
     keeps what it finished.
     """
-    from .synthetic import architecture_configs
+    from ..checkpoint.random import architecture_configs
 
     say = on_progress or (lambda _msg: None)
     dev = resolve_device(device)

@@ -1,0 +1,1 @@
+"""Checkpoints: the only wing that knows files, the Hub, the cache and key names."""
