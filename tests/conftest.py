@@ -19,7 +19,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 import torch  # noqa: E402
 
-from vqdiff_cli.checkpoint.load import WEIGHT_COMPONENTS  # noqa: E402
+from vqdiff_cli.checkpoint.layout import WEIGHT_COMPONENTS  # noqa: E402
 
 from .hub_server import FakeHub  # noqa: E402
 from .tiny import TinyCheckpoint, TinySpec, build_tiny  # noqa: E402

@@ -12,7 +12,7 @@ from importlib import resources
 import pytest
 from typer.testing import CliRunner
 
-from vqdiff_cli.bench.run import device_peak_tflops, transformer_flops
+from vqdiff_cli.bench.measure import device_peak_tflops, transformer_flops
 from vqdiff_cli.checkpoint.random import pipeline_config, shipped_configs
 from vqdiff_cli.cli import app
 

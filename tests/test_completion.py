@@ -22,11 +22,10 @@ def test_completion_files_are_current(shell):
 
 
 def test_value_choices_match_the_code():
-    from vqdiff_cli.checkpoint.load import VARIANTS
-    from vqdiff_cli.device import DEVICES, DTYPE_CHOICES
-    from vqdiff_cli.images import MASK_MODES
-    from vqdiff_cli.options import SAMPLERS
-    from vqdiff_cli.pipeline.editing import KNOWN_MODES
+    from vqdiff_cli.device import DTYPES
+    from vqdiff_cli.options import DEVICES, DTYPE_CHOICES, KNOWN_MODES, MASK_MODES, SAMPLERS, VARIANTS
+
+    assert ("auto", *DTYPES) == DTYPE_CHOICES  # the torch dtypes behind the choices
 
     assert completion.VALUE_CHOICES == {
         "--device": DEVICES,

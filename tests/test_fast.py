@@ -30,7 +30,7 @@ from vqdiff_cli.diffusion.fast import (
     step_coefficients,
     truncate_weights,
 )
-from vqdiff_cli.diffusion.sampler import KnownTokens, plan_timesteps
+from vqdiff_cli.diffusion.sampler import KnownTokens
 from vqdiff_cli.diffusion.schedule import (
     MaskAndReplaceSchedule,
     apply_guidance,
@@ -39,7 +39,8 @@ from vqdiff_cli.diffusion.schedule import (
     truncation_keep_mask,
 )
 from vqdiff_cli.diffusion.streams import seed_words, uniforms
-from vqdiff_cli.pipeline.accel import Acceleration, Compiled, StepRunner
+from vqdiff_cli.options import plan_timesteps
+from vqdiff_cli.pipeline.fastpath import Acceleration, Compiled, StepRunner
 
 K = 9  # 8 codes + the mask: small enough for a chi-square test per column distribution
 # A schedule with a large uniform-replacement share, so that unmasked tokens really move and that branch is tested.
@@ -451,7 +452,7 @@ def test_compiled_fast_path_compiles_and_gives_the_eager_tokens(tiny):
 
 def test_compiled_variants_past_the_limit_run_eagerly_with_a_note(monkeypatch):
     """dynamo alone would fall back to eager silently past its limit; here the fallback is noted."""
-    monkeypatch.setattr("vqdiff_cli.pipeline.accel.RECOMPILE_LIMIT", 1)
+    monkeypatch.setattr("vqdiff_cli.pipeline.fastpath.RECOMPILE_LIMIT", 1)
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager", **kw))  # no C++ build
     notes: list[str] = []
@@ -481,7 +482,7 @@ def test_step_runner_without_graphs_calls_the_step():
 
 
 def test_compiled_code_failing_inside_a_capture_is_left_to_the_capture(monkeypatch):
-    import vqdiff_cli.pipeline.accel as accel
+    import vqdiff_cli.pipeline.fastpath as accel
 
     def broken(*args):
         raise RuntimeError("operation not permitted when stream is capturing")
@@ -497,7 +498,7 @@ def test_compiled_code_failing_inside_a_capture_is_left_to_the_capture(monkeypat
 
 def test_a_failed_capture_restores_the_stream_and_stops_later_sessions_trying(tiny, monkeypatch):
     """What is testable without a GPU: the fallback's bookkeeping (CUDA calls replaced by stand-ins)."""
-    import vqdiff_cli.pipeline.accel as accel
+    import vqdiff_cli.pipeline.fastpath as accel
 
     streams = ["caller's stream"]
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: streams[-1])

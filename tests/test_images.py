@@ -14,16 +14,8 @@ from typer.testing import CliRunner
 
 from vqdiff_cli.cli import app
 from vqdiff_cli.errors import UsageError
-from vqdiff_cli.images import (
-    dilate,
-    feather,
-    load_rgb,
-    load_tokens,
-    mask_values,
-    to_rgb,
-    to_tensor,
-    tokens_to_regenerate,
-)
+from vqdiff_cli.images import load_rgb, load_tokens, to_rgb, to_tensor
+from vqdiff_cli.masks import dilate, feather, mask_values, tokens_to_regenerate
 
 
 def finishes(fn: Callable[[], Any], seconds: float = 20.0) -> Any:

@@ -16,8 +16,8 @@ from vqdiff_cli.config import SchedulerConfig
 from vqdiff_cli.diffusion.sampler import start_step_for
 from vqdiff_cli.diffusion.schedule import MaskAndReplaceSchedule
 from vqdiff_cli.errors import UsageError
-from vqdiff_cli.images import mask_values, token_coverage, tokens_to_regenerate
-from vqdiff_cli.pipeline.editing import InpaintOptions, mask_to_image_size
+from vqdiff_cli.masks import mask_to_image_size, mask_values, token_coverage, tokens_to_regenerate
+from vqdiff_cli.options import InpaintOptions
 
 
 def grid_for(mask: np.ndarray, mode: str, grow: int = 0, grid: tuple[int, int] = (8, 8)) -> np.ndarray:

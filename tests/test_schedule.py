@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from vqdiff_cli.config import SchedulerConfig
-from vqdiff_cli.diffusion.sampler import TextContext, denoise, plan_timesteps, q_sample
+from vqdiff_cli.diffusion.sampler import TextContext, denoise, q_sample
 from vqdiff_cli.diffusion.schedule import MaskAndReplaceSchedule, q_posterior
+from vqdiff_cli.options import plan_timesteps
 
 ITHQ = MaskAndReplaceSchedule.from_config(SchedulerConfig(num_vec_classes=4097, num_train_timesteps=100))
 

@@ -196,7 +196,7 @@ def resave(
         state = torch.load(old, weights_only=True)
         old.unlink()
         if component == "vqvae" and new_vq_names:
-            from vqdiff_cli.checkpoint.load import rename_keys
+            from vqdiff_cli.checkpoint.layout import rename_keys
 
             state = rename_keys("vqvae", state)
         if variant == "fp16":

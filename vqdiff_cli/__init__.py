@@ -22,7 +22,7 @@ def __getattr__(name: str) -> Any:
 
         return VqdiffError
     if name == "InpaintOptions":
-        from .pipeline.editing import InpaintOptions
+        from .options import InpaintOptions
 
         return InpaintOptions
     if name in __all__:

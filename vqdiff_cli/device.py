@@ -10,10 +10,9 @@ from pathlib import Path
 import torch
 
 from .errors import DeviceError, UsageError
+from .options import DEVICES, DTYPE_CHOICES
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DTYPE_CHOICES = ("auto", *DTYPES)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # DTYPE_CHOICES but auto
 
 
 def resolve_device(name: str) -> torch.device:

@@ -43,7 +43,7 @@ INT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 INT32_MAX = 2**31 - 1
 
 
-def _float_scale(values: np.ndarray) -> float:
+def float_scale(values: np.ndarray) -> float:
     """The value that means white in a float ("F") image: 1.0 when every value is at most 1 (0..1 data), else 255."""
     return 1.0 if not values.size or float(np.nanmax(values)) <= 1.0 else 255.0
 
@@ -61,7 +61,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in INT16_MODES or image.mode in ("I", "F"):
         values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
         if image.mode == "F":
-            top = _float_scale(values)
+            top = float_scale(values)
         elif image.mode == "I" and values.size and values.max() > 65535:
             top = float(INT32_MAX)
         else:
@@ -210,116 +210,3 @@ def save_gif(
         disposal=1,
     )
     atomic_write(Path(path), lambda f: f.write(buf.getvalue()), overwrite=overwrite)
-
-
-# -- masks ------------------------------------------------------------------------------------------------------
-
-MASK_MODES = ("any", "half", "all")
-
-
-def mask_values(mask: Image.Image) -> np.ndarray:
-    """A mask image -> (H, W) float32 in [0, 1], 1 = regenerate.
-
-    White regenerates. An alpha channel that is not fully opaque is the mask itself (painted = opaque); otherwise
-    the luminance is used. Works for 1-bit, L, LA, P, RGB, RGBA, 16-bit and float greyscale images: integer ("I",
-    "I;16") values are read as 16-bit when any exceeds 255, else as 8-bit; float ("F") ones as 0..1 when none
-    exceeds 1, else as 0..255 (the rule `to_rgb` uses for images).
-    """
-    if mask.mode == "P":
-        mask = mask.convert("RGBA" if "transparency" in mask.info else "RGB")
-    if mask.mode in ("RGBA", "LA", "PA"):
-        alpha = np.asarray(mask.getchannel("A"), dtype=np.float32) / 255.0
-        if (alpha < 1.0).any():
-            return alpha
-    if mask.mode == "I" or mask.mode in INT16_MODES:
-        values = np.asarray(mask, dtype=np.float32)
-        top = 65535.0 if values.max() > 255 else 255.0
-        clipped: np.ndarray = np.clip(values / top, 0.0, 1.0)
-        return clipped
-    if mask.mode == "F":
-        floats = np.nan_to_num(np.asarray(mask, dtype=np.float32), nan=0.0)
-        scaled: np.ndarray = np.clip(floats / _float_scale(floats), 0.0, 1.0)
-        return scaled
-    return np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
-
-
-def load_mask(path: Path | str) -> np.ndarray:
-    """Read a mask file as (H, W) bool, True = regenerate (values of at least one half)."""
-    return mask_values(open_image(path)) >= 0.5
-
-
-def token_coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """The fraction of every token's patch that `mask` (H, W) covers: (h, w) float, area-weighted.
-
-    The image is divided into h x w equal boxes (the tokens after resizing to the native size); each box's coverage is
-    the exact area average of the mask over it, at the mask's own resolution, so no painted pixel is lost to resizing.
-    """
-    h, w = grid
-    as_float = Image.fromarray(mask.astype(np.float32))
-    return np.asarray(as_float.resize((w, h), Image.Resampling.BOX), dtype=np.float64)
-
-
-def dilate(grid: np.ndarray, steps: int) -> np.ndarray:
-    """Grow a bool grid by `steps` cells in every direction (8-neighbourhood)."""
-    out = grid.copy()
-    for _ in range(steps):
-        if out.all() or not out.any():
-            break  # nothing left to grow into (or nothing to grow): more steps change nothing
-        padded = np.pad(out, 1)
-        out = np.zeros_like(out)
-        for dy in (0, 1, 2):
-            for dx in (0, 1, 2):
-                out |= padded[dy : dy + grid.shape[0], dx : dx + grid.shape[1]]
-    return out
-
-
-def tokens_to_regenerate(coverage: np.ndarray, mode: str = "any", grow: int = 0) -> np.ndarray:
-    """The token mask (h, w) bool: `any` marks a token when any of its patch is painted, `half` at one half or more,
-    `all` only when the whole patch is; then `grow` dilates by that many tokens."""
-    eps = 1e-6
-    if mode == "any":
-        marked = coverage > 0
-    elif mode == "half":
-        marked = coverage >= 0.5 - eps
-    elif mode == "all":
-        marked = coverage >= 1 - eps
-    else:
-        raise UsageError(f"unknown mask mode '{mode}'", hint=f"use one of: {', '.join(MASK_MODES)}")
-    if grow < 0:
-        raise UsageError(f"--grow must be >= 0, got {grow}")
-    return dilate(marked, grow) if grow else marked
-
-
-def feather(mask: np.ndarray, pixels: int) -> np.ndarray:
-    """Alpha (H, W) float32: 1 on the mask, falling linearly to 0 over `pixels` pixels outside it; exactly 0 beyond.
-
-    Ring k (the pixels k steps from the mask, 8-neighbourhood) gets 1 - k / (pixels + 1). The rings run out after
-    at most max(H, W) - 1 steps, so any larger `pixels` costs no more than that.
-    """
-    alpha = mask.astype(np.float32)
-    grown = mask.copy()
-    for k in range(1, pixels + 1):
-        ring = dilate(grown, 1) & ~grown
-        if not ring.any():
-            break  # the whole image is reached (or the mask is empty): every further ring is empty too
-        alpha[ring] = 1.0 - k / (pixels + 1)
-        grown |= ring
-    return alpha
-
-
-def composite(original: Image.Image, generated: Image.Image, alpha: np.ndarray) -> Image.Image:
-    """Blend `generated` (resized to the original's size) into `original` through `alpha`; where alpha is 0 the
-    original's pixels are kept bit for bit."""
-    if generated.size != original.size:
-        generated = generated.resize(original.size, Image.Resampling.LANCZOS)
-    base = np.asarray(original.convert("RGB"))
-    new = np.asarray(generated.convert("RGB"))
-    a = alpha[..., None]
-    blended = np.rint(base * (1.0 - a) + new * a).astype(np.uint8)
-    return Image.fromarray(np.where(a > 0, blended, base))
-
-
-def mask_image(grid: np.ndarray, factor: int) -> Image.Image:
-    """A token mask drawn at pixel size: white = regenerated, black = kept."""
-    pixels = np.kron(grid.astype(np.uint8) * 255, np.ones((factor, factor), dtype=np.uint8))
-    return Image.fromarray(pixels)

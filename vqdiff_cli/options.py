@@ -1,22 +1,23 @@
-"""What one sampling run takes and gives: `GenerateOptions` (the per-run settings, whose defaults are the CLI's
-and the README's), `GeneratedImage`, the per-step `StepEvent`, and `ModelSource` (where the weights came from)."""
+"""What a run is asked: `GenerateOptions`, `InpaintOptions`, the jobs of a run, and every choice and default that the
+CLI, the API, the config file and the README read (this is their one source). Plain Python: no torch, no PIL."""
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-import torch
-from PIL import Image
-
-from .diffusion.sampler import plan_timesteps
 from .errors import UsageError
 
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 1000.0  # far beyond any useful scale (3 to 10); keeps the guided scores finite in float16
 SAMPLERS = ("auto", "reference", "fast")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+VARIANTS = ("auto", "fp16", "fp32")
+MASK_MODES = ("any", "half", "all")
+KNOWN_MODES = ("restore", "renoise")
+DEFAULT_MODEL = "microsoft/vq-diffusion-ithq"
 
 
 def random_seed() -> int:
@@ -39,6 +40,27 @@ def plan_jobs(prompts: Sequence[str], seed: int, num_images: int) -> list[Job]:
     if jobs and jobs[-1].seed > MAX_SEED:
         raise UsageError(f"--seed {seed} leaves no room for {len(jobs)} consecutive seeds", hint="use a smaller seed")
     return jobs
+
+
+def plan_timesteps(start: int, steps: int | None = None, stride: int | None = None) -> tuple[int, ...]:
+    """The visited timesteps, descending from `start` and ending at 0.
+
+    `steps` N spreads N timesteps evenly over [0, start] (rounded half up; N = start + 1 visits every one, N = 1
+    visits only `start`); `stride` D visits start, start - D, ... and then 0 if that was not reached.
+    """
+    if steps is not None and stride is not None:
+        raise ValueError("give steps or stride, not both")
+    if stride is not None:
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
+        visited = list(range(start, -1, -stride))
+        return tuple(visited if visited[-1] == 0 else [*visited, 0])
+    n = start + 1 if steps is None else steps
+    if not 1 <= n <= start + 1:
+        raise ValueError(f"steps must be between 1 and {start + 1}, got {n}")
+    if n == 1:
+        return (start,)
+    return tuple((2 * start * (n - 1 - i) + (n - 1)) // (2 * (n - 1)) for i in range(n))
 
 
 @dataclass(frozen=True)
@@ -94,37 +116,29 @@ class GenerateOptions:
 
 
 @dataclass(frozen=True)
-class ModelSource:
-    """Where the weights came from, for metadata: a Hub repo id (with its commit) or a local folder."""
+class InpaintOptions:
+    """How the mask becomes a token mask, where sampling starts, and how the result is put back."""
 
-    name: str  # the repo id, or the folder as given
-    path: Path  # the folder read: vqdiff's cache entry for a Hub model, else the local folder
-    revision: str | None = None  # Hub models: the commit hash of the files
+    mask_mode: str = "any"  # a token is regenerated when any / at least half / all of its patch is painted
+    grow: int = 0  # then dilate the token mask by this many tokens
+    start_step: int | None = None  # default: the t whose gamma-bar_t is closest to the masked fraction
+    known: str = "restore"  # known tokens after every step: restored, or re-noised to the current level
+    feather: int = 4  # pixels over which the composite fades out beyond the painted area
+    composite: bool = True  # paste into the original through the mask; False returns the plain decode
 
-
-@dataclass
-class GeneratedImage:
-    prompt: str
-    seed: int
-    index: int  # position in the run: prompt-major, then image number
-    tokens: torch.Tensor  # (H, W) int64 on the CPU
-    image: Image.Image
-    timesteps: tuple[int, ...]
-    trajectory: torch.Tensor | None = None  # (steps + 1, H, W): the start grid, then the grid after every step
-    truncated_prompt: str = ""  # prompt text beyond the text encoder's length, dropped
-
-
-@dataclass(frozen=True)
-class StepEvent:
-    """Reported after every denoising step."""
-
-    step: int  # 1-based, within the current batch
-    num_steps: int
-    timestep: int
-    images_done: int  # images finished before this batch
-    batch_size: int
-    total_images: int
-    tokens: torch.Tensor = field(repr=False)  # (B, N) current grids of the batch
+    def __post_init__(self) -> None:
+        if self.mask_mode not in MASK_MODES:
+            raise UsageError(f"unknown --mask-mode '{self.mask_mode}'", hint=f"use one of: {', '.join(MASK_MODES)}")
+        if self.grow < 0:
+            raise UsageError(f"--grow must be >= 0, got {self.grow}")
+        if self.known not in KNOWN_MODES:
+            raise UsageError(f"unknown --known '{self.known}'", hint=f"use one of: {', '.join(KNOWN_MODES)}")
+        if self.feather < 0:
+            raise UsageError(f"--feather must be >= 0, got {self.feather}")
+        if self.start_step is not None and self.start_step < 0:
+            raise UsageError(f"--start-step must be >= 0, got {self.start_step}")
 
 
-StepCallback = Callable[[StepEvent], None]
+def check_strength(strength: float) -> None:
+    if not 0 <= strength <= 1:
+        raise UsageError(f"--strength must be between 0 and 1, got {strength}")

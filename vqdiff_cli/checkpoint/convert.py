@@ -19,18 +19,9 @@ from torch import nn
 
 from ..config import PipelineConfig
 from ..errors import WeightsError
-from .load import (
-    CONFIG_FILES,
-    FLOAT32_COMPONENTS,
-    check_null_embedding,
-    check_shapes,
-    find_weight_files,
-    read_pipeline_config,
-    read_state_dict,
-    rename_keys,
-    tensor_shapes,
-    weight_files_needed,
-)
+from .layout import CONFIG_FILES, FLOAT32_COMPONENTS, rename_keys
+from .load import check_null_embedding, check_shapes, read_pipeline_config, read_state_dict, tensor_shapes
+from .select import find_weight_files, weight_files_needed
 
 # -- safetensors: inspecting and writing --------------------------------------------------------------------------
 

@@ -1,68 +1,29 @@
-"""The one module that knows a diffusers-format checkpoint folder: file names, variants, key names, strict loading.
+"""Loading a diffusers-format checkpoint folder: its configs, its weight files (`.safetensors`, or pickled `.bin` read
+with `torch.load(weights_only=True)`, never unrestricted pickle) and strict, shape-checked filling of the networks.
 
-A folder holds `model_index.json` and one sub-folder per component. Weights come as `.safetensors` or pickled `.bin`
-(read with `torch.load(weights_only=True)`, never unrestricted pickle), optionally as the `fp16` variant
-(`*.fp16.safetensors`, `*.fp16.bin`) or sharded with an `*.index.json`.
-
-It also decides which files of a repository listing a load needs (`files_to_fetch`); `convert.py` writes the
-converted copy of a folder that the cache keeps.
+File and key names come from `layout.py`, the choice of files from `select.py`; `convert.py` writes the converted
+copy of a folder that the cache keeps.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig, VQVAEConfig
-from ..errors import UsageError, WeightsError
+from ..errors import WeightsError
+from .layout import COMPONENTS, CONFIG_FILES, read_json, rename_keys
+from .select import WeightFiles, find_weight_files
 
 if TYPE_CHECKING:
     from ..models.text import TextConditioning
     from ..models.transformer import DiffusionTransformer
     from ..models.vqvae import VQVAE
-
-COMPONENTS = (
-    "vqvae",
-    "transformer",
-    "text_encoder",
-    "tokenizer",
-    "scheduler",
-    "learned_classifier_free_sampling_embeddings",
-)
-WEIGHT_COMPONENTS = ("vqvae", "transformer", "text_encoder", "learned_classifier_free_sampling_embeddings")
-VARIANTS = ("auto", "fp16", "fp32")
-FLOAT32_COMPONENTS = ("text_encoder", "learned_classifier_free_sampling_embeddings")  # run in float32 at any dtype
-CONFIG_FILES = {
-    "transformer": "transformer/config.json",
-    "vqvae": "vqvae/config.json",
-    "scheduler": "scheduler/scheduler_config.json",
-    "learned_classifier_free_sampling_embeddings": "learned_classifier_free_sampling_embeddings/config.json",
-    "text_encoder": "text_encoder/config.json",
-}
-
-_STEMS = {"text_encoder": ("model", "pytorch_model")}  # transformers' names; diffusers components use the rest
-_DIFFUSERS_STEMS = ("diffusion_pytorch_model",)
-_OLD_VQ_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_OLD_VQ_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise WeightsError(f"missing file: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"cannot read {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise WeightsError(f"{path} is not a JSON object")
-    return data
 
 
 def check_model_index(root: Path) -> dict[str, Any]:
@@ -103,67 +64,6 @@ def read_pipeline_config(root: Path) -> PipelineConfig:
     )
 
 
-@dataclass(frozen=True)
-class WeightFiles:
-    """The file(s) holding one component's weights, in one format and variant."""
-
-    paths: tuple[Path, ...]
-    variant: str  # "fp16" or "fp32"
-    fmt: str  # "safetensors" or "bin"
-
-
-def _candidates(component: str, variant: str) -> Iterable[tuple[str, str]]:
-    """(file name, format) in order of preference for one variant; safetensors first."""
-    stems = _STEMS.get(component, _DIFFUSERS_STEMS)
-    infix = ".fp16" if variant == "fp16" else ""
-    for fmt in ("safetensors", "bin"):
-        for stem in stems:
-            if component == "text_encoder" and (fmt, stem) in (("safetensors", "pytorch_model"), ("bin", "model")):
-                continue  # transformers writes model.safetensors and pytorch_model.bin
-            yield f"{stem}{infix}.{fmt}", fmt
-
-
-def _resolve_files(folder: Path, name: str, fmt: str) -> tuple[Path, ...] | None:
-    single = folder / name
-    if single.is_file():
-        return (single,)
-    index = folder / f"{name}.index.json"
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map", {})
-        shards = sorted(set(weight_map.values()))
-        paths = tuple(folder / s for s in shards)
-        missing = [p.name for p in paths if not p.is_file()]
-        if missing:
-            raise WeightsError(f"{index} names missing shard(s): {', '.join(missing)}")
-        return paths
-    return None
-
-
-def variant_order(variant: str, dtype: torch.dtype | None = None) -> tuple[str, ...]:
-    """Variants to try, best first: an explicit one alone; 'auto' prefers fp16 files for half precision."""
-    if variant == "fp32":
-        return ("fp32",)
-    if variant == "fp16":
-        return ("fp16",)
-    if variant != "auto":
-        raise UsageError(f"unknown variant '{variant}'", hint=f"use one of: {', '.join(VARIANTS)}")
-    half = dtype in (torch.float16, torch.bfloat16)
-    return ("fp16", "fp32") if half else ("fp32", "fp16")
-
-
-def find_weight_files(root: Path, component: str, variant: str, dtype: torch.dtype | None = None) -> WeightFiles:
-    """Pick one component's files; 'auto' takes the variant matching `dtype` (fp32 without one), else the other."""
-    folder = root / component
-    order = variant_order(variant, dtype)
-    for v in order:
-        for name, fmt in _candidates(component, v):
-            paths = _resolve_files(folder, name, fmt)
-            if paths:
-                return WeightFiles(paths, v, fmt)
-    wanted = " or ".join(n for v in order for n, _ in _candidates(component, v))
-    raise WeightsError(f"no weights for {component} in {folder} (looked for {wanted})")
-
-
 def read_state_dict(files: WeightFiles) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for path in files.paths:
@@ -180,27 +80,6 @@ def read_state_dict(files: WeightFiles) -> dict[str, torch.Tensor]:
             raise WeightsError(f"{path} does not hold a flat state dict of tensors")
         state.update(part)
     return state
-
-
-def renamed_key(component: str, key: str) -> str | None:
-    """The current name of a key older files use (the only renames vqdiff needs); None for a key to drop."""
-    if component == "vqvae":
-        m = _OLD_VQ_KEY.match(key)
-        if m:
-            return f"{m.group(1)}.{_OLD_VQ_ATTENTION[m.group(2)]}.{m.group(3)}"
-    elif component == "text_encoder":
-        key = key.removeprefix("text_model.")
-        if key == "embeddings.position_ids":
-            return None  # a buffer transformers recomputes
-    return key
-
-
-T = TypeVar("T")
-
-
-def rename_keys(component: str, state: Mapping[str, T]) -> dict[str, T]:
-    """Map the names older files use onto the current ones (of tensors, or of anything else keyed alike)."""
-    return {new: v for k, v in state.items() if (new := renamed_key(component, k)) is not None}
 
 
 def _names(keys: Iterable[str], limit: int = 5) -> str:
@@ -311,43 +190,3 @@ def load_components(root: Path, device: torch.device, dtype: torch.dtype, varian
     tokenizer = _load_tokenizer(root / "tokenizer")
     text = TextConditioning(tokenizer, text_model, null)
     return Components(cfg, transformer, vqvae, text, variants)
-
-
-# -- choosing files from a repository listing ---------------------------------------------------------------------
-
-
-def metadata_files(listing: Collection[str]) -> list[str]:
-    """The small files a load needs besides weights: every config and the whole tokenizer folder."""
-    wanted = ["model_index.json", *CONFIG_FILES.values()]
-    missing = [f for f in wanted if f not in listing]
-    if missing:
-        raise WeightsError(f"the checkpoint has no {', '.join(missing)}")
-    tokenizer = sorted(f for f in listing if f.startswith("tokenizer/"))
-    if not tokenizer:
-        raise WeightsError("the checkpoint has no tokenizer folder")
-    return [*wanted, *tokenizer]
-
-
-def listed_weight_file(listing: Collection[str], component: str, variant: str, dtype: torch.dtype) -> str:
-    """The one file (or shard index) to fetch for a component: best variant first, safetensors before .bin."""
-    order = variant_order(variant, dtype)
-    for v in order:
-        for name, _ in _candidates(component, v):
-            for path in (f"{component}/{name}", f"{component}/{name}.index.json"):
-                if path in listing:
-                    return path
-    wanted = " or ".join(n for v in order for n, _ in _candidates(component, v))
-    hint = "use --variant auto, or the variant that exists" if variant != "auto" else None
-    raise WeightsError(f"the checkpoint has no weights for {component} (looked for {wanted})", hint=hint)
-
-
-def weight_files_needed(cfg: PipelineConfig) -> tuple[str, ...]:
-    """Weight components a load reads: the null embedding only when it is learned."""
-    skip = () if cfg.null_embedding.learnable else ("learned_classifier_free_sampling_embeddings",)
-    return tuple(c for c in WEIGHT_COMPONENTS if c not in skip)
-
-
-def shard_files(index_file: Path, component: str) -> list[str]:
-    """Repository paths of the shards a downloaded `*.index.json` names."""
-    weight_map = read_json(index_file).get("weight_map", {})
-    return [f"{component}/{s}" for s in sorted(set(weight_map.values()))]

@@ -1,4 +1,4 @@
-"""From a model name to a folder `weights.load_components` reads: a local folder as it is, or a Hub repository
+"""From a model name to a folder `load.load_components` reads: a local folder as it is, or a Hub repository
 resolved to a commit, fetched (only the files a load needs) and converted once into vqdiff's cache.
 
 The rules, in order:
@@ -26,8 +26,7 @@ import torch
 
 from ..device import dtype_name
 from ..errors import DownloadError, UsageError, WeightsError
-from . import convert
-from . import load as weights
+from . import convert, layout, load, select
 from .cache import Entry, EntryKey, ModelCache, check_cache_root
 from .hub import Hub, HubUnreachable, RepoListing, env_offline, is_commit, is_repo_id
 
@@ -53,7 +52,7 @@ class DamagedCacheError(DownloadError):
 
 @dataclass(frozen=True)
 class PreparedModel:
-    """A folder ready for `weights.load_components`, and where it came from."""
+    """A folder ready for `load.load_components`, and where it came from."""
 
     name: str  # the repo id or the folder as given
     folder: Path
@@ -72,7 +71,7 @@ def prepare(
     on_event: LoadCallback | None = None,
 ) -> PreparedModel:
     """Resolve `model` (a local folder or a Hub repo id) to a loadable folder, fetching and converting as needed."""
-    weights.variant_order(variant)  # validates
+    select.variant_order(variant)  # validates
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -177,7 +176,7 @@ class _Preparer:
         if snapshot is None:
             return None
         if self.needed(snapshot[1], snapshot[0], strict=False) is None:  # incomplete, or its small files damaged
-            small = ("model_index.json", *weights.CONFIG_FILES.values())
+            small = ("model_index.json", *layout.CONFIG_FILES.values())
             present = [f for f in snapshot[1] if f in small or f.startswith("tokenizer/")]
             self.check_damaged(commit, snapshot[0], present)
             return None
@@ -198,14 +197,14 @@ class _Preparer:
         try:
             if "model_index.json" not in files:
                 raise WeightsError("the checkpoint has no model_index.json")
-            weights.check_model_index(folder)
-            chosen = weights.metadata_files(files)
-            cfg = weights.read_pipeline_config(folder)
-            for component in weights.weight_files_needed(cfg):
-                path = weights.listed_weight_file(files, component, self.variant, self.dtype)
+            load.check_model_index(folder)
+            chosen = select.metadata_files(files)
+            cfg = load.read_pipeline_config(folder)
+            for component in select.weight_files_needed(cfg):
+                path = select.listed_weight_file(files, component, self.variant, self.dtype)
                 chosen.append(path)
                 if path.endswith(".index.json"):
-                    chosen += weights.shard_files(folder / path, component)
+                    chosen += select.shard_files(folder / path, component)
         except WeightsError:
             if strict:
                 raise
@@ -302,19 +301,19 @@ class _Preparer:
                 raise WeightsError(f"{where} is not a diffusers checkpoint: it has no model_index.json")
             [index] = progress.fetch(["model_index.json"])
             folder = index.parent
-            weights.check_model_index(folder)
-            progress.fetch(weights.metadata_files(listing.files))
-            cfg = weights.read_pipeline_config(folder)
+            load.check_model_index(folder)
+            progress.fetch(select.metadata_files(listing.files))
+            cfg = load.read_pipeline_config(folder)
             big = [
-                weights.listed_weight_file(listing.files, c, self.variant, self.dtype)
-                for c in weights.weight_files_needed(cfg)
+                select.listed_weight_file(listing.files, c, self.variant, self.dtype)
+                for c in select.weight_files_needed(cfg)
             ]
             progress.fetch(big)
             shards = [
                 s
                 for path in big
                 if path.endswith(".index.json")
-                for s in weights.shard_files(folder / path, path.split("/", 1)[0])
+                for s in select.shard_files(folder / path, path.split("/", 1)[0])
             ]
             missing = [s for s in shards if s not in listing.files]
             if missing:

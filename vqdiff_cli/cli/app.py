@@ -145,7 +145,7 @@ COMMAND_MODULES = (
     "models",
     "bench",
     "info",
-    "shell",
+    "completion",
 )  # in the order `vqdiff --help` lists them
 
 

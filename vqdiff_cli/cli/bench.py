@@ -108,7 +108,7 @@ def bench(
     from ..bench.run import run_bench
     from ..device import configure_cpu_threads
     from ..files import atomic_write, check_writable
-    from ..pipeline.accel import Acceleration
+    from ..pipeline.fastpath import Acceleration
     from .common import model_settings
 
     out = Output(quiet=quiet, json_mode=json_out)

@@ -1,4 +1,5 @@
-"""Static shell completion scripts (bash, zsh, fish) generated from the Typer app's commands and options.
+"""Static shell completion scripts (bash, zsh, fish) generated from the Typer app's commands and options, and
+`vqdiff completion SHELL`, which prints one.
 
 `scripts/completions.py` writes them into `completions/`, `vqdiff completion SHELL` prints them, and a test fails if
 the files in the repository are stale. Static scripts complete instantly and need no Python at TAB time.
@@ -10,7 +11,13 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import UsageError
+from .app import app, report_errors
+from .console import Output
 
 # values offered after an option (kept equal to the constants in device.py / weights.py by a test)
 VALUE_CHOICES: dict[str, tuple[str, ...]] = {
@@ -293,3 +300,16 @@ def script(shell: str, root: Cmd | None = None) -> str:
 
 
 FILES = {"bash": "vqdiff.bash", "zsh": "_vqdiff", "fish": "vqdiff.fish"}
+
+
+@app.command()
+@report_errors
+def completion(
+    shell: Annotated[str, typer.Argument(help="bash, zsh or fish.", show_default=False)],
+) -> None:
+    """Print the completion script for a shell (see the README for where to put it)."""
+    from .completion import SHELLS, script
+
+    if shell not in SHELLS:
+        raise UsageError(f"unknown shell '{shell}'", hint=f"use one of: {', '.join(SHELLS)}")
+    Output().result(script(shell).rstrip("\n"))

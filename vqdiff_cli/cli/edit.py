@@ -141,8 +141,9 @@ def inpaint(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Regenerate the masked part of an image and keep the rest."""
-    from ..images import load_mask, load_rgb, mask_image, save_png
-    from ..pipeline.editing import InpaintOptions, check_mask_painted, mask_to_image_size
+    from ..images import load_rgb, save_png
+    from ..masks import check_mask_painted, load_mask, mask_image, mask_to_image_size
+    from ..options import InpaintOptions
 
     out = Output(quiet=quiet, json_mode=json_out)
     inpaint_options = InpaintOptions(
@@ -233,7 +234,7 @@ def vary(
 ) -> None:
     """Make variations of an image (noise its tokens, then denoise)."""
     from ..images import load_rgb
-    from ..pipeline.editing import check_strength
+    from ..options import check_strength
 
     out = Output(quiet=quiet, json_mode=json_out)
     check_strength(strength)  # before the model loads

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ..options import DEFAULT_MODEL
 from .app import app, report_errors
 from .common import cache_dir_of, model_settings
 from .console import LoadReporter, Output
@@ -22,7 +23,6 @@ from .options import (
     RevisionOpt,
     VariantOpt,
 )
-from .settings import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from ..checkpoint.cache import Entry, ModelCache

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from .settings import DEFAULT_MODEL
+from ..options import DEFAULT_MODEL
 
 
 def _h(text: str, default: object) -> str:

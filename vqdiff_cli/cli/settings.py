@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError, VqdiffError
+from ..options import DEFAULT_MODEL
 
-DEFAULT_MODEL = "microsoft/vq-diffusion-ithq"
 DEFAULT_OUTPUT = "{prompt}-{seed}.png"
 
 

@@ -24,27 +24,6 @@ from .schedule import (
 Denoiser = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
-def plan_timesteps(start: int, steps: int | None = None, stride: int | None = None) -> tuple[int, ...]:
-    """The visited timesteps, descending from `start` and ending at 0.
-
-    `steps` N spreads N timesteps evenly over [0, start] (rounded half up; N = start + 1 visits every one, N = 1
-    visits only `start`); `stride` D visits start, start - D, ... and then 0 if that was not reached.
-    """
-    if steps is not None and stride is not None:
-        raise ValueError("give steps or stride, not both")
-    if stride is not None:
-        if stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
-        visited = list(range(start, -1, -stride))
-        return tuple(visited if visited[-1] == 0 else [*visited, 0])
-    n = start + 1 if steps is None else steps
-    if not 1 <= n <= start + 1:
-        raise ValueError(f"steps must be between 1 and {start + 1}, got {n}")
-    if n == 1:
-        return (start,)
-    return tuple((2 * start * (n - 1 - i) + (n - 1)) // (2 * (n - 1)) for i in range(n))
-
-
 @dataclass(frozen=True)
 class TextContext:
     """Transformer conditioning for a batch: prompt states and, under guidance, the unconditional states."""

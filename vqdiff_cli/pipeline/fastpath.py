@@ -1,24 +1,195 @@
-"""The fast sampler wired to the transformer: one session per batch shape, its buffers reused batch after batch.
+"""The fast sampler wired to the transformer, and its optional acceleration.
 
-A session holds the batch's fixed inputs in tensors of its own (text states, their cross-attention keys and values,
-seed words, known tokens) and a `StepRunner` over a step that reads them. The next batch of the same shape copies
-its values into those tensors, so compiled code and captured CUDA graphs are made once per shape, not per batch.
+A session (one per batch shape) holds the batch's fixed inputs in tensors of its own (text states, their
+cross-attention keys and values, seed words, known tokens) and a `StepRunner` over a step that reads them. The next
+batch of the same shape copies its values into those tensors, so compiled code and captured CUDA graphs are made once
+per shape, not per batch.
+
+Acceleration: `Compiled` wraps a function in torch.compile; the fast path compiles one transformer block (one graph
+serves all 36 blocks, so compiling is quick) and the sampling math. `StepRunner` captures a whole step, network and
+sampling, into a CUDA graph once and replays it with one launch per step. When a mechanism is unavailable or fails
+(no compiler, an op that cannot be captured), the work runs without it and the reason is kept in a notes list; the
+library never prints.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ..diffusion.fast import fast_step, make_step
+from ..diffusion.fast import FastStep, fast_step, make_step
 from ..diffusion.sampler import KnownTokens
 from ..models.transformer import BlockRunner, DiffusionTransformer, fused_block
-from .accel import Acceleration, Compiled, StepRunner
 
 MAX_SESSIONS = 4  # batch shapes kept warm per pipeline (a run usually needs one, plus a smaller last batch)
+GRAPH_WARMUP = 2  # eager (or compiling) runs on a side stream before a capture: lazy library set-up, autotuning
+# Compiled variants one function may have: batch shapes x dtypes x (final step or not) x (guided, truncated) in one
+# process. dynamo's default (8) is easily passed by `vqdiff bench` with two dtypes; past it, calls fail (below) and
+# run eagerly with a note, instead of dynamo's silent eager fallback.
+RECOMPILE_LIMIT = 64
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """How the fast sampler runs.
+
+    CUDA graphs are on by default on CUDA: capturing costs a few steps' time once per batch shape and removes the
+    launch overhead that dominates small batches. torch.compile is opt-in: it fuses the element-wise work between
+    the matmuls (about 10% of a CPU forward), and compiling costs tens of seconds per process and batch shape.
+    """
+
+    compile: bool | None = None  # torch.compile (inductor, default mode) of a block and of the step math; None: off
+    cuda_graphs: bool | None = None  # capture each step into a CUDA graph and replay it; None: on for CUDA
+
+    def graphs_on(self, device: torch.device) -> bool:
+        """Whether steps on `device` are replayed from CUDA graphs: on CUDA unless turned off; never elsewhere."""
+        return device.type == "cuda" and self.cuda_graphs is not False
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
+class Compiled:
+    """torch.compile of `fn`; on the first failure, `fn` itself from then on (errors of `fn` still surface)."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], notes: list[str]) -> None:
+        self.eager = fn
+        self.notes = notes
+        self.fn: Callable[..., torch.Tensor] = fn
+        self._limit = _recompile_limit(RECOMPILE_LIMIT)  # built once, entered on every call
+        try:
+            self.fn = torch.compile(fn, dynamic=False)
+        except Exception as e:  # torch.compile unsupported on this platform
+            notes.append(f"torch.compile unavailable, running eagerly ({_first_line(e)})")
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        if self.fn is self.eager:
+            return self.eager(*args)
+        try:
+            with self._limit:
+                return self.fn(*args)
+        except Exception as e:
+            if _is_out_of_memory(e) or _capturing():
+                raise  # a failed CUDA-graph capture is the graph's to handle (StepRunner), not the compiler's
+            self.notes.append(f"torch.compile failed, running eagerly ({_first_line(e)})")
+            self.fn = self.eager
+            return self.eager(*args)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _recompile_limit(limit: int) -> contextlib.AbstractContextManager[Any]:
+    """dynamo's limit on compiled variants per function raised to `limit`, and an error instead of a silent eager
+    fallback when a call would need more; the setting holds only while the context is active."""
+    import torch._dynamo.config as dynamo_config
+
+    wanted = {"recompile_limit": limit, "fail_on_recompile_limit_hit": True}
+    older = {"recompile_limit": "cache_size_limit", "fail_on_recompile_limit_hit": "fail_on_cache_limit_hit"}
+    # torch 2.6 names the two settings cache_size_limit and fail_on_cache_limit_hit (2.7 added the new names)
+    patch: contextlib.AbstractContextManager[Any] = dynamo_config.patch(
+        {(name if hasattr(dynamo_config, name) else older[name]): value for name, value in wanted.items()}
+    )
+    return patch
+
+
+class _Graph:
+    """One captured step variant: static inputs are copied in, the graph replays, the output is copied out."""
+
+    def __init__(
+        self,
+        fn: Callable[..., torch.Tensor],
+        example: tuple[torch.Tensor, ...],
+        pool: Any,
+    ) -> None:
+        self.inputs = tuple(a.clone() for a in example)
+        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]  # torch's __new__ is unannotated
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(GRAPH_WARMUP):
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool, stream=torch.cuda.Stream()):  # type: ignore[no-untyped-call]
+            self.output = fn(*self.inputs)
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        for static, value in zip(self.inputs, args, strict=True):
+            static.copy_(value)
+        self.graph.replay()
+        return self.output.clone()
+
+
+class StepRunner:
+    """Runs a `FastStep` for one batch shape: as it is, or replayed from one CUDA graph per variant (final or not).
+
+    The step's fixed inputs (text states, seeds, known tokens) are read from tensors it closed over; a caller that
+    reuses the runner for another batch of the same shape copies the new values into those tensors in place, so the
+    captured graphs stay valid.
+    """
+
+    def __init__(
+        self,
+        step: FastStep,
+        cuda_graphs: bool,
+        notes: list[str] | None = None,
+        on_capture_failure: Callable[[], None] | None = None,
+    ) -> None:
+        self.step = step
+        self.cuda_graphs = cuda_graphs
+        self.notes = notes if notes is not None else []
+        self.on_capture_failure = on_capture_failure  # e.g. so that runners made later do not try again
+        self._graphs: dict[bool, _Graph] = {}
+        self._pool: Any = None
+
+    def __call__(
+        self, x: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, salt: torch.Tensor, final: bool
+    ) -> torch.Tensor:
+        if not self.cuda_graphs:
+            return self.step(x, t, coef, salt, final)
+        with torch.cuda.device(x.device):  # streams and graphs on the batch's GPU, which need not be the current one
+            return self._replay(x, t, coef, salt, final)
+
+    def _replay(
+        self, x: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, salt: torch.Tensor, final: bool
+    ) -> torch.Tensor:
+        graph = self._graphs.get(final)
+        if graph is None:
+
+            def variant(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+                return self.step(x, t, c, s, final)
+
+            stream = torch.cuda.current_stream()
+            try:
+                graph = _Graph(variant, (x, t, coef, salt), self._pool)
+            except Exception as e:
+                # a capture that fails inside torch.cuda.graph can leave its capture stream current: put ours back
+                torch.cuda.set_stream(stream)
+                if _is_out_of_memory(e):
+                    raise
+                cause = e.__context__ if isinstance(e.__context__, Exception) else e  # what broke the capture
+                self.notes.append(f"CUDA graph capture failed, running without graphs ({_first_line(cause)})")
+                self.cuda_graphs = False
+                if self.on_capture_failure is not None:
+                    self.on_capture_failure()
+                return self.step(x, t, coef, salt, final)
+            self._pool = graph.graph.pool()
+            self._graphs[final] = graph
+        return graph(x, t, coef, salt)
+
+
+# -- sessions: buffers per batch shape -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

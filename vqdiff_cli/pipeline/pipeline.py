@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from .. import images as imageio
-from ..checkpoint.load import VARIANTS, Components, load_components
+from ..checkpoint.load import Components, load_components
 from ..checkpoint.resolve import LoadCallback, prepare
 from ..config import PipelineConfig
 from ..device import dtype_name, make_generators, resolve_device, resolve_dtype
@@ -29,16 +29,15 @@ from ..diffusion.streams import seed_words
 from ..errors import UsageError
 
 # Re-exported (`X as X`): `vqdiff_cli.__getattr__` and callers import the public API's names from here.
-from ..options import GeneratedImage as GeneratedImage
+from ..options import VARIANTS, InpaintOptions, Job, plan_jobs, random_seed
 from ..options import GenerateOptions as GenerateOptions
-from ..options import Job, plan_jobs, random_seed
-from ..options import ModelSource as ModelSource
-from ..options import StepCallback as StepCallback
-from ..options import StepEvent as StepEvent
 from . import editing as edit
-from .accel import Acceleration
-from .editing import EditSource, InpaintOptions, InpaintSetup
-from .fastpath import FastSessions, SessionKey
+from .editing import EditSource, InpaintSetup
+from .fastpath import Acceleration, FastSessions, SessionKey
+from .outputs import GeneratedImage as GeneratedImage
+from .outputs import ModelSource as ModelSource
+from .outputs import StepCallback as StepCallback
+from .outputs import StepEvent as StepEvent
 
 PROGRESS_LAG = 2  # with a progress callback on a GPU, the host runs at most this many steps ahead of the device
 
