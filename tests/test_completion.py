@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vqdiff_cli.cli import completion
+from vqdiff_cli.cli import app, completion
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("shell", completion.SHELLS)
 def test_completion_files_are_current(shell):
     path = ROOT / "completions" / completion.FILES[shell]
-    assert path.read_text(encoding="utf-8") == completion.script(shell), (
+    assert path.read_text(encoding="utf-8") == completion.script(shell, completion.command_tree(app)), (
         f"{path} is stale: run python scripts/completions.py"
     )
 
@@ -38,7 +38,7 @@ def test_value_choices_match_the_code():
 
 
 def test_file_options_and_arguments_are_known():
-    tree = dict(completion._flat(completion.command_tree()))
+    tree = dict(completion._flat(completion.command_tree(app)))
     paths = {path: {n for o in node.options if o.is_path for n in o.names} for path, node in tree.items()}
     assert {"--mask", "--output", "-o"} <= paths["inpaint"]
     assert {"--from-image", "--prompts-file", "--save-steps"} <= paths["generate"]
@@ -99,6 +99,6 @@ def test_completion_command_prints_the_script():
 
     r = CliRunner().invoke(app, ["completion", "fish"])
     assert r.exit_code == 0
-    assert r.stdout == completion.script("fish")
+    assert r.stdout == completion.script("fish", completion.command_tree(app))
     r = CliRunner().invoke(app, ["completion", "tcsh"])
     assert r.exit_code == 2

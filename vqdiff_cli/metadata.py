@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from . import __version__
 from .errors import UsageError
+from .version import __version__
 
 JSON_KEY = "vqdiff"
 PARAMETERS_KEY = "parameters"

@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from .. import __version__
 from ..checkpoint.layout import CONFIG_FILES, read_json
 from ..device import DTYPES, device_name, native_dtypes, resolve_device
 from ..errors import UsageError
 from ..pipeline.fastpath import Acceleration
 from ..pipeline.pipeline import ModelSource, VQDiffusion
+from ..version import __version__
 from .engines import DiffusersEngine, Engine, OurEngine, diffusers_pipeline
 from .measure import (
     PEAK_SOURCE,

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
-from .. import __version__
 from ..errors import UsageError, WeightsError
 from ..files import nearest_existing, replace_text
+from ..version import __version__
 from .hub import repo_folder_name
 
 MANIFEST = "vqdiff-manifest.json"

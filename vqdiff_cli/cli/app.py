@@ -2,6 +2,7 @@
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage error (bad values, unreadable inputs), 130 Ctrl-C.
 Heavy modules (torch, the API) are imported inside command bodies so that `--help` and `--version` stay fast.
+The commands are plain functions in their modules; this module wraps each in the error boundary and registers it.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Annotated, Any, TypeVar
 import typer
 import typer.core
 
-from .. import __version__
 from ..errors import ExitStatus, VqdiffError
+from ..version import __version__
+from . import bench, completion, edit, generate, info, models, tokens
 from .console import Output
 
 # Typer 0.29 carries its own copy of click; earlier versions use click itself
@@ -138,20 +140,39 @@ def _main(
     _DEBUG.set(debug)
 
 
-COMMAND_MODULES = (
-    "generate",
-    "edit",
-    "tokens",
-    "models",
-    "bench",
-    "info",
-    "completion",
-)  # in the order `vqdiff --help` lists them
+def _command(group: typer.Typer, func: Callable[..., Any], name: str | None = None) -> None:
+    group.command(name)(report_errors(func))
 
 
 def _register() -> None:
-    for name in COMMAND_MODULES:  # each module registers its commands on `app` when imported
-        importlib.import_module(f"{__package__}.{name}")
+    """Every command, in the order `vqdiff --help` lists them (commands first, then the groups)."""
+    commands: tuple[Callable[..., None], ...] = (
+        generate.generate,
+        edit.inpaint,
+        edit.vary,
+        tokens.encode,
+        tokens.decode,
+        models.download,
+        bench.bench,
+        info.info,
+        completion.completion,
+    )
+    for func in commands:
+        _command(app, func)
+    models_app = typer.Typer(
+        name="models",
+        help="List, locate and remove the models in vqdiff's cache.",
+        no_args_is_help=True,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    _command(models_app, models.list_models, "list")
+    _command(models_app, models.model_path, "path")
+    _command(models_app, models.remove_model, "rm")
+    app.add_typer(models_app)
+    config_app = typer.Typer(help="Show where the configuration file is and what it sets.", no_args_is_help=True)
+    _command(config_app, info.config_path_cmd, "path")
+    _command(config_app, info.config_show, "show")
+    app.add_typer(config_app, name="config")
 
 
 _register()

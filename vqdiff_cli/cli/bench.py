@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ..errors import UsageError
-from .app import app, report_errors
 from .console import Output
 from .options import CompileOpt, CudaGraphsOpt, DeviceOpt, OverwriteOpt, QuietOpt, ThreadsOpt
 
@@ -40,8 +39,6 @@ def _command_line() -> str | None:
     return None
 
 
-@app.command()
-@report_errors
 def bench(
     model: Annotated[
         Path | None,

@@ -16,7 +16,6 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import UsageError
-from .app import app, report_errors
 from .console import Output
 
 # values offered after an option (kept equal to the constants in device.py / weights.py by a test)
@@ -105,12 +104,9 @@ def _tree(command: Any, name: str) -> Cmd:
     return node
 
 
-def command_tree() -> Cmd:
-    import typer
-
-    from .app import app
-
-    return _tree(typer.main.get_command(app), "vqdiff")
+def command_tree(app: typer.Typer | Any) -> Cmd:
+    """The commands and options of `app`: the Typer app, or the click command it became (a running command's root)."""
+    return _tree(typer.main.get_command(app) if isinstance(app, typer.Typer) else app, "vqdiff")
 
 
 def _flat(node: Cmd, prefix: str = "") -> list[tuple[str, Cmd]]:
@@ -294,22 +290,18 @@ def fish(root: Cmd) -> str:
     return "\n".join(lines)
 
 
-def script(shell: str, root: Cmd | None = None) -> str:
-    root = root or command_tree()
+def script(shell: str, root: Cmd) -> str:
     return {"bash": bash, "zsh": zsh, "fish": fish}[shell](root)
 
 
 FILES = {"bash": "vqdiff.bash", "zsh": "_vqdiff", "fish": "vqdiff.fish"}
 
 
-@app.command()
-@report_errors
 def completion(
+    ctx: typer.Context,
     shell: Annotated[str, typer.Argument(help="bash, zsh or fish.", show_default=False)],
 ) -> None:
     """Print the completion script for a shell (see the README for where to put it)."""
-    from .completion import SHELLS, script
-
     if shell not in SHELLS:
         raise UsageError(f"unknown shell '{shell}'", hint=f"use one of: {', '.join(SHELLS)}")
-    Output().result(script(shell).rstrip("\n"))
+    Output().result(script(shell, command_tree(ctx.find_root().command)).rstrip("\n"))

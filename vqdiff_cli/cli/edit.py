@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from . import naming
-from .app import app, report_errors
 from .console import Output
 from .options import (
     BatchSizeOpt,
@@ -63,8 +62,6 @@ OutputOpt = Annotated[
 ]
 
 
-@app.command()
-@report_errors
 def inpaint(
     image: ImageArg,
     mask: Annotated[
@@ -194,8 +191,6 @@ def inpaint(
     execute(out, plan, sample)
 
 
-@app.command()
-@report_errors
 def vary(
     image: ImageArg,
     strength: Annotated[

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError
-from .app import app, report_errors
 from .console import Output
 from .options import (
     BatchSizeOpt,
@@ -38,8 +37,6 @@ from .options import (
 from .run import RunPlan, execute, read_prompts_file
 
 
-@app.command()
-@report_errors
 def generate(
     prompts: Annotated[
         list[str] | None, typer.Argument(help="Prompts (one image set each).", show_default=False)

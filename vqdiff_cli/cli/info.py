@@ -8,12 +8,8 @@ from typing import Annotated
 
 import typer
 
-from .app import app, report_errors
 from .console import Output
 from .options import JsonOpt
-
-config_app = typer.Typer(help="Show where the configuration file is and what it sets.", no_args_is_help=True)
-app.add_typer(config_app, name="config")
 
 _SHOWN = (
     "prompt",
@@ -36,8 +32,6 @@ _SHOWN = (
 )
 
 
-@app.command()
-@report_errors
 def info(
     images: Annotated[list[Path], typer.Argument(help="PNG files made by vqdiff.", show_default=False)],
     json_out: JsonOpt = False,
@@ -61,8 +55,6 @@ def info(
                 out.result(f"  {key:<{width}}  {value if not isinstance(value, dict | list) else json.dumps(value)}")
 
 
-@config_app.command("path")
-@report_errors
 def config_path_cmd() -> None:
     """Print the configuration file's path (it need not exist)."""
     from .settings import config_path
@@ -70,8 +62,6 @@ def config_path_cmd() -> None:
     Output().result(str(config_path()))
 
 
-@config_app.command("show")
-@report_errors
 def config_show(json_out: JsonOpt = False) -> None:
     """Print every setting with its value and where it comes from (environment, config file or default)."""
     from .settings import SETTINGS, read_config, resolve

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ..options import DEFAULT_MODEL
-from .app import app, report_errors
 from .common import cache_dir_of, model_settings
 from .console import LoadReporter, Output
 from .options import (
@@ -26,14 +25,6 @@ from .options import (
 
 if TYPE_CHECKING:
     from ..checkpoint.cache import Entry, ModelCache
-
-models_app = typer.Typer(
-    name="models",
-    help="List, locate and remove the models in vqdiff's cache.",
-    no_args_is_help=True,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-app.add_typer(models_app)
 
 ModelArg = Annotated[str, typer.Argument(help="Hub repo id, e.g. microsoft/vq-diffusion-ithq.", show_default=False)]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
@@ -89,8 +80,6 @@ def _interactive() -> bool:
     return sys.stdin.isatty()
 
 
-@app.command()
-@report_errors
 def download(
     model: Annotated[
         str | None,
@@ -136,8 +125,6 @@ def download(
         out.result(str(prepared.folder))
 
 
-@models_app.command("list")
-@report_errors
 def list_models(cache_dir: CacheDirOpt = None, json_out: JsonOpt = False) -> None:
     """Cached models: one line each with model, revision, commit, variant-dtype, size and location."""
     from ..checkpoint.cache import ModelCache
@@ -159,8 +146,6 @@ def list_models(cache_dir: CacheDirOpt = None, json_out: JsonOpt = False) -> Non
             )
 
 
-@models_app.command("path")
-@report_errors
 def model_path(
     model: ModelArg,
     revision: CachedRevisionOpt = None,
@@ -183,8 +168,6 @@ def model_path(
             out.result(str(entry.path))
 
 
-@models_app.command("rm")
-@report_errors
 def remove_model(
     model: ModelArg,
     revision: CachedRevisionOpt = None,

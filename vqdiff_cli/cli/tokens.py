@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from .app import app, report_errors
 from .common import load_from_flags
 from .console import Output
 from .options import (
@@ -30,8 +29,6 @@ def refuse_stdout(output: Path) -> None:
         raise UsageError("-o - (standard output) is for generate's images; encode and decode write files")
 
 
-@app.command()
-@report_errors
 def encode(
     images: Annotated[list[Path], typer.Argument(help="Images to encode.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Token grids: (N, H, W) int64 .npy.")] = Path(
@@ -84,8 +81,6 @@ def encode(
     out.result(str(output))
 
 
-@app.command()
-@report_errors
 def decode(
     tokens: Annotated[Path, typer.Argument(help="Token grids: (H, W) or (N, H, W) .npy.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output PNG; several grids get -0, -1, ...")] = Path(
