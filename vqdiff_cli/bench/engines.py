@@ -77,7 +77,7 @@ class OurEngine:
         return module_bytes(comps.transformer, comps.vqvae, comps.text)
 
     def release(self) -> None:
-        self.pipe.fast_sessions.clear()
+        self.pipe.release()
 
     def text(self, prompts: list[str]) -> Any:
         with torch.inference_mode():
@@ -96,7 +96,7 @@ class OurEngine:
         rows = cast(torch.Tensor, self.rows)  # set by prepare()
         x = torch.cat([x, x]) if self.guided else x
         if self.sampler == "fast":
-            run_block = self.pipe.fast_sessions.kernels().run_block
+            run_block = self.pipe.fast_kernels().run_block
             t_device = self.constants.get(("t", t), lambda: torch.tensor(t, device=x.device))
             return transformer.logits(x, rows, t_device, self.kv, run_block)
         log_p: torch.Tensor = transformer(x, rows, t)
@@ -115,7 +115,7 @@ class OurEngine:
             scale = st.guidance_scale if self.guided else None
             words = self.constants.get(("words", len(seeds)), lambda: seed_words(seeds, dev))
             salt = self.constants.get(("salt", t), lambda: torch.tensor(2 * t, device=dev))
-            step_math = self.pipe.fast_sessions.kernels().step_math
+            step_math = self.pipe.fast_kernels().step_math
             return step_math(out, x_t, coef, words, salt, scale, st.truncation_rate, s is None)
         log_p = out.chunk(2) if self.guided else (out,)
         generators = [torch.Generator(x_t.device).manual_seed(seed) for seed in seeds]

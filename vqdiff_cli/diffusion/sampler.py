@@ -91,22 +91,6 @@ def start_step_for(schedule: MaskAndReplaceSchedule, masked_fraction: float) -> 
     return min(range(len(gaps)), key=lambda t: (gaps[t], t))
 
 
-def initial_tokens(
-    x_0: torch.Tensor,
-    regenerate: torch.Tensor,
-    t: int,
-    schedule: MaskAndReplaceSchedule,
-    generators: Sequence[torch.Generator],
-    renoise: bool,
-) -> torch.Tensor:
-    """x_t to start from: [MASK] where tokens are regenerated; elsewhere x_0 itself, or (renoise) a draw of
-    q(x_t | x_0). x_0: (B, N) codes; regenerate: (B, N) bool."""
-    kept = x_0
-    if renoise:
-        kept = q_sample(x_0, schedule, t, generators)  # one draw per image's generator
-    return torch.where(regenerate, torch.full_like(x_0, schedule.mask_id), kept)
-
-
 def _impose_known(
     x: torch.Tensor,
     known: KnownTokens,
