@@ -15,30 +15,54 @@ from .options import DEVICES, DTYPE_CHOICES
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # DTYPE_CHOICES but auto
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA, then MPS, then the CPU; 'cuda:1' style indices are accepted."""
+def _base(name: str) -> str:
     base = name.split(":", 1)[0]
     if base not in DEVICES:
-        raise UsageError(f"unknown device '{name}'", hint=f"use one of: {', '.join(DEVICES)}")
-    if base == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if base == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("device 'cuda' was requested but no CUDA GPU is available", hint="use --device cpu")
-    if base == "mps" and not torch.backends.mps.is_available():
-        raise DeviceError("device 'mps' was requested but MPS is not available", hint="use --device cpu")
+        raise UsageError(f"unknown device '{name}'", hint=f"use one of: {', '.join(DEVICES)}", about=("device",))
+    return base
+
+
+def _auto() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _parse(name: str) -> torch.device:
     try:
-        device = torch.device(name)
+        return torch.device(name)
     except RuntimeError:
-        raise UsageError(f"invalid device '{name}'") from None
+        raise UsageError(f"invalid device '{name}'", about=("device",)) from None
+
+
+def device_type(name: str) -> str:
+    """The kind of device `name` asks for ('auto': the one this machine would pick), checking the name but not that
+    such a device is present: a model prepared for a GPU may run on another machine."""
+    return _auto().type if _base(name) == "auto" else _parse(name).type
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA, then MPS, then the CPU; 'cuda:1' style indices are accepted. The device must be present."""
+    base = _base(name)
+    if base == "auto":
+        return _auto()
+    if base == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(
+            "device 'cuda' was requested but no CUDA GPU is available", hint="use --device cpu", about=("device",)
+        )
+    if base == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(
+            "device 'mps' was requested but MPS is not available", hint="use --device cpu", about=("device",)
+        )
+    device = _parse(name)
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         count = torch.cuda.device_count()
         raise DeviceError(
             f"device '{name}' was requested but this machine has {count} CUDA GPU{'s' if count != 1 else ''}",
             hint=f"use cuda:0 to cuda:{count - 1}" if count > 1 else "use --device cuda",
+            about=("device",),
         )
     return device
 
@@ -48,8 +72,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
     if name not in DTYPES:
-        raise UsageError(f"unknown dtype '{name}'", hint=f"use one of: {', '.join(DTYPE_CHOICES)}")
+        raise UsageError(f"unknown dtype '{name}'", hint=f"use one of: {', '.join(DTYPE_CHOICES)}", about=("dtype",))
     return DTYPES[name]
+
+
+def planned_dtype(dtype: str, device: str) -> torch.dtype:
+    """The dtype of a run on `device` in `dtype` (names as given), whether or not that device is present here."""
+    return resolve_dtype(dtype, torch.device(device_type(device)))
 
 
 def dtype_name(dtype: torch.dtype) -> str:

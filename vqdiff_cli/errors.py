@@ -1,4 +1,5 @@
-"""The errors vqdiff raises on purpose: each carries a one-line message, an optional hint and an exit code.
+"""The errors vqdiff raises on purpose: each carries a one-line message, an optional hint and an exit code, and
+structured fields where code decides by them (the settings an error is about, the files missing or unreadable).
 
 The library raises them; only the CLI's error boundary turns them into a message on stderr and an exit status.
 """
@@ -6,6 +7,8 @@ The library raises them; only the CLI's error boundary turns them into a message
 from __future__ import annotations
 
 from enum import IntEnum
+from pathlib import Path
+from typing import Self
 
 
 class ExitStatus(IntEnum):
@@ -20,13 +23,23 @@ class VqdiffError(Exception):
 
     exit_code: ExitStatus = ExitStatus.FAILURE
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
+    def __init__(self, message: str, hint: str | None = None, *, about: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.about = about  # the settings (as option keys: "steps", "device") whose value the error is about
 
     def __str__(self) -> str:
         return self.message
+
+    def with_message(self, message: str, hint: str | None = None) -> Self:
+        """The same error (class and fields) with another message, and a hint when one is given."""
+        other = type(self).__new__(type(self))  # not copy.copy: that calls __init__ with the message alone
+        other.__dict__.update(self.__dict__)
+        other.message, other.args = message, (message,)
+        if hint is not None:
+            other.hint = hint
+        return other
 
 
 class UsageError(VqdiffError):
@@ -37,6 +50,26 @@ class UsageError(VqdiffError):
 
 class WeightsError(VqdiffError):
     """A checkpoint that is missing, incomplete, or does not match its configuration."""
+
+
+class MissingFilesError(WeightsError):
+    """A checkpoint (a folder, a Hub listing, the cached files) lacks files a load needs."""
+
+    def __init__(self, lacking: str, hint: str | None = None, *, owner: str = "the checkpoint has") -> None:
+        super().__init__(f"{owner} {lacking}", hint)
+        self.lacking = lacking  # "no vqvae/config.json", "no weights for vqvae (looked for ...)"
+
+    def of(self, owner: str) -> MissingFilesError:
+        """The same error said of another owner ("the cached files have", "<repo> at <commit>: has")."""
+        return MissingFilesError(self.lacking, self.hint, owner=owner)
+
+
+class UnreadableFileError(WeightsError):
+    """A checkpoint file exists but cannot be read: damaged, truncated, or not what its name says."""
+
+    def __init__(self, message: str, path: Path, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.path = path
 
 
 class DownloadError(VqdiffError):

@@ -35,12 +35,30 @@ class Job:
     index: int
 
 
+Prompts = str | Sequence[str] | Sequence[Job]  # a prompt, prompts, or the jobs of a run planned already
+
+
 def plan_jobs(prompts: Sequence[str], seed: int, num_images: int) -> list[Job]:
     """The run's images in order: every image of the first prompt, then of the next; image i has seed `seed + i`."""
     jobs = [Job(p, seed + i, i) for i, p in enumerate(p for p in prompts for _ in range(num_images))]
     if jobs and jobs[-1].seed > MAX_SEED:
         raise UsageError(f"--seed {seed} leaves no room for {len(jobs)} consecutive seeds", hint="use a smaller seed")
     return jobs
+
+
+def as_jobs(prompts: Prompts, seed: int | None, num_images: int) -> list[Job]:
+    """The jobs of a run: `prompts` as they are when they are jobs (planned before, as the CLI plans a run to name its
+    outputs), else planned here from `seed` (a random one when None) and `num_images`."""
+    given = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not given:
+        raise UsageError("no prompts given")
+    jobs = [p for p in given if isinstance(p, Job)]
+    if len(jobs) == len(given):
+        return jobs
+    if jobs:
+        raise UsageError("give prompts or jobs, not both")
+    texts = [p for p in given if isinstance(p, str)]
+    return plan_jobs(texts, random_seed() if seed is None else seed, num_images)
 
 
 def plan_timesteps(start: int, steps: int | None = None, stride: int | None = None) -> tuple[int, ...]:
@@ -81,23 +99,26 @@ class GenerateOptions:
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.stride is not None:
-            raise UsageError("give --steps or --stride, not both")
+            raise UsageError("give --steps or --stride, not both", about=("steps", "stride"))
         if self.steps is not None and self.steps < 1:
-            raise UsageError(f"--steps must be at least 1, got {self.steps}")
+            raise UsageError(f"--steps must be at least 1, got {self.steps}", about=("steps",))
         if self.stride is not None and self.stride < 1:
-            raise UsageError(f"--stride must be at least 1, got {self.stride}")
+            raise UsageError(f"--stride must be at least 1, got {self.stride}", about=("stride",))
         if not 0 <= self.guidance_scale <= MAX_GUIDANCE:  # NaN fails too
-            raise UsageError(f"--guidance must be between 0 and {MAX_GUIDANCE:g}, got {self.guidance_scale}")
+            raise UsageError(
+                f"--guidance must be between 0 and {MAX_GUIDANCE:g}, got {self.guidance_scale}", about=("guidance",)
+            )
         if not 0 < self.truncation_rate <= 1:
-            raise UsageError(f"--truncation must be in (0, 1], got {self.truncation_rate}")
+            raise UsageError(f"--truncation must be in (0, 1], got {self.truncation_rate}", about=("truncation",))
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise UsageError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
+            raise UsageError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}", about=("seed",))
         if self.num_images < 1:
-            raise UsageError(f"--num-images must be at least 1, got {self.num_images}")
+            raise UsageError(f"--num-images must be at least 1, got {self.num_images}", about=("num_images",))
         if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}", about=("batch_size",))
         if self.sampler not in SAMPLERS:
-            raise UsageError(f"unknown sampler '{self.sampler}'", hint=f"use one of: {', '.join(SAMPLERS)}")
+            hint = f"use one of: {', '.join(SAMPLERS)}"
+            raise UsageError(f"unknown sampler '{self.sampler}'", hint=hint, about=("sampler",))
 
     @property
     def guided(self) -> bool:
@@ -107,9 +128,14 @@ class GenerateOptions:
         """Visited timesteps from `start` (default T-1); a partial chain keeps the full chain's density."""
         top = num_train_timesteps - 1 if start is None else start
         if self.steps is not None and self.steps > num_train_timesteps:
-            raise UsageError(f"--steps must be between 1 and {num_train_timesteps} for this model, got {self.steps}")
+            raise UsageError(
+                f"--steps must be between 1 and {num_train_timesteps} for this model, got {self.steps}",
+                about=("steps",),
+            )
         if self.stride is not None and self.stride >= num_train_timesteps:
-            raise UsageError(f"--stride must be below {num_train_timesteps} for this model, got {self.stride}")
+            raise UsageError(
+                f"--stride must be below {num_train_timesteps} for this model, got {self.stride}", about=("stride",)
+            )
         steps = self.steps
         if steps is not None and top < num_train_timesteps - 1:
             steps = max(1, round(steps * (top + 1) / num_train_timesteps))

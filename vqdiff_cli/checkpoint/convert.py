@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from ..config import PipelineConfig
-from ..errors import WeightsError
-from .layout import CONFIG_FILES, FLOAT32_COMPONENTS, rename_keys
-from .load import check_null_embedding, check_shapes, read_pipeline_config, read_state_dict, tensor_shapes
+from ..errors import UnreadableFileError, WeightsError
+from .layout import CONFIG_FILES, FLOAT32_COMPONENTS, read_pipeline_config, rename_keys, weight_file_name
+from .load import check_null_embedding, check_shapes, read_state_dict, tensor_shapes
 from .select import find_weight_files, weight_files_needed
 
 # -- safetensors: inspecting and writing --------------------------------------------------------------------------
@@ -41,7 +41,7 @@ def safetensors_header(path: Path) -> dict[str, Any]:
                 raise WeightsError(f"{path} is not a safetensors file (bad header length)")
             header = json.loads(f.read(length))
     except OSError as e:
-        raise WeightsError(f"cannot read {path}: {e.strerror or e}") from None
+        raise UnreadableFileError(f"cannot read {path}: {e.strerror or e}", path) from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise WeightsError(f"{path} is not a safetensors file (bad header)") from None
     if not isinstance(header, dict):
@@ -146,8 +146,7 @@ def write_converted(
     for component in weight_files_needed(cfg):
         files = find_weight_files(src, component, variant, dtype)
         target = stored_dtype(component, dtype)
-        stem = "model" if component == "text_encoder" else "diffusion_pytorch_model"
-        out = dst / component / f"{stem}{'.fp16' if files.variant == 'fp16' else ''}.safetensors"
+        out = dst / component / weight_file_name(component, "safetensors", files.variant)
         header = safetensors_header(files.paths[0]) if files.fmt == "safetensors" and len(files.paths) == 1 else None
         link = header is not None and _float_dtypes(header) <= {_ST_DTYPES[target]}
         if on_component is not None:

@@ -1,5 +1,6 @@
-"""The layout of a diffusers-format VQ-Diffusion checkpoint folder: its components, config files, weight file names
-and variants, and the key renames between older files and vqdiff's modules, both ways.
+"""The layout of a diffusers-format VQ-Diffusion checkpoint folder: its components, its config files (read into a
+`PipelineConfig` here), weight file names and variants, and the key renames between older files and vqdiff's
+modules, both ways.
 
 A folder holds `model_index.json` and one sub-folder per component. Weights come as `.safetensors` or pickled `.bin`,
 optionally as the `fp16` variant (`*.fp16.safetensors`, `*.fp16.bin`) or sharded with an `*.index.json`.
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import WeightsError
+from ..config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig, VQVAEConfig
+from ..errors import UnreadableFileError, WeightsError
 
 COMPONENTS = (
     "vqvae",
@@ -33,8 +35,6 @@ CONFIG_FILES = {
     "text_encoder": "text_encoder/config.json",
 }
 
-_STEMS = {"text_encoder": ("model", "pytorch_model")}  # transformers' names; diffusers components use the rest
-_DIFFUSERS_STEMS = ("diffusion_pytorch_model",)
 _OLD_VQ_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _OLD_VQ_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
 
@@ -45,21 +45,26 @@ def read_json(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise WeightsError(f"missing file: {path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"cannot read {path}: {e}") from None
+        raise UnreadableFileError(f"cannot read {path}: {e}", path) from None
     if not isinstance(data, dict):
         raise WeightsError(f"{path} is not a JSON object")
     return data
 
 
-def _candidates(component: str, variant: str) -> Iterable[tuple[str, str]]:
+def weight_file_name(component: str, fmt: str, variant: str = "fp32") -> str:
+    """The file one component's weights are in, in a format ("safetensors" or "bin") and variant ("fp16" or "fp32"):
+    diffusers' name, and transformers' for the text encoder (model.safetensors, pytorch_model.bin)."""
+    if component == "text_encoder":
+        stem = "model" if fmt == "safetensors" else "pytorch_model"
+    else:
+        stem = "diffusion_pytorch_model"
+    return f"{stem}{'.fp16' if variant == 'fp16' else ''}.{fmt}"
+
+
+def candidates(component: str, variant: str) -> Iterator[tuple[str, str]]:
     """(file name, format) in order of preference for one variant; safetensors first."""
-    stems = _STEMS.get(component, _DIFFUSERS_STEMS)
-    infix = ".fp16" if variant == "fp16" else ""
     for fmt in ("safetensors", "bin"):
-        for stem in stems:
-            if component == "text_encoder" and (fmt, stem) in (("safetensors", "pytorch_model"), ("bin", "model")):
-                continue  # transformers writes model.safetensors and pytorch_model.bin
-            yield f"{stem}{infix}.{fmt}", fmt
+        yield weight_file_name(component, fmt, variant), fmt
 
 
 def renamed_key(component: str, key: str) -> str | None:
@@ -81,3 +86,41 @@ T = TypeVar("T")
 def rename_keys(component: str, state: Mapping[str, T]) -> dict[str, T]:
     """Map the names older files use onto the current ones (of tensors, or of anything else keyed alike)."""
     return {new: v for k, v in state.items() if (new := renamed_key(component, k)) is not None}
+
+
+def check_model_index(root: Path) -> dict[str, Any]:
+    """model_index.json, with every component the pipeline needs."""
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        raise WeightsError(
+            f"{root} is not a diffusers VQ-Diffusion checkpoint: it has no model_index.json",
+            hint="pass a folder saved in diffusers' format, or a Hub repo id such as microsoft/vq-diffusion-ithq",
+        )
+    index = read_json(index_path)
+    name = index.get("_class_name")
+    if name not in (None, "VQDiffusionPipeline"):
+        raise WeightsError(f"{root} holds a {name}, not a VQDiffusionPipeline")
+    missing = [c for c in COMPONENTS if c not in index]
+    if missing:
+        hint = None
+        if "learned_classifier_free_sampling_embeddings" in missing:
+            hint = (
+                "the Hub's old 'fp16' branch lacks the learned null embeddings; use revision 'main' with "
+                "--variant fp16 instead"
+            )
+        raise WeightsError(f"{root}/model_index.json lists no {', '.join(missing)} component", hint=hint)
+    return index
+
+
+def read_pipeline_config(root: Path) -> PipelineConfig:
+    check_model_index(root)
+    files = {c: root / f for c, f in CONFIG_FILES.items()}
+    return PipelineConfig(
+        transformer=TransformerConfig.from_diffusers(read_json(files["transformer"])),
+        vqvae=VQVAEConfig.from_diffusers(read_json(files["vqvae"])),
+        scheduler=SchedulerConfig.from_diffusers(read_json(files["scheduler"])),
+        null_embedding=NullEmbeddingConfig.from_diffusers(
+            read_json(files["learned_classifier_free_sampling_embeddings"])
+        ),
+        text_encoder=read_json(files["text_encoder"]),
+    )

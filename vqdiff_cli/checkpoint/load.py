@@ -1,8 +1,8 @@
-"""Loading a diffusers-format checkpoint folder: its configs, its weight files (`.safetensors`, or pickled `.bin` read
-with `torch.load(weights_only=True)`, never unrestricted pickle) and strict, shape-checked filling of the networks.
+"""Loading a diffusers-format checkpoint folder: its weight files (`.safetensors`, or pickled `.bin` read with
+`torch.load(weights_only=True)`, never unrestricted pickle) and strict, shape-checked filling of the networks.
 
-File and key names come from `layout.py`, the choice of files from `select.py`; `convert.py` writes the converted
-copy of a folder that the cache keeps.
+File names, key names and configs come from `layout.py`, the choice of files from `select.py`; `convert.py` writes the
+converted copy of a folder that the cache keeps.
 """
 
 from __future__ import annotations
@@ -15,53 +15,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig, VQVAEConfig
-from ..errors import WeightsError
-from .layout import COMPONENTS, CONFIG_FILES, read_json, rename_keys
+from ..config import PipelineConfig
+from ..errors import UnreadableFileError, WeightsError
+from .layout import read_pipeline_config, rename_keys
 from .select import WeightFiles, find_weight_files
 
 if TYPE_CHECKING:
     from ..models.text import TextConditioning
     from ..models.transformer import DiffusionTransformer
     from ..models.vqvae import VQVAE
-
-
-def check_model_index(root: Path) -> dict[str, Any]:
-    """model_index.json, with every component the pipeline needs."""
-    index_path = root / "model_index.json"
-    if not index_path.is_file():
-        raise WeightsError(
-            f"{root} is not a diffusers VQ-Diffusion checkpoint: it has no model_index.json",
-            hint="pass a folder saved in diffusers' format, or a Hub repo id such as microsoft/vq-diffusion-ithq",
-        )
-    index = read_json(index_path)
-    name = index.get("_class_name")
-    if name not in (None, "VQDiffusionPipeline"):
-        raise WeightsError(f"{root} holds a {name}, not a VQDiffusionPipeline")
-    missing = [c for c in COMPONENTS if c not in index]
-    if missing:
-        hint = None
-        if "learned_classifier_free_sampling_embeddings" in missing:
-            hint = (
-                "the Hub's old 'fp16' branch lacks the learned null embeddings; use revision 'main' with "
-                "--variant fp16 instead"
-            )
-        raise WeightsError(f"{root}/model_index.json lists no {', '.join(missing)} component", hint=hint)
-    return index
-
-
-def read_pipeline_config(root: Path) -> PipelineConfig:
-    check_model_index(root)
-    files = {c: root / f for c, f in CONFIG_FILES.items()}
-    return PipelineConfig(
-        transformer=TransformerConfig.from_diffusers(read_json(files["transformer"])),
-        vqvae=VQVAEConfig.from_diffusers(read_json(files["vqvae"])),
-        scheduler=SchedulerConfig.from_diffusers(read_json(files["scheduler"])),
-        null_embedding=NullEmbeddingConfig.from_diffusers(
-            read_json(files["learned_classifier_free_sampling_embeddings"])
-        ),
-        text_encoder=read_json(files["text_encoder"]),
-    )
 
 
 def read_state_dict(files: WeightFiles) -> dict[str, torch.Tensor]:
@@ -75,7 +37,8 @@ def read_state_dict(files: WeightFiles) -> dict[str, torch.Tensor]:
             else:
                 part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # corrupt, truncated or not a weights file: one clear message
-            raise WeightsError(f"cannot read weights from {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+            message = f"cannot read weights from {path}: {type(e).__name__}: {e}".splitlines()[0]
+            raise UnreadableFileError(message, path) from None
         if not isinstance(part, Mapping) or not all(isinstance(v, torch.Tensor) for v in part.values()):
             raise WeightsError(f"{path} does not hold a flat state dict of tensors")
         state.update(part)

@@ -24,9 +24,9 @@ from typing import Any, Literal
 
 import torch
 
-from ..device import dtype_name
-from ..errors import DownloadError, UsageError, WeightsError
-from . import convert, layout, load, select
+from ..device import dtype_name, planned_dtype
+from ..errors import DownloadError, MissingFilesError, UnreadableFileError, UsageError, WeightsError
+from . import convert, select
 from .cache import Entry, EntryKey, ModelCache, check_cache_root
 from .hub import Hub, HubUnreachable, RepoListing, env_offline, is_commit, is_repo_id
 
@@ -56,6 +56,7 @@ class PreparedModel:
 
     name: str  # the repo id or the folder as given
     folder: Path
+    dtype: torch.dtype  # what the weights are prepared for (a run in this dtype loads them as they are)
     commit: str | None = None  # Hub models: the commit the files belong to
     entry: Entry | None = None  # Hub models: the cache entry `folder` is
 
@@ -63,29 +64,33 @@ class PreparedModel:
 def prepare(
     model: str | Path,
     *,
-    dtype: torch.dtype,
+    device: str = "auto",
+    dtype: str = "auto",
     variant: str = "auto",
     revision: str | None = None,
     offline: bool = False,
     cache_dir: Path | None = None,
     on_event: LoadCallback | None = None,
 ) -> PreparedModel:
-    """Resolve `model` (a local folder or a Hub repo id) to a loadable folder, fetching and converting as needed."""
+    """Resolve `model` (a local folder or a Hub repo id) to a loadable folder, fetching and converting as needed, for
+    a run on `device` in `dtype` (names as the CLI takes them: 'auto' is float32 on the CPU, float16 on a GPU). The
+    device is only named, never used: a model can be prepared for a GPU on a machine without one."""
     select.variant_order(variant)  # validates
+    dt = planned_dtype(dtype, device)
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
             raise WeightsError(f"{model} is a file, not a checkpoint folder")
         if revision is not None:
             raise UsageError("--revision applies to Hub repo ids, not to a local folder")
-        return PreparedModel(str(model), path.resolve())
+        return PreparedModel(str(model), path.resolve(), dt)
     name = str(model)
     if not is_repo_id(name):
         raise WeightsError(
             f"model '{model}' is not a local folder or a Hub repo id",
             hint="pass a folder in diffusers' format, or a repo id such as microsoft/vq-diffusion-ithq",
         )
-    return _Preparer(name, revision or DEFAULT_REVISION, dtype, variant, offline, cache_dir, on_event).run()
+    return _Preparer(name, revision or DEFAULT_REVISION, dt, variant, offline, cache_dir, on_event).run()
 
 
 class _Preparer:
@@ -114,6 +119,7 @@ class _Preparer:
             "set HF_HUB_CACHE (or HF_HOME) to a folder, or unset it",
         )
         self.on_event = on_event
+        self.damage = _Damage(self.hub, repo_id, self.why_local(), self.download_command())
 
     def emit(self, kind: Literal["download", "convert", "note"], message: str, done: int = 0, total: int = 0) -> None:
         if self.on_event is not None:
@@ -175,46 +181,30 @@ class _Preparer:
         snapshot = self.hub.cached_snapshot(self.repo_id, commit)
         if snapshot is None:
             return None
-        if self.needed(snapshot[1], snapshot[0], strict=False) is None:  # incomplete, or its small files damaged
-            small = ("model_index.json", *layout.CONFIG_FILES.values())
-            present = [f for f in snapshot[1] if f in small or f.startswith("tokenizer/")]
-            self.check_damaged(commit, snapshot[0], present)
+        folder, files = snapshot
+        if self.needed(files, folder) is None:  # incomplete, or its small files damaged
+            self.damage.check(commit, folder, [f for f in files if select.is_small_file(f)])
             return None
-        return self.ready(self.build(commit, snapshot[0], None))
+        return self.ready(self.build(commit, folder, None))
 
     def missing_locally(self, commit: str) -> str:
         snapshot = self.hub.cached_snapshot(self.repo_id, commit)
         if snapshot is None:
             return "nothing of it is cached"
         try:
-            self.needed(snapshot[1], snapshot[0], strict=True)
+            select.files_needed(snapshot[1], snapshot[0], self.variant, self.dtype)
+        except MissingFilesError as e:
+            return e.of("the cached files have").message
         except WeightsError as e:
-            return e.message.replace("the checkpoint has", "the cached files have")
+            return e.message
         return "its cached files are incomplete"
 
-    def needed(self, files: Collection[str], folder: Path, strict: bool) -> list[str] | None:
-        """Every file a load reads, chosen from `files` (in `folder`): None (or, strict, an error) if one is missing."""
+    def needed(self, files: Collection[str], folder: Path) -> list[str] | None:
+        """Every file a load reads, chosen from `files` (in `folder`); None if one is missing or unreadable."""
         try:
-            if "model_index.json" not in files:
-                raise WeightsError("the checkpoint has no model_index.json")
-            load.check_model_index(folder)
-            chosen = select.metadata_files(files)
-            cfg = load.read_pipeline_config(folder)
-            for component in select.weight_files_needed(cfg):
-                path = select.listed_weight_file(files, component, self.variant, self.dtype)
-                chosen.append(path)
-                if path.endswith(".index.json"):
-                    chosen += select.shard_files(folder / path, component)
+            return select.files_needed(files, folder, self.variant, self.dtype)
         except WeightsError:
-            if strict:
-                raise
             return None
-        missing = [f for f in chosen if f not in files]
-        if missing:
-            if strict:
-                raise WeightsError(f"the checkpoint has no {', '.join(missing)}")
-            return None
-        return chosen
 
     def not_cached(self, why: str | None = None) -> DownloadError:
         if why is None:
@@ -226,9 +216,8 @@ class _Preparer:
                 else "it was never downloaded"
             )
         revision = f" (revision {self.revision})" if self.revision != DEFAULT_REVISION else ""
-        where = self.why_local()
         return DownloadError(
-            f"{self.repo_id}{revision} is not available: {where}, and {why}",
+            f"{self.repo_id}{revision} is not available: {self.why_local()}, and {why}",
             hint=f"run `{self.download_command()}` while online",
         )
 
@@ -240,7 +229,22 @@ class _Preparer:
         again = f" --revision {self.revision}" if self.revision != DEFAULT_REVISION else ""
         return f"vqdiff download {self.repo_id}{again}"
 
-    # -- damaged files in the Hub cache -----------------------------------------------------------------------
+    # -- the network ------------------------------------------------------------------------------------------
+
+    def fetch(self, listing: RepoListing) -> Path:
+        """Fetch what a load needs at `listing.commit` into the Hub cache, small files first; the snapshot folder."""
+        where = f"{self.repo_id} at {listing.commit[:12]}"
+        if "model_index.json" not in listing.files:
+            raise WeightsError(f"{where} is not a diffusers checkpoint: it has no model_index.json")
+        progress = _Bytes(self, listing)
+        folder = progress.fetch(["model_index.json"])[0].parent
+        try:
+            select.files_needed(listing.files, folder, self.variant, self.dtype, have=progress.fetch)
+        except MissingFilesError as e:
+            raise e.of(f"{where}: has") from None
+        return folder
+
+    # -- converting, and mending damaged files of the Hub cache ---------------------------------------------
 
     def build(self, commit: str, snapshot: Path, listing: RepoListing | None) -> Entry:
         """Convert the snapshot. When that fails on a file of the Hub cache that no longer hashes to its blob name,
@@ -250,82 +254,20 @@ class _Preparer:
         except WeightsError as e:
             files = self.hub.cached_snapshot(self.repo_id, commit)
             present = files[1] if files is not None else set()
-            chosen = self.needed(present, snapshot, strict=False) or sorted(present)
-            damaged, unknown = self.damaged(snapshot, chosen)
+            damaged, unknown = self.damage.find(snapshot, self.needed(present, snapshot) or sorted(present))
             if not damaged:
-                if unknown and e.hint is None and e.message.startswith("cannot read"):
-                    raise WeightsError(
+                if unknown and e.hint is None and isinstance(e, UnreadableFileError):
+                    raise e.with_message(
                         e.message,
                         hint="if the file is damaged, delete it from the Hugging Face cache and run "
                         f"`{self.download_command()}` while online",
                     ) from None
                 raise
             if listing is None:
-                raise self.damaged_error(commit, snapshot, damaged) from None
+                raise self.damage.error(commit, snapshot, damaged) from None
         self.emit("note", f"{_names(damaged)} in the Hugging Face cache {_is(damaged)} damaged: fetching it again")
         _Bytes(self, listing).fetch(damaged, force=damaged)
         return self.convert(commit, snapshot)
-
-    def damaged(self, snapshot: Path, files: Collection[str]) -> tuple[list[str], list[str]]:
-        """The files that no longer hash to their blob name, and those whose blob name says nothing."""
-        damaged, unknown = [], []
-        for f in files:
-            ok = self.hub.intact(snapshot / f)
-            if ok is False:
-                damaged.append(f)
-            elif ok is None:
-                unknown.append(f)
-        return damaged, unknown
-
-    def check_damaged(self, commit: str, snapshot: Path, files: Collection[str]) -> None:
-        damaged, _ = self.damaged(snapshot, files)
-        if damaged:
-            raise self.damaged_error(commit, snapshot, damaged)
-
-    def damaged_error(self, commit: str, snapshot: Path, damaged: list[str]) -> DamagedCacheError:
-        where = self.why_local()
-        return DamagedCacheError(
-            f"{_names(damaged)} of {self.repo_id} at {commit[:12]} in the Hugging Face cache {_is(damaged)} damaged "
-            f"({snapshot / damaged[0]}) and {where}",
-            hint=f"run `{self.download_command()}` while online to fetch it again",
-        )
-
-    # -- the network ------------------------------------------------------------------------------------------
-
-    def fetch(self, listing: RepoListing) -> Path:
-        """Fetch what a load needs at `listing.commit` into the Hub cache, small files first; the snapshot folder."""
-        where = f"{self.repo_id} at {listing.commit[:12]}"
-        progress = _Bytes(self, listing)
-        try:
-            if "model_index.json" not in listing.files:
-                raise WeightsError(f"{where} is not a diffusers checkpoint: it has no model_index.json")
-            [index] = progress.fetch(["model_index.json"])
-            folder = index.parent
-            load.check_model_index(folder)
-            progress.fetch(select.metadata_files(listing.files))
-            cfg = load.read_pipeline_config(folder)
-            big = [
-                select.listed_weight_file(listing.files, c, self.variant, self.dtype)
-                for c in select.weight_files_needed(cfg)
-            ]
-            progress.fetch(big)
-            shards = [
-                s
-                for path in big
-                if path.endswith(".index.json")
-                for s in select.shard_files(folder / path, path.split("/", 1)[0])
-            ]
-            missing = [s for s in shards if s not in listing.files]
-            if missing:
-                raise WeightsError(f"the checkpoint has no {', '.join(missing)} (named by its shard index)")
-            progress.fetch(shards)
-        except WeightsError as e:
-            if e.message.startswith("the checkpoint"):
-                raise WeightsError(f"{where}: {e.message.removeprefix('the checkpoint ')}", hint=e.hint) from None
-            raise
-        return folder
-
-    # -- converting -------------------------------------------------------------------------------------------
 
     def convert(self, commit: str, snapshot: Path) -> Entry:
         def write(folder: Path) -> dict[str, Any]:
@@ -349,7 +291,39 @@ class _Preparer:
         return self.cache.build(self.key(commit), write, on_wait)
 
     def ready(self, entry: Entry) -> PreparedModel:
-        return PreparedModel(self.repo_id, entry.path, entry.key.commit, entry)
+        return PreparedModel(self.repo_id, entry.path, self.dtype, entry.key.commit, entry)
+
+
+class _Damage:
+    """Files of one repository's Hub cache that no longer hold what was downloaded: found by hashing them against
+    their blob names, and named in an error that says how to fetch them again."""
+
+    def __init__(self, hub: Hub, repo_id: str, why_local: str, download_command: str) -> None:
+        self.hub, self.repo_id = hub, repo_id
+        self.why_local, self.download_command = why_local, download_command
+
+    def find(self, snapshot: Path, files: Collection[str]) -> tuple[list[str], list[str]]:
+        """The files that no longer hash to their blob name, and those whose blob name says nothing."""
+        damaged, unknown = [], []
+        for f in files:
+            ok = self.hub.intact(snapshot / f)
+            if ok is False:
+                damaged.append(f)
+            elif ok is None:
+                unknown.append(f)
+        return damaged, unknown
+
+    def check(self, commit: str, snapshot: Path, files: Collection[str]) -> None:
+        damaged, _ = self.find(snapshot, files)
+        if damaged:
+            raise self.error(commit, snapshot, damaged)
+
+    def error(self, commit: str, snapshot: Path, damaged: list[str]) -> DamagedCacheError:
+        return DamagedCacheError(
+            f"{_names(damaged)} of {self.repo_id} at {commit[:12]} in the Hugging Face cache {_is(damaged)} damaged "
+            f"({snapshot / damaged[0]}) and {self.why_local}",
+            hint=f"run `{self.download_command}` while online to fetch it again",
+        )
 
 
 class _Bytes:

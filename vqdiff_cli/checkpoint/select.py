@@ -1,18 +1,20 @@
 """Which files a load needs: for each weight component the best file of the variant asked for (and its shards), and
-the small files besides; chosen from a folder on disk or from a Hub repository's listing."""
+the small files besides (configs, tokenizer). One chain chooses them, from a folder on disk or a Hub listing."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..config import PipelineConfig
-from ..errors import UsageError, WeightsError
+from ..errors import MissingFilesError, UsageError, WeightsError
 from ..options import VARIANTS
-from .layout import CONFIG_FILES, WEIGHT_COMPONENTS, _candidates, read_json
+from .layout import CONFIG_FILES, WEIGHT_COMPONENTS, candidates, check_model_index, read_json, read_pipeline_config
+
+SMALL_FILES = ("model_index.json", *CONFIG_FILES.values())  # with every file of the tokenizer folder
 
 
 @dataclass(frozen=True)
@@ -24,22 +26,6 @@ class WeightFiles:
     fmt: str  # "safetensors" or "bin"
 
 
-def _resolve_files(folder: Path, name: str, fmt: str) -> tuple[Path, ...] | None:
-    single = folder / name
-    if single.is_file():
-        return (single,)
-    index = folder / f"{name}.index.json"
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map", {})
-        shards = sorted(set(weight_map.values()))
-        paths = tuple(folder / s for s in shards)
-        missing = [p.name for p in paths if not p.is_file()]
-        if missing:
-            raise WeightsError(f"{index} names missing shard(s): {', '.join(missing)}")
-        return paths
-    return None
-
-
 def variant_order(variant: str, dtype: torch.dtype | None = None) -> tuple[str, ...]:
     """Variants to try, best first: an explicit one alone; 'auto' prefers fp16 files for half precision."""
     if variant == "fp32":
@@ -47,47 +33,64 @@ def variant_order(variant: str, dtype: torch.dtype | None = None) -> tuple[str, 
     if variant == "fp16":
         return ("fp16",)
     if variant != "auto":
-        raise UsageError(f"unknown variant '{variant}'", hint=f"use one of: {', '.join(VARIANTS)}")
+        raise UsageError(f"unknown variant '{variant}'", hint=f"use one of: {', '.join(VARIANTS)}", about=("variant",))
     half = dtype in (torch.float16, torch.bfloat16)
     return ("fp16", "fp32") if half else ("fp32", "fp16")
 
 
-def find_weight_files(root: Path, component: str, variant: str, dtype: torch.dtype | None = None) -> WeightFiles:
-    """Pick one component's files; 'auto' takes the variant matching `dtype` (fp32 without one), else the other."""
-    folder = root / component
+def _choose(
+    component: str, variant: str, dtype: torch.dtype | None, exists: Callable[[str], bool]
+) -> tuple[str, str, str] | str:
+    """The path (a file, or a shard index) of one component's weights that `exists`, best variant first and
+    safetensors before .bin, with its variant and format; else the names looked for."""
     order = variant_order(variant, dtype)
     for v in order:
-        for name, fmt in _candidates(component, v):
-            paths = _resolve_files(folder, name, fmt)
-            if paths:
-                return WeightFiles(paths, v, fmt)
-    wanted = " or ".join(n for v in order for n, _ in _candidates(component, v))
-    raise WeightsError(f"no weights for {component} in {folder} (looked for {wanted})")
+        for name, fmt in candidates(component, v):
+            for path in (f"{component}/{name}", f"{component}/{name}.index.json"):
+                if exists(path):
+                    return path, v, fmt
+    return " or ".join(n for v in order for n, _ in candidates(component, v))
+
+
+def find_weight_files(root: Path, component: str, variant: str, dtype: torch.dtype | None = None) -> WeightFiles:
+    """Pick one component's files in a folder; 'auto' takes the variant matching `dtype` (fp32 without one), else
+    the other."""
+    chosen = _choose(component, variant, dtype, lambda path: (root / path).is_file())
+    if isinstance(chosen, str):
+        raise WeightsError(f"no weights for {component} in {root / component} (looked for {chosen})")
+    path, v, fmt = chosen
+    if not path.endswith(".index.json"):
+        return WeightFiles((root / path,), v, fmt)
+    paths = tuple(root / s for s in shard_files(root / path, component))
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise WeightsError(f"{root / path} names missing shard(s): {', '.join(missing)}")
+    return WeightFiles(paths, v, fmt)
+
+
+def is_small_file(path: str) -> bool:
+    """A file a load needs besides weights: model_index.json, a config, or a file of the tokenizer folder."""
+    return path in SMALL_FILES or path.startswith("tokenizer/")
 
 
 def metadata_files(listing: Collection[str]) -> list[str]:
     """The small files a load needs besides weights: every config and the whole tokenizer folder."""
-    wanted = ["model_index.json", *CONFIG_FILES.values()]
-    missing = [f for f in wanted if f not in listing]
+    missing = [f for f in SMALL_FILES if f not in listing]
     if missing:
-        raise WeightsError(f"the checkpoint has no {', '.join(missing)}")
+        raise MissingFilesError(f"no {', '.join(missing)}")
     tokenizer = sorted(f for f in listing if f.startswith("tokenizer/"))
     if not tokenizer:
-        raise WeightsError("the checkpoint has no tokenizer folder")
-    return [*wanted, *tokenizer]
+        raise MissingFilesError("no tokenizer folder")
+    return [*SMALL_FILES, *tokenizer]
 
 
 def listed_weight_file(listing: Collection[str], component: str, variant: str, dtype: torch.dtype) -> str:
     """The one file (or shard index) to fetch for a component: best variant first, safetensors before .bin."""
-    order = variant_order(variant, dtype)
-    for v in order:
-        for name, _ in _candidates(component, v):
-            for path in (f"{component}/{name}", f"{component}/{name}.index.json"):
-                if path in listing:
-                    return path
-    wanted = " or ".join(n for v in order for n, _ in _candidates(component, v))
-    hint = "use --variant auto, or the variant that exists" if variant != "auto" else None
-    raise WeightsError(f"the checkpoint has no weights for {component} (looked for {wanted})", hint=hint)
+    chosen = _choose(component, variant, dtype, lambda path: path in listing)
+    if isinstance(chosen, str):
+        hint = "use --variant auto, or the variant that exists" if variant != "auto" else None
+        raise MissingFilesError(f"no weights for {component} (looked for {chosen})", hint=hint)
+    return chosen[0]
 
 
 def weight_files_needed(cfg: PipelineConfig) -> tuple[str, ...]:
@@ -97,6 +100,34 @@ def weight_files_needed(cfg: PipelineConfig) -> tuple[str, ...]:
 
 
 def shard_files(index_file: Path, component: str) -> list[str]:
-    """Repository paths of the shards a downloaded `*.index.json` names."""
+    """Repository paths of the shards a `*.index.json` names."""
     weight_map = read_json(index_file).get("weight_map", {})
     return [f"{component}/{s}" for s in sorted(set(weight_map.values()))]
+
+
+def files_needed(
+    listing: Collection[str],
+    folder: Path,
+    variant: str,
+    dtype: torch.dtype,
+    have: Callable[[list[str]], object] = lambda paths: None,
+) -> list[str]:
+    """Every file a load of `folder` reads, chosen from `listing` (paths in the repository), stage by stage: the small
+    files, then the weight files the configs call for, then the shards their indexes name. `have(paths)` is called
+    with each stage before the next one reads it (a download fetches the files there). MissingFilesError names what
+    `listing` lacks."""
+    if "model_index.json" not in listing:
+        raise MissingFilesError("no model_index.json")
+    have(["model_index.json"])
+    check_model_index(folder)
+    small = metadata_files(listing)
+    have(small)
+    cfg = read_pipeline_config(folder)
+    big = [listed_weight_file(listing, c, variant, dtype) for c in weight_files_needed(cfg)]
+    have(big)
+    shards = [s for path in big if path.endswith(".index.json") for s in shard_files(folder / path, path.split("/")[0])]
+    missing = [s for s in shards if s not in listing]
+    if missing:
+        raise MissingFilesError(f"no {', '.join(missing)} (named by its shard index)")
+    have(shards)
+    return [*small, *big, *shards]

@@ -106,7 +106,7 @@ def bench(
     from ..device import configure_cpu_threads
     from ..files import atomic_write, check_writable
     from ..pipeline.fastpath import Acceleration
-    from .common import model_settings
+    from .common import ModelFlags, model_settings
 
     out = Output(quiet=quiet, json_mode=json_out)
     settings = BenchSettings(
@@ -148,7 +148,7 @@ def bench(
         settings,
         model=model,
         architecture=config,
-        device=model_settings(device=device)["device"],  # flag > VQDIFF_DEVICE > config file > auto
+        device=model_settings(ModelFlags(device=device))["device"],  # flag > VQDIFF_DEVICE > config file > auto
         acceleration=Acceleration(compile, cuda_graphs),
         on_progress=out.info,
         on_update=save,

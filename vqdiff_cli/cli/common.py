@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,16 +56,26 @@ def load_model(
     return pipe
 
 
-MODEL_KEYS = ("model", "revision", "variant", "device", "dtype", "cache_dir")
+@dataclass(frozen=True, kw_only=True)
+class ModelFlags:
+    """The flags that name a model and how to load it, each under the key of the setting it sets (None: not given)."""
+
+    model: str | None = None
+    revision: str | None = None
+    variant: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    cache_dir: Path | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def model_settings(**flags: str | Path | None) -> Resolved:
+def model_settings(flags: ModelFlags) -> Resolved:
     """The model settings (flag > env > config > default) of a command that loads or fetches a model."""
-    from .settings import read_config, resolve
+    from .settings import load
 
-    config, config_file = read_config()
-    flags = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}
-    return resolve(flags, config=config, config_file=config_file, keys=MODEL_KEYS)
+    return load(flags.settings(), keys=tuple(flags.settings()))
 
 
 def cache_dir_of(settings: Resolved) -> Path | None:
@@ -89,9 +100,9 @@ def load_resolved(out: Output, settings: Resolved, *, offline: bool = False, **a
             **acceleration,
         )
     except (UsageError, DeviceError) as e:
-        raise with_origin(e, settings, ("device", "dtype", "variant")) from None
+        raise with_origin(e, settings) from None
 
 
-def load_from_flags(out: Output, *, offline: bool = False, **flags: str | Path | None) -> VQDiffusion:
+def load_from_flags(out: Output, flags: ModelFlags, *, offline: bool = False) -> VQDiffusion:
     """Resolve the model settings and load the model."""
-    return load_resolved(out, model_settings(**flags), offline=offline)
+    return load_resolved(out, model_settings(flags), offline=offline)

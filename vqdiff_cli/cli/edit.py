@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ..options import DEFAULT_STRENGTH, GenerateOptions, InpaintOptions
 from . import naming
+from .common import ModelFlags
 from .console import Output
 from .options import (
     BatchSizeOpt,
@@ -35,10 +37,10 @@ from .options import (
     VariantOpt,
     VisualsOpts,
 )
-from .run import RunPlan, execute
+from .run import RunPlan, RunRequest, SamplingFlags, execute
 
 if TYPE_CHECKING:
-    from ..pipeline.pipeline import GeneratedImage, GenerateOptions, VQDiffusion
+    from ..pipeline.pipeline import GeneratedImage, VQDiffusion
 
 ImageArg = Annotated[
     Path, typer.Argument(help="The image to edit (any size; worked on at the model's size).", show_default=False)
@@ -74,8 +76,10 @@ def inpaint(
             "--mask-mode",
             help="Regenerate a token when any / at least half / all of its pixel patch is painted: any, half or all.",
         ),
-    ] = "any",
-    grow: Annotated[int, typer.Option("--grow", help="Dilate the token mask by this many tokens.")] = 0,
+    ] = InpaintOptions.mask_mode,
+    grow: Annotated[
+        int, typer.Option("--grow", help="Dilate the token mask by this many tokens.")
+    ] = InpaintOptions.grow,
     start_step: Annotated[
         int | None,
         typer.Option(
@@ -91,10 +95,10 @@ def inpaint(
             help="Known tokens after every step: restore (put back) or "
             "renoise (re-noised to the current level, RePaint-style).",
         ),
-    ] = "restore",
+    ] = InpaintOptions.known,
     feather: Annotated[
         int, typer.Option("--feather", help="Pixels over which the composite fades out beyond the mask.")
-    ] = 4,
+    ] = InpaintOptions.feather,
     no_composite: Annotated[
         bool,
         typer.Option(
@@ -108,7 +112,7 @@ def inpaint(
             "--save-token-mask", help="Write the token mask as a PNG (white = regenerated).", show_default=False
         ),
     ] = None,
-    num_images: NumImagesOpt = 1,
+    num_images: NumImagesOpt = GenerateOptions.num_images,
     seed: SeedOpt = None,
     steps: StepsOpt = None,
     stride: StrideOpt = None,
@@ -140,7 +144,6 @@ def inpaint(
     """Regenerate the masked part of an image and keep the rest."""
     from ..images import load_rgb, save_png
     from ..masks import check_mask_painted, load_mask, mask_image, mask_to_image_size
-    from ..options import InpaintOptions
 
     out = Output(quiet=quiet, json_mode=json_out)
     inpaint_options = InpaintOptions(
@@ -155,7 +158,32 @@ def inpaint(
         out,
         mode="inpaint",
         prompts=list(prompt or [""]),
-        params=locals(),
+        model=ModelFlags(
+            model=model, revision=revision, variant=variant, device=device, dtype=dtype, cache_dir=cache_dir
+        ),
+        sampling=SamplingFlags(
+            output=output,
+            steps=steps,
+            stride=stride,
+            guidance=guidance,
+            truncation=truncation,
+            batch_size=batch_size,
+            sampler=sampler,
+        ),
+        request=RunRequest(
+            num_images=num_images,
+            seed=seed,
+            overwrite=overwrite,
+            metadata=not no_metadata,
+            offline=offline,
+            save_tokens=save_tokens,
+            trajectory=trajectory,
+            animate=animate,
+            save_steps=save_steps,
+            compile=compile,
+            cuda_graphs=cuda_graphs,
+            threads=threads,
+        ),
         default_output=f"{naming.literal(image.stem)}-inpaint-{{seed}}.png",
         extra_files=(save_token_mask,) if save_token_mask else (),
     )
@@ -186,7 +214,7 @@ def inpaint(
         if save_token_mask is not None:
             grid = setup.regenerate.numpy()
             save_png(mask_image(grid, pipe.config.vqvae.downsample_factor), save_token_mask, overwrite=overwrite)
-        return pipe.inpaint_iter(setup, plan.prompts, options, inpaint_options, **kw)
+        return pipe.inpaint_iter(setup, plan.jobs, options, inpaint_options, **kw)
 
     execute(out, plan, sample)
 
@@ -196,9 +224,9 @@ def vary(
     strength: Annotated[
         float,
         typer.Option("--strength", help="How far to noise the image's tokens: 0 keeps them, 1 is plain generation."),
-    ] = 0.5,
+    ] = DEFAULT_STRENGTH,
     prompt: PromptOpt = None,
-    num_images: NumImagesOpt = 1,
+    num_images: NumImagesOpt = GenerateOptions.num_images,
     seed: SeedOpt = None,
     steps: StepsOpt = None,
     stride: StrideOpt = None,
@@ -238,7 +266,32 @@ def vary(
         out,
         mode="vary",
         prompts=list(prompt or [""]),
-        params=locals(),
+        model=ModelFlags(
+            model=model, revision=revision, variant=variant, device=device, dtype=dtype, cache_dir=cache_dir
+        ),
+        sampling=SamplingFlags(
+            output=output,
+            steps=steps,
+            stride=stride,
+            guidance=guidance,
+            truncation=truncation,
+            batch_size=batch_size,
+            sampler=sampler,
+        ),
+        request=RunRequest(
+            num_images=num_images,
+            seed=seed,
+            overwrite=overwrite,
+            metadata=not no_metadata,
+            offline=offline,
+            save_tokens=save_tokens,
+            trajectory=trajectory,
+            animate=animate,
+            save_steps=save_steps,
+            compile=compile,
+            cuda_graphs=cuda_graphs,
+            threads=threads,
+        ),
         default_output=f"{naming.literal(image.stem)}-vary-{{seed}}.png",
     )
 
@@ -252,6 +305,6 @@ def vary(
         for warning in source.warnings:
             out.warn(warning)
         plan.extra_metadata["start_step"] = pipe.variation_start(strength)
-        return pipe.vary_iter(source, plan.prompts, strength, options, **kw)
+        return pipe.vary_iter(source, plan.jobs, strength, options, **kw)
 
     execute(out, plan, sample)

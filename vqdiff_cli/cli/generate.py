@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError
+from ..options import GenerateOptions
+from .common import ModelFlags
 from .console import Output
 from .options import (
     BatchSizeOpt,
@@ -34,7 +36,7 @@ from .options import (
     VariantOpt,
     VisualsOpts,
 )
-from .run import RunPlan, execute, read_prompts_file
+from .run import RunPlan, RunRequest, SamplingFlags, execute, read_prompts_file
 
 
 def generate(
@@ -60,7 +62,9 @@ def generate(
             show_default=False,
         ),
     ] = None,
-    num_images: Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt.")] = 1,
+    num_images: Annotated[
+        int, typer.Option("--num-images", "-n", help="Images per prompt.")
+    ] = GenerateOptions.num_images,
     seed: SeedOpt = None,
     steps: StepsOpt = None,
     stride: StrideOpt = None,
@@ -123,7 +127,32 @@ def generate(
         out,
         mode="generate",
         prompts=prompt_list,
-        params=locals(),
+        model=ModelFlags(
+            model=model, revision=revision, variant=variant, device=device, dtype=dtype, cache_dir=cache_dir
+        ),
+        sampling=SamplingFlags(
+            output=output,
+            steps=steps,
+            stride=stride,
+            guidance=guidance,
+            truncation=truncation,
+            batch_size=batch_size,
+            sampler=sampler,
+        ),
+        request=RunRequest(
+            num_images=num_images,
+            seed=seed,
+            overwrite=overwrite,
+            metadata=not no_metadata,
+            offline=offline,
+            save_tokens=save_tokens,
+            trajectory=trajectory,
+            animate=animate,
+            save_steps=save_steps,
+            compile=compile,
+            cuda_graphs=cuda_graphs,
+            threads=threads,
+        ),
         image_settings=metadata.rerun_settings(record) if record else None,
     )
 
@@ -131,4 +160,4 @@ def generate(
         plan.print_dry_run(out)
         return
     # 4. load once, generate everything, write each image as it is finished
-    execute(out, plan, lambda pipe, options, **kw: pipe.generate_iter(plan.prompts, options, **kw))
+    execute(out, plan, lambda pipe, options, **kw: pipe.generate_iter(plan.jobs, options, **kw))

@@ -64,18 +64,16 @@ def config_path_cmd() -> None:
 
 def config_show(json_out: JsonOpt = False) -> None:
     """Print every setting with its value and where it comes from (environment, config file or default)."""
-    from .settings import SETTINGS, read_config, resolve
+    from .settings import SETTINGS, load
 
     out = Output(json_mode=json_out)
-    config, path = read_config()
-    resolved = resolve({}, config=config, config_file=path)
-    rows = {
-        k: {"value": resolved.values[k], "source": resolved.sources[k], "env": SETTINGS[k].env} for k in resolved.values
-    }
+    resolved = load({})
+    path = resolved.config_file
+    assert path is not None
     if json_out:
+        rows = {k: {**row, "env": SETTINGS[k].env} for k, row in resolved.rows().items()}
         out.record({"config_file": str(path), "exists": path.is_file(), "settings": rows})
         return
     out.result(f"config file: {path}" + ("" if path.is_file() else " (not present)"))
-    width = max(len(k) for k in rows)
-    for key, row in rows.items():
-        out.result(f"  {key:<{width}}  {row['value']!s:<32}  {row['source']}")
+    for line in resolved.table():
+        out.result(line)

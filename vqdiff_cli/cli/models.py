@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ..options import DEFAULT_MODEL
-from .common import cache_dir_of, model_settings
+from .common import ModelFlags, cache_dir_of, model_settings
 from .console import LoadReporter, Output
 from .options import (
     CacheDirOpt,
@@ -97,26 +97,31 @@ def download(
     """Fetch a model from the Hub and convert it, so that later runs start fast and work offline."""
     from ..checkpoint.cache import ModelCache
     from ..checkpoint.resolve import prepare
-    from ..device import resolve_device, resolve_dtype
-    from ..errors import UsageError
+    from ..errors import DeviceError, UsageError
+    from .settings import with_origin
 
     out = Output(quiet=quiet, json_mode=json_out)
-    s = model_settings(model=model, revision=revision, variant=variant, dtype=dtype, device=device, cache_dir=cache_dir)
+    s = model_settings(
+        ModelFlags(model=model, revision=revision, variant=variant, device=device, dtype=dtype, cache_dir=cache_dir)
+    )
     model, revision, cache_dir = s["model"], s["revision"], cache_dir_of(s)
     if Path(model).expanduser().exists():
         raise UsageError(f"'{model}' is a local folder: there is nothing to download", hint="pass a Hub repo id")
-    dt = resolve_dtype(s["dtype"], resolve_device(s["device"]))
     out.info(f"preparing {model}" + (f" ({revision})" if revision else ""))
-    with LoadReporter(out) as report:
-        prepared = prepare(
-            model,
-            dtype=dt,
-            variant=s["variant"],
-            revision=revision,
-            offline=offline,
-            cache_dir=cache_dir,
-            on_event=report,
-        )
+    try:
+        with LoadReporter(out) as report:
+            prepared = prepare(
+                model,
+                device=s["device"],  # only named: the weights are prepared for it, which needs no such device here
+                dtype=s["dtype"],
+                variant=s["variant"],
+                revision=revision,
+                offline=offline,
+                cache_dir=cache_dir,
+                on_event=report,
+            )
+    except (UsageError, DeviceError) as e:
+        raise with_origin(e, s) from None
     assert prepared.entry is not None
     if json_out:
         out.record(entry_record(prepared.entry, ModelCache(cache_dir)))
@@ -130,7 +135,7 @@ def list_models(cache_dir: CacheDirOpt = None, json_out: JsonOpt = False) -> Non
     from ..checkpoint.cache import ModelCache
 
     out = Output(json_mode=json_out)
-    cache = ModelCache(cache_dir_of(model_settings(cache_dir=cache_dir)))
+    cache = ModelCache(cache_dir_of(model_settings(ModelFlags(cache_dir=cache_dir))))
     entries = cache.entries()
     if not entries:
         out.info(f"no models in {cache.root}")
@@ -157,7 +162,7 @@ def model_path(
     from ..checkpoint.cache import ModelCache
 
     out = Output(json_mode=json_out)
-    cache = ModelCache(cache_dir_of(model_settings(cache_dir=cache_dir)))
+    cache = ModelCache(cache_dir_of(model_settings(ModelFlags(cache_dir=cache_dir))))
     entries = _matching(cache, model, revision, dtype)
     if not entries:
         raise _none_cached(model, cache)
@@ -180,7 +185,7 @@ def remove_model(
     from ..errors import UsageError
 
     out = Output(json_mode=json_out)
-    cache = ModelCache(cache_dir_of(model_settings(cache_dir=cache_dir)))
+    cache = ModelCache(cache_dir_of(model_settings(ModelFlags(cache_dir=cache_dir))))
     entries = _matching(cache, model, revision)
     if not entries:
         raise _none_cached(model, cache)

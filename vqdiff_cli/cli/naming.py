@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 import string
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
+from ..options import Job
 
 FIELDS = ("prompt", "seed", "index", "step")
 SLUG_MAX = 60
@@ -24,13 +24,6 @@ def slugify(text: str, max_length: int = SLUG_MAX) -> str:
         cut = slug[:max_length]
         slug = cut.rsplit("-", 1)[0] if "-" in cut[max_length // 2 :] else cut
     return slug.strip("-") or "image"
-
-
-@dataclass(frozen=True)
-class Item:
-    prompt: str
-    seed: int
-    index: int
 
 
 class _AnyStep:
@@ -57,10 +50,10 @@ def check_template(template: str) -> None:
             )
 
 
-def render(template: str, item: Item, step: int | _AnyStep = 0) -> str:
+def render(template: str, job: Job, step: int | _AnyStep = 0) -> str:
     check_template(template)
     try:
-        return template.format(prompt=slugify(item.prompt), seed=item.seed, index=item.index, step=step)
+        return template.format(prompt=slugify(job.prompt), seed=job.seed, index=job.index, step=step)
     except (ValueError, IndexError, KeyError) as e:
         raise UsageError(f"bad output template '{template}': {e}") from None
 
@@ -69,21 +62,21 @@ def _numbered(path: Path, index: int) -> Path:
     return path.with_name(f"{path.stem}-{index}{path.suffix}")
 
 
-def output_paths(template: str, items: list[Item], step: int | _AnyStep) -> list[Path]:
-    """One path per item; names that would repeat get the item's index appended. `{step}` is the image's final step
+def output_paths(template: str, jobs: list[Job], step: int | _AnyStep) -> list[Path]:
+    """One path per job; names that would repeat get the job's index appended. `{step}` is the image's final step
     (the number of steps it took), or `ANY_STEP` before that is known. A leading `~` is the home folder (templates
     from the config file never pass through a shell)."""
-    rendered = [Path(render(template, item, step)).expanduser() for item in items]
+    rendered = [Path(render(template, job, step)).expanduser() for job in jobs]
     if len(set(rendered)) == len(rendered):
         return rendered
-    return [_numbered(path, item.index) for path, item in zip(rendered, items, strict=True)]
+    return [_numbered(path, job.index) for path, job in zip(rendered, jobs, strict=True)]
 
 
-def step_paths(folder: Path, template: str, item: Item, image_path: Path, num_steps: int) -> list[Path]:
+def step_paths(folder: Path, template: str, job: Job, image_path: Path, num_steps: int) -> list[Path]:
     """Files for the grid before the first step (0) and after every step: the template's name with `{step}` filled
     in, or `<image stem>-step-NNN.png`, inside `folder`."""
     if "{step" in template:
-        names = [Path(render(template, item, step)).name for step in range(num_steps + 1)]
+        names = [Path(render(template, job, step)).name for step in range(num_steps + 1)]
         if len(set(names)) == len(names):
             return [folder / name for name in names]
     width = max(3, len(str(num_steps)))
@@ -120,13 +113,13 @@ def existing_matches(path: Path) -> list[Path]:
     return sorted(p for p in path.parent.iterdir() if matcher.fullmatch(p.name))
 
 
-def existing_step_files(folder: Path, template: str, item: Item, image_path: Path) -> list[Path]:
-    """Files already in `folder` that `step_paths` could name for this item, whatever the number of steps: the run's
+def existing_step_files(folder: Path, template: str, job: Job, image_path: Path) -> list[Path]:
+    """Files already in `folder` that `step_paths` could name for this job, whatever the number of steps: the run's
     step count is known only once the model is loaded, and outputs are checked before that."""
     if not folder.is_dir():
         return []
     patterns = [_name_pattern(f"{image_path.stem}-step-") + r"\d{3,}\.png"]
     if "{step" in template:
-        patterns.append(_name_pattern(Path(render(template, item, ANY_STEP)).name))
+        patterns.append(_name_pattern(Path(render(template, job, ANY_STEP)).name))
     matcher = re.compile("|".join(f"(?:{p})" for p in patterns))
     return sorted(path for path in folder.iterdir() if matcher.fullmatch(path.name))

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
 from ..files import check_folder_writable, check_suffix, check_writable
+from ..options import GenerateOptions, Job, plan_jobs, random_seed
 from . import naming
-from .common import load_resolved
-from .console import Output
-from .settings import DEFAULT_OUTPUT, SETTINGS, Resolved, read_config, resolve, with_origin
+from .common import ModelFlags, load_resolved
+from .console import Output, StepProgress
+from .settings import DEFAULT_OUTPUT, Resolved, load, with_origin
 
 if TYPE_CHECKING:
-    from ..pipeline.pipeline import GeneratedImage, GenerateOptions, StepEvent, VQDiffusion
+    import numpy as np
+
+    from ..pipeline.pipeline import GeneratedImage, StepEvent, VQDiffusion
 
 Sampler = Callable[..., Iterator["GeneratedImage"]]
 
@@ -41,6 +44,45 @@ def read_prompts_file(path: Path) -> list[str]:
     return prompts
 
 
+@dataclass(frozen=True, kw_only=True)
+class SamplingFlags:
+    """The flags of a sampling run's settings, each under the key of the setting it sets (None: not given)."""
+
+    output: str | None = None
+    steps: int | None = None
+    stride: int | None = None
+    guidance: float | None = None
+    truncation: float | None = None
+    batch_size: int | None = None
+    sampler: str | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunRequest:
+    """What a sampling command asks besides its settings: how many images from which seed, and what to write."""
+
+    num_images: int = GenerateOptions.num_images
+    seed: int | None = None  # None: a random one, reported
+    overwrite: bool = False
+    metadata: bool = True
+    offline: bool = False
+    save_tokens: Path | None = None
+    trajectory: Path | None = None
+    animate: str | None = None  # a template like --output
+    save_steps: Path | None = None
+    compile: bool | None = None
+    cuda_graphs: bool | None = None
+    threads: int | None = None
+
+    @property
+    def acceleration(self) -> dict[str, Any]:
+        """What `load_resolved` takes besides the settings."""
+        return {"compile": self.compile, "cuda_graphs": self.cuda_graphs, "threads": self.threads}
+
+
 @dataclass
 class RunPlan:
     """Everything a sampling run will do, resolved and checked."""
@@ -49,18 +91,11 @@ class RunPlan:
     prompts: list[str]
     settings: Resolved
     options: GenerateOptions
-    items: list[naming.Item]
+    jobs: list[Job]
     outputs: list[Path] | None  # None: one PNG to stdout
     seed_was_random: bool
-    metadata: bool
-    overwrite: bool
-    save_tokens: Path | None = None
-    trajectory: Path | None = None
+    request: RunRequest
     animations: list[Path] | None = None
-    animate: str | None = None  # the template of `animations`
-    save_steps: Path | None = None
-    offline: bool = False
-    acceleration: dict[str, Any] = field(default_factory=dict)  # compile, cuda_graphs, threads for load_resolved
     extra_metadata: dict[str, Any] = field(default_factory=dict)
     extra_files: list[Path] = field(default_factory=list)  # written by the command itself (e.g. a token mask)
     _rendered: dict[tuple[str, int], list[Path]] = field(default_factory=dict, repr=False)  # names with a {step}
@@ -72,23 +107,18 @@ class RunPlan:
         *,
         mode: str,
         prompts: list[str],
-        params: Mapping[str, Any],
+        model: ModelFlags,
+        sampling: SamplingFlags,
+        request: RunRequest,
         image_settings: dict[str, Any] | None = None,
         default_output: str | None = None,
         extra_files: tuple[Path, ...] = (),
     ) -> RunPlan:
-        """`params` are the command's parameters (its `locals()`): those named like a setting are flags (None =
-        not given), plus num_images, seed, overwrite, no_metadata and the visual outputs."""
-        from ..options import plan_jobs, random_seed
-        from ..pipeline.pipeline import GenerateOptions
-
-        flags = {k: str(v) if isinstance(v, Path) else v for k, v in params.items() if k in SETTINGS}
-        num_images, seed, overwrite = params["num_images"], params["seed"], params["overwrite"]
-        config, config_file = read_config()
-        settings = resolve(flags, image=image_settings, config=config, config_file=config_file)
-        seed_was_random = seed is None
-        if seed is None:
-            seed = random_seed()
+        """Resolve the settings (`default_output`, the command's own, stands in for the built-in default name), plan
+        the run's images and name and check every output, all before the model loads."""
+        defaults = {"output": default_output} if default_output is not None else None
+        settings = load({**model.settings(), **sampling.settings()}, image=image_settings, defaults=defaults)
+        seed = random_seed() if request.seed is None else request.seed
         try:
             options = GenerateOptions(
                 steps=settings["steps"],
@@ -96,41 +126,30 @@ class RunPlan:
                 guidance_scale=settings["guidance"],
                 truncation_rate=settings["truncation"],
                 seed=seed,
-                num_images=num_images,
+                num_images=request.num_images,
                 batch_size=settings["batch_size"],
                 sampler=settings["sampler"],
             )
         except UsageError as e:
-            raise with_origin(e, settings, SETTINGS) from None
-        items = [naming.Item(job.prompt, job.seed, job.index) for job in plan_jobs(prompts, seed, num_images)]
+            raise with_origin(e, settings) from None
+        jobs = plan_jobs(prompts, seed, request.num_images)
         template = settings["output"]
-        if default_output is not None and settings.sources["output"] == "default":
-            template = default_output
-            settings.values["output"] = template
         to_stdout = template == "-"
-        if to_stdout and len(items) > 1:
-            raise UsageError(f"-o - writes one PNG to stdout, but this run makes {len(items)} images")
+        if to_stdout and len(jobs) > 1:
+            raise UsageError(f"-o - writes one PNG to stdout, but this run makes {len(jobs)} images")
         if to_stdout and out.json_mode:
             raise UsageError("-o - and --json both want stdout; choose one")
-        outputs = None if to_stdout else naming.output_paths(template, items, naming.ANY_STEP)
-        animate = params.get("animate")  # its template is checked as its names are made, below
+        animate = request.animate  # its template is checked as its names are made
         plan = cls(
             mode=mode,
             prompts=prompts,
             settings=settings,
             options=options,
-            items=items,
-            outputs=outputs,
-            seed_was_random=seed_was_random,
-            metadata=not params.get("no_metadata", False),
-            overwrite=overwrite,
-            save_tokens=params.get("save_tokens"),
-            trajectory=params.get("trajectory"),
-            animations=naming.output_paths(animate, items, naming.ANY_STEP) if animate else None,
-            animate=animate,
-            save_steps=params.get("save_steps"),
-            offline=bool(params.get("offline", False)),
-            acceleration={k: params.get(k) for k in ("compile", "cuda_graphs", "threads")},
+            jobs=jobs,
+            outputs=None if to_stdout else naming.output_paths(template, jobs, naming.ANY_STEP),
+            seed_was_random=request.seed is None,
+            request=request,
+            animations=naming.output_paths(animate, jobs, naming.ANY_STEP) if animate else None,
             extra_files=list(extra_files),
         )
         plan.check_outputs()
@@ -138,19 +157,21 @@ class RunPlan:
 
     @property
     def keeps_trajectory(self) -> bool:
-        return bool(self.trajectory or self.animations or self.save_steps)
+        r = self.request
+        return bool(r.trajectory or self.animations or r.save_steps)
 
     def files(self) -> list[Path]:
         """Every file the run writes but the --save-steps frames; a name with `{step}` is still to be filled in."""
         paths = [*(self.outputs or []), *(self.animations or [])]
-        paths += [p for p in (self.save_tokens, self.trajectory) if p is not None]
+        paths += [p for p in (self.request.save_tokens, self.request.trajectory) if p is not None]
         return paths + self.extra_files
 
     def check_outputs(self) -> None:
         """Every file this run writes is new (or --overwrite) and its folder writable; no name is used twice. A name
         whose `{step}` is still to come clashes with any file it could become."""
         formats = [(self.outputs or [], ".png", "an image"), (self.animations or [], ".gif", "an animation")]
-        formats += [([p], ".npy", "a token file") for p in (self.save_tokens, self.trajectory) if p is not None]
+        tokens = (self.request.save_tokens, self.request.trajectory)
+        formats += [([p], ".npy", "a token file") for p in tokens if p is not None]
         for group, suffix, what in formats:
             for path in group:
                 check_suffix(Path(naming.shown(path)), suffix, what)
@@ -163,60 +184,59 @@ class RunPlan:
             if naming.names_a_step(path.parent):
                 raise UsageError(f"{{step}} names files, not folders: {naming.shown(path)}")
             for existing in naming.existing_matches(path):
-                check_writable(existing, self.overwrite)
+                check_writable(existing, self.request.overwrite)
             check_writable(path, overwrite=True)  # the folder
-        if self.save_steps is None:
+        steps = self.request.save_steps
+        if steps is None:
             return
-        check_folder_writable(self.save_steps)  # a file there, or a read-only place, is refused
-        for item in self.items if not self.overwrite else ():
-            frames = naming.existing_step_files(self.save_steps, self.settings["output"], item, self.image_path(item))
+        check_folder_writable(steps)  # a file there, or a read-only place, is refused
+        for job in self.jobs if not self.request.overwrite else ():
+            frames = naming.existing_step_files(steps, self.settings["output"], job, self.image_path(job))
             if frames:
                 check_writable(frames[0], overwrite=False)
 
-    def image_path(self, item: naming.Item, num_steps: int | None = None) -> Path:
+    def image_path(self, job: Job, num_steps: int | None = None) -> Path:
         """Where an image goes once it took `num_steps` steps (None: not known yet), and so the name its
         --save-steps frames take (stdout's image is named as by default)."""
         if not self.outputs:
-            return Path(naming.render(DEFAULT_OUTPUT, item))
-        return self._named(self.outputs, self.settings["output"], item, num_steps)
+            return Path(naming.render(DEFAULT_OUTPUT, job))
+        return self._named(self.outputs, self.settings["output"], job, num_steps)
 
-    def animation_path(self, item: naming.Item, num_steps: int) -> Path:
+    def animation_path(self, job: Job, num_steps: int) -> Path:
         assert self.animations is not None
-        assert self.animate is not None
-        return self._named(self.animations, self.animate, item, num_steps)
+        assert self.request.animate is not None
+        return self._named(self.animations, self.request.animate, job, num_steps)
 
-    def _named(self, paths: list[Path], template: str, item: naming.Item, num_steps: int | None) -> Path:
-        if num_steps is None or not naming.names_a_step(paths[item.index]):
-            return paths[item.index]
+    def _named(self, paths: list[Path], template: str, job: Job, num_steps: int | None) -> Path:
+        if num_steps is None or not naming.names_a_step(paths[job.index]):
+            return paths[job.index]
         if (template, num_steps) not in self._rendered:
-            self._rendered[template, num_steps] = naming.output_paths(template, self.items, num_steps)
-        return self._rendered[template, num_steps][item.index]
+            self._rendered[template, num_steps] = naming.output_paths(template, self.jobs, num_steps)
+        return self._rendered[template, num_steps][job.index]
 
     def print_dry_run(self, out: Output) -> None:
-        rows = {k: {"value": self.settings.values[k], "source": self.settings.sources[k]} for k in self.settings.values}
-        seeds = f"{self.items[0].seed}..{self.items[-1].seed}" if len(self.items) > 1 else str(self.items[0].seed)
+        seeds = f"{self.jobs[0].seed}..{self.jobs[-1].seed}" if len(self.jobs) > 1 else str(self.jobs[0].seed)
         outputs = [naming.shown(p) for p in self.outputs] if self.outputs is not None else ["-"]
         if out.json_mode:
             out.record(
                 {
                     "mode": self.mode,
-                    "settings": rows,
+                    "settings": self.settings.rows(),
                     "prompts": self.prompts,
-                    "seeds": [i.seed for i in self.items],
+                    "seeds": [j.seed for j in self.jobs],
                     "seed_random": self.seed_was_random,
                     "outputs": outputs,
                     "files": [naming.shown(p) for p in self.files()],
-                    "metadata": self.metadata,
+                    "metadata": self.request.metadata,
                 }
             )
             return
-        width = max(len(k) for k in rows)
         out.result(
-            f"{self.mode}: {len(self.items)} image(s) from {len(self.prompts)} prompt(s), seeds {seeds}"
+            f"{self.mode}: {len(self.jobs)} image(s) from {len(self.prompts)} prompt(s), seeds {seeds}"
             + (" (random)" if self.seed_was_random else "")
         )
-        for key, row in rows.items():
-            out.result(f"  {key:<{width}}  {row['value']!s:<32}  {row['source']}")
+        for line in self.settings.table():
+            out.result(line)
         for path in outputs:
             out.result(f"  -> {path}")
 
@@ -242,103 +262,129 @@ def _settings_for_metadata(plan: RunPlan, pipe: VQDiffusion) -> dict[str, Any]:
 def execute(out: Output, plan: RunPlan, sample: Sampler) -> None:
     """Load the model, run `sample(pipe, options, trajectory=..., on_step=...)`, write everything. Images are written
     as they come; only the token grids that --save-tokens and --trajectory write at the end are kept."""
-    import numpy as np
-
-    from .. import metadata
-    from ..images import png_bytes, save_png, save_tokens
-
-    pipe = load_resolved(out, plan.settings, offline=plan.offline, **plan.acceleration)
+    pipe = load_resolved(out, plan.settings, offline=plan.request.offline, **plan.request.acceleration)
     if plan.seed_was_random:
-        out.info(f"seed {plan.items[0].seed} (random)")
-    meta_settings = _settings_for_metadata(plan, pipe)
-    done = 0
-    token_grids: list[np.ndarray] = []  # for --save-tokens
-    trajectories: list[np.ndarray] = []  # for --trajectory
+        out.info(f"seed {plan.jobs[0].seed} (random)")
+    writer = _Writer(out, plan, pipe)
     started = time.perf_counter()
-    with out.progress(len(plan.items), plan.mode) as bar:
+    with out.progress(len(plan.jobs), plan.mode) as bar:
+        for result in sample(pipe, plan.options, trajectory=plan.keeps_trajectory, on_step=_on_step(bar)):
+            writer.write(result)
+    writer.finish()
+    out.info(f"{writer.done} image(s) in {time.perf_counter() - started:.1f} s")
 
-        def on_step(event: StepEvent) -> None:
-            bar.set_total(event.num_steps * event.total_images)
-            first = event.images_done + 1
-            last = event.images_done + event.batch_size
-            images = (
-                f"image {first}/{event.total_images}"
-                if first == last
-                else f"images {first}-{last}/{event.total_images}"
-            )
-            bar.update(event.batch_size, f"step {event.step}/{event.num_steps} {images}")
 
-        batch_started = time.perf_counter()
-        for result in sample(pipe, plan.options, trajectory=plan.keeps_trajectory, on_step=on_step):
-            record = metadata.build(
-                meta_settings,
-                prompt=result.prompt,
-                seed=result.seed,
-                index=result.index,
-                timesteps=result.timesteps,
-                size=result.image.size,
-                mode=plan.mode,
-                extra=plan.extra_metadata,
+def _on_step(bar: StepProgress) -> Callable[[StepEvent], None]:
+    """Progress: a step of a batch of images advances the bar by the batch's size."""
+
+    def on_step(event: StepEvent) -> None:
+        bar.set_total(event.num_steps * event.total_images)
+        first = event.images_done + 1
+        last = event.images_done + event.batch_size
+        images = (
+            f"image {first}/{event.total_images}" if first == last else f"images {first}-{last}/{event.total_images}"
+        )
+        bar.update(event.batch_size, f"step {event.step}/{event.num_steps} {images}")
+
+    return on_step
+
+
+class _Writer:
+    """Writes each finished image (PNG with metadata, or stdout), its visuals and its report line; keeps the token
+    grids that --save-tokens and --trajectory write at the end."""
+
+    def __init__(self, out: Output, plan: RunPlan, pipe: VQDiffusion) -> None:
+        self.out, self.plan, self.pipe = out, plan, pipe
+        self.meta_settings = _settings_for_metadata(plan, pipe)
+        self.max_tokens = pipe.components.text.max_length
+        self.done = 0
+        self.token_grids: list[np.ndarray] = []  # for --save-tokens
+        self.trajectories: list[np.ndarray] = []  # for --trajectory
+        self.batch_started = time.perf_counter()
+
+    def write(self, result: GeneratedImage) -> None:
+        from .. import metadata
+        from ..images import png_bytes, save_png
+
+        plan, out = self.plan, self.out
+        record = metadata.build(
+            self.meta_settings,
+            prompt=result.prompt,
+            seed=result.seed,
+            index=result.index,
+            timesteps=result.timesteps,
+            size=result.image.size,
+            mode=plan.mode,
+            extra=plan.extra_metadata,
+        )
+        text = metadata.png_text(record) if plan.request.metadata else None
+        if plan.outputs is None:
+            sys.stdout.buffer.write(png_bytes(result.image, text))
+            sys.stdout.buffer.flush()
+            path_text = "-"
+        else:
+            path = plan.image_path(plan.jobs[result.index], len(result.timesteps))
+            save_png(result.image, path, text, overwrite=plan.request.overwrite)
+            path_text = str(path)
+        if result.truncated_prompt:
+            out.warn(
+                f"prompt longer than the text encoder's {self.max_tokens} tokens; dropped: {result.truncated_prompt!r}"
             )
-            text = metadata.png_text(record) if plan.metadata else None
-            if plan.outputs is None:
-                sys.stdout.buffer.write(png_bytes(result.image, text))
-                sys.stdout.buffer.flush()
-                path_text = "-"
-            else:
-                path = plan.image_path(plan.items[result.index], len(result.timesteps))
-                save_png(result.image, path, text, overwrite=plan.overwrite)
-                path_text = str(path)
-            if result.truncated_prompt:
-                out.warn(f"prompt longer than the text encoder's 77 tokens; dropped: {result.truncated_prompt!r}")
-            _write_visuals(plan, pipe, result)
-            elapsed = time.perf_counter() - batch_started
-            if out.json_mode:
-                out.record(
-                    {
-                        "path": path_text,
-                        "prompt": result.prompt,
-                        "seed": result.seed,
-                        "index": result.index,
-                        "mode": plan.mode,
-                        "settings": {k: v for k, v in record.items() if k not in ("prompt", "seed", "index")},
-                        "time_s": round(elapsed, 3),
-                    }
-                )
-            elif plan.outputs is not None:
-                out.result(path_text)
-            done += 1
-            if plan.save_tokens is not None:
-                token_grids.append(result.tokens.numpy())
-            if plan.trajectory is not None and result.trajectory is not None:
-                trajectories.append(result.trajectory.numpy())
-            if done % plan.options.batch_size == 0:
-                batch_started = time.perf_counter()
-    if plan.save_tokens is not None:
-        save_tokens(np.stack(token_grids), plan.save_tokens, overwrite=plan.overwrite)
-    if plan.trajectory is not None:
-        grids = np.stack(trajectories, axis=1)
-        save_tokens(grids, plan.trajectory, overwrite=plan.overwrite)
-    out.info(f"{done} image(s) in {time.perf_counter() - started:.1f} s")
+        _write_visuals(plan, self.pipe, result)
+        elapsed = time.perf_counter() - self.batch_started
+        if out.json_mode:
+            settings = {k: v for k, v in record.items() if k not in ("prompt", "seed", "index")}
+            out.record(
+                {
+                    "path": path_text,
+                    "prompt": result.prompt,
+                    "seed": result.seed,
+                    "index": result.index,
+                    "mode": plan.mode,
+                    "settings": settings,
+                    "time_s": round(elapsed, 3),
+                }
+            )
+        elif plan.outputs is not None:
+            out.result(path_text)
+        self.done += 1
+        if plan.request.save_tokens is not None:
+            self.token_grids.append(result.tokens.numpy())
+        if plan.request.trajectory is not None and result.trajectory is not None:
+            self.trajectories.append(result.trajectory.numpy())
+        if self.done % plan.options.batch_size == 0:
+            self.batch_started = time.perf_counter()
+
+    def finish(self) -> None:
+        import numpy as np
+
+        from ..images import save_tokens
+
+        request = self.plan.request
+        if request.save_tokens is not None:
+            save_tokens(np.stack(self.token_grids), request.save_tokens, overwrite=request.overwrite)
+        if request.trajectory is not None:
+            save_tokens(np.stack(self.trajectories, axis=1), request.trajectory, overwrite=request.overwrite)
 
 
 def _write_visuals(plan: RunPlan, pipe: VQDiffusion, result: GeneratedImage) -> None:
     """--animate and --save-steps for one image, from its trajectory."""
-    if result.trajectory is None or not (plan.animations or plan.save_steps):
+    steps = plan.request.save_steps
+    if result.trajectory is None or not (plan.animations or steps):
         return
     from ..images import save_gif, save_png
 
     frames = pipe.render(result.trajectory)
-    item = plan.items[result.index]
+    job = plan.jobs[result.index]
     if plan.animations is not None:
-        save_gif(frames, plan.animation_path(item, len(frames) - 1), overwrite=plan.overwrite)
-    if plan.save_steps is not None:
-        plan.save_steps.mkdir(parents=True, exist_ok=True)
-        image_path = plan.image_path(item, len(frames) - 1)
+        save_gif(frames, plan.animation_path(job, len(frames) - 1), overwrite=plan.request.overwrite)
+    if steps is not None:
+        steps.mkdir(parents=True, exist_ok=True)
+        image_path = plan.image_path(job, len(frames) - 1)
         for frame, path in zip(
             frames,
-            naming.step_paths(plan.save_steps, plan.settings["output"], item, image_path, len(frames) - 1),
+            naming.step_paths(steps, plan.settings["output"], job, image_path, len(frames) - 1),
             strict=True,
         ):
             if path != image_path:  # the last frame, named like the image itself: it is the image
-                save_png(frame, path, overwrite=plan.overwrite)
+                save_png(frame, path, overwrite=plan.request.overwrite)

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError, VqdiffError
-from ..options import DEFAULT_MODEL
+from ..options import DEFAULT_MODEL, GenerateOptions
 
 DEFAULT_OUTPUT = "{prompt}-{seed}.png"
 
 
 @dataclass(frozen=True)
 class Setting:
+    """One setting: its key (as in the config file, and its flag's name), built-in default, type and variable."""
+
     key: str
     default: Any
     kind: type
@@ -37,12 +39,12 @@ SETTINGS: dict[str, Setting] = {
         Setting("device", "auto", str, "VQDIFF_DEVICE"),
         Setting("dtype", "auto", str, "VQDIFF_DTYPE"),
         Setting("output", DEFAULT_OUTPUT, str, "VQDIFF_OUTPUT"),
-        Setting("steps", None, int),
-        Setting("stride", None, int),
-        Setting("guidance", 5.0, float),
-        Setting("truncation", 1.0, float),
-        Setting("batch_size", 1, int),
-        Setting("sampler", "auto", str),
+        Setting("steps", GenerateOptions.steps, int),
+        Setting("stride", GenerateOptions.stride, int),
+        Setting("guidance", GenerateOptions.guidance_scale, float),
+        Setting("truncation", GenerateOptions.truncation_rate, float),
+        Setting("batch_size", GenerateOptions.batch_size, int),
+        Setting("sampler", GenerateOptions.sampler, str),
         Setting("cache_dir", None, str, "VQDIFF_CACHE_DIR"),
     )
 }
@@ -100,25 +102,51 @@ def read_config(path: Path | None = None) -> tuple[dict[str, Any], Path]:
 
 @dataclass(frozen=True)
 class Resolved:
-    values: dict[str, Any]
-    sources: dict[str, str]
+    """Every setting's value and where it came from ("flag", "image", "env VQDIFF_...", "config <file>", "default")."""
+
+    values: Mapping[str, Any]
+    sources: Mapping[str, str]
+    config_file: Path | None = None  # the config file that was read (it need not exist)
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
 
+    def rows(self) -> dict[str, dict[str, Any]]:
+        """Each setting as `{"value": ..., "source": ...}`, for --json."""
+        return {k: {"value": v, "source": self.sources[k]} for k, v in self.values.items()}
 
-def with_origin(error: VqdiffError, settings: Resolved, keys: Iterable[str]) -> VqdiffError:
-    """`error` (about one of `keys`, named as its flag `--key` or as `key '...'`) saying where the value came from
-    when that was not a flag: a bad value in the config file or the environment is not the command line's fault."""
+    def table(self) -> list[str]:
+        """Each setting on a line: key, value, source (what `vqdiff config show` and --dry-run print)."""
+        width = max(len(k) for k in self.values)
+        return [f"  {k:<{width}}  {v!s:<32}  {self.sources[k]}" for k, v in self.values.items()]
+
+
+def with_origin(error: VqdiffError, settings: Resolved) -> VqdiffError:
+    """`error`, saying where the values of the settings it is about came from when that was not a flag: a bad value
+    in the config file or the environment is not the command line's fault."""
     origins = [
         f"{key} from {settings.sources[key]}"
-        for key in keys
+        for key in error.about
         if settings.sources.get(key, "flag") not in ("flag", "default")
-        and ("--" + key.replace("_", "-") in error.message or f"{key} '" in error.message)
     ]
     if not origins:
         return error
-    return type(error)(f"{error.message} ({'; '.join(origins)})", error.hint)
+    return error.with_message(f"{error.message} ({'; '.join(origins)})")
+
+
+def load(
+    flags: Mapping[str, Any],
+    *,
+    image: Mapping[str, Any] | None = None,
+    keys: tuple[str, ...] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> Resolved:
+    """The settings of one command: its flags over the image's metadata, the environment, the config file and the
+    defaults (`defaults` stand in for built-in ones: a command's own default output name, say). The one resolver
+    every command uses; a flag given as None counts as not given, and Path values are kept as text."""
+    config, config_file = read_config()
+    flags = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}
+    return resolve(flags, image=image, config=config, config_file=config_file, keys=keys, defaults=defaults)
 
 
 def resolve(
@@ -129,6 +157,7 @@ def resolve(
     config: Mapping[str, Any] | None = None,
     config_file: Path | None = None,
     keys: tuple[str, ...] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> Resolved:
     """Merge the layers for `keys` (default: every setting); a flag given as None counts as not given."""
     env = os.environ if env is None else env
@@ -166,6 +195,6 @@ def resolve(
                 sources[key] = f"{name} {SETTINGS[key].env}" if name == "env" else name
                 break
         else:
-            values[key] = SETTINGS[key].default
+            values[key] = (defaults or {}).get(key, SETTINGS[key].default)
             sources[key] = "default"
-    return Resolved(values, sources)
+    return Resolved(values, sources, config_file)

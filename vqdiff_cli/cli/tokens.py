@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import load_from_flags
+from .common import ModelFlags, load_from_flags
 from .console import Output
 from .options import (
     CacheDirOpt,
@@ -63,16 +63,8 @@ def encode(
     check_suffix(output, ".npy", "a token file")
     check_writable(output, overwrite)
     pictures = [load_rgb(p) for p in images]
-    pipe = load_from_flags(
-        out,
-        offline=offline,
-        model=model,
-        revision=revision,
-        variant=variant,
-        device=device,
-        dtype=dtype,
-        cache_dir=cache_dir,
-    )
+    flags = ModelFlags(model=model, revision=revision, variant=variant, device=device, dtype=dtype, cache_dir=cache_dir)
+    pipe = load_from_flags(out, flags, offline=offline)
     grids = pipe.encode(pictures, keep_size=keep_size)
     shapes = sorted({tuple(g.shape) for g in grids})
     if len(shapes) > 1:
@@ -101,25 +93,18 @@ def decode(
 
     from ..files import check_suffix, check_writable
     from ..images import load_tokens, save_png
-    from .naming import Item, literal, output_paths
+    from ..options import Job
+    from .naming import literal, output_paths
 
     out = Output(quiet=quiet)
     refuse_stdout(output)
     check_suffix(output, ".png", "an image")
     grids = torch.from_numpy(load_tokens(tokens))
-    paths = output_paths(literal(str(output)), [Item("", 0, i) for i in range(grids.shape[0])], step=0)
+    paths = output_paths(literal(str(output)), [Job("", 0, i) for i in range(grids.shape[0])], step=0)
     for path in paths:
         check_writable(path, overwrite)
-    pipe = load_from_flags(
-        out,
-        offline=offline,
-        model=model,
-        revision=revision,
-        variant=variant,
-        device=device,
-        dtype=dtype,
-        cache_dir=cache_dir,
-    )
+    flags = ModelFlags(model=model, revision=revision, variant=variant, device=device, dtype=dtype, cache_dir=cache_dir)
+    pipe = load_from_flags(out, flags, offline=offline)
     for path, picture in zip(paths, pipe.decode(grids), strict=True):
         save_png(picture, path, overwrite=overwrite)
         out.result(str(path))

@@ -15,7 +15,7 @@ from .. import images as imageio
 from ..checkpoint.load import Components, load_components
 from ..checkpoint.resolve import LoadCallback, prepare
 from ..config import PipelineConfig
-from ..device import dtype_name, resolve_device, resolve_dtype
+from ..device import dtype_name, resolve_device
 from ..diffusion.sampler import TextContext
 from ..diffusion.schedule import MaskAndReplaceSchedule
 from ..errors import UsageError
@@ -67,21 +67,23 @@ class LoadedModel:
         either falls back to plain execution when unavailable, noted in `acceleration_notes`.
         """
         if variant not in VARIANTS:
-            raise UsageError(f"unknown variant '{variant}'", hint=f"use one of: {', '.join(VARIANTS)}")
-        dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev)
+            raise UsageError(
+                f"unknown variant '{variant}'", hint=f"use one of: {', '.join(VARIANTS)}", about=("variant",)
+            )
+        dev = resolve_device(device)  # before any download: the model runs here
         prepared = prepare(
             model,
-            dtype=dt,
+            device=str(dev),
+            dtype=dtype,
             variant=variant,
             revision=revision,
             offline=offline,
             cache_dir=Path(cache_dir) if cache_dir is not None else None,
             on_event=on_progress,
         )
-        components = load_components(prepared.folder, dev, dt, variant)
+        components = load_components(prepared.folder, dev, prepared.dtype, variant)
         source = ModelSource(prepared.name, prepared.folder, prepared.commit)
-        return cls(components, dev, dt, source, Acceleration(compile, cuda_graphs))
+        return cls(components, dev, prepared.dtype, source, Acceleration(compile, cuda_graphs))
 
     # -- properties -------------------------------------------------------------------------------------------
 

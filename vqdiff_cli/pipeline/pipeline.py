@@ -10,7 +10,7 @@ The library never prints and never exits: progress leaves through the `on_step` 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from ..diffusion.start import Noise, StartFn, all_masked, inpaint_start, variati
 from ..errors import UsageError
 
 # Re-exported (`X as X`): `vqdiff_cli.__getattr__` and callers import the public API's names from here.
-from ..options import DEFAULT_STRENGTH, InpaintOptions, Job, plan_jobs, random_seed
+from ..options import DEFAULT_STRENGTH, InpaintOptions, Job, Prompts, as_jobs
 from ..options import GenerateOptions as GenerateOptions
 from . import editing
 from .editing import EditSource, InpaintSetup
@@ -47,7 +47,7 @@ class VQDiffusion(LoadedModel):
 
     def generate(
         self,
-        prompts: str | Sequence[str],
+        prompts: Prompts,
         options: GenerateOptions | None = None,
         *,
         trajectory: bool = False,
@@ -57,13 +57,14 @@ class VQDiffusion(LoadedModel):
 
     def generate_iter(
         self,
-        prompts: str | Sequence[str],
+        prompts: Prompts,
         options: GenerateOptions | None = None,
         *,
         trajectory: bool = False,
         on_step: StepCallback | None = None,
     ) -> Iterator[GeneratedImage]:
-        """Yield images as their batch finishes: `num_images` per prompt, image i seeded with seed + i."""
+        """Yield images as their batch finishes: `num_images` per prompt, image i seeded with seed + i (or the jobs of a
+        run planned with `plan_jobs`, as they are)."""
         options = options or GenerateOptions()
         n = self.config.transformer.num_latent_pixels
 
@@ -91,7 +92,7 @@ class VQDiffusion(LoadedModel):
         self,
         image: Image.Image,
         mask: Image.Image | np.ndarray,
-        prompts: str | Sequence[str] = "",
+        prompts: Prompts = "",
         options: GenerateOptions | None = None,
         inpaint_options: InpaintOptions | None = None,
         *,
@@ -105,7 +106,7 @@ class VQDiffusion(LoadedModel):
     def inpaint_iter(
         self,
         setup: InpaintSetup,
-        prompts: str | Sequence[str] = "",
+        prompts: Prompts = "",
         options: GenerateOptions | None = None,
         inpaint_options: InpaintOptions | None = None,
         *,
@@ -129,7 +130,7 @@ class VQDiffusion(LoadedModel):
     def vary(
         self,
         image: Image.Image,
-        prompts: str | Sequence[str] = "",
+        prompts: Prompts = "",
         strength: float = DEFAULT_STRENGTH,
         options: GenerateOptions | None = None,
         *,
@@ -144,7 +145,7 @@ class VQDiffusion(LoadedModel):
     def vary_iter(
         self,
         source: EditSource,
-        prompts: str | Sequence[str] = "",
+        prompts: Prompts = "",
         strength: float = DEFAULT_STRENGTH,
         options: GenerateOptions | None = None,
         *,
@@ -175,7 +176,7 @@ class VQDiffusion(LoadedModel):
 
     def run_sampling(
         self,
-        prompts: str | Sequence[str],
+        prompts: Prompts,
         options: GenerateOptions,
         timesteps: tuple[int, ...],
         start: StartFn,
@@ -184,11 +185,7 @@ class VQDiffusion(LoadedModel):
     ) -> Iterator[GeneratedImage]:
         """The shared driver: jobs and seeds, then batch by batch from `start`. A prompt is encoded once for all its
         images (they are consecutive), and only the prompts of the batch at hand are held."""
-        prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompt_list:
-            raise UsageError("no prompts given")
-        seed = random_seed() if options.seed is None else options.seed
-        jobs = plan_jobs(prompt_list, seed, options.num_images)
+        jobs = as_jobs(prompts, options.seed, options.num_images)
         states: dict[str, torch.Tensor] = {}
         truncated: dict[str, str] = {}
         for first in range(0, len(jobs), options.batch_size):
