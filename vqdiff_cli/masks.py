@@ -3,6 +3,7 @@ token grid (coverage, mask mode, grow), and the feathered alpha that composites 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -139,7 +140,7 @@ def mask_to_image_size(mask: np.ndarray, image_size: tuple[int, int]) -> np.ndar
 
     A larger mask is shrunk so that an image pixel is painted when any mask pixel inside it is: a stroke thinner than
     an image pixel is kept, and the result is painted exactly when the mask is. A smaller mask is enlarged by nearest
-    neighbour. Token coverage is measured on the mask itself (`regenerate_mask`), not on this.
+    neighbour. Token coverage is measured on the mask itself (`FittedMask.painted`), not on this.
     """
     mh, mw = mask.shape
     w, h = image_size
@@ -162,10 +163,30 @@ def check_mask_painted(mask: np.ndarray, name: str = "the mask") -> None:
         raise UsageError(f"{name} is empty: nothing is painted white", hint="white marks what to regenerate")
 
 
-def regenerate_mask(mask: np.ndarray, grid: tuple[int, int], options: InpaintOptions) -> np.ndarray:
-    """The token mask (h, w) for a pixel mask, with errors for masks that select nothing."""
-    check_mask_painted(mask)
-    marked = tokens_to_regenerate(token_coverage(mask, grid), options.mask_mode, options.grow)
+@dataclass(frozen=True)
+class FittedMask:
+    """A pixel mask checked once against the image it edits (the same aspect ratio, something painted), at its own
+    resolution, where token coverage is measured, and at the image's size, for the composite."""
+
+    painted: np.ndarray  # (h, w) bool, True = regenerate, at the mask's own resolution
+    at_image: np.ndarray  # (H, W) bool at the image's size
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.at_image.shape[1], self.at_image.shape[0]
+
+
+def fit_mask(mask: Image.Image | np.ndarray, image_size: tuple[int, int], name: str = "the mask") -> FittedMask:
+    """Check a mask (an image, white = regenerate, or a bool array) against an image of `image_size` (W, H)."""
+    painted = (mask if isinstance(mask, np.ndarray) else mask_values(mask) >= 0.5).astype(bool)
+    at_image = mask_to_image_size(painted, image_size)  # checks the aspect ratio
+    check_mask_painted(at_image, name)  # painted exactly when `painted` is: resizing keeps every painted pixel
+    return FittedMask(painted, at_image)
+
+
+def regenerate_mask(mask: FittedMask, grid: tuple[int, int], options: InpaintOptions) -> np.ndarray:
+    """The token mask (h, w) for a fitted pixel mask, with an error for one that selects no token."""
+    marked = tokens_to_regenerate(token_coverage(mask.painted, grid), options.mask_mode, options.grow)
     if not marked.any():
         raise UsageError(
             f"the mask covers no whole token with --mask-mode {options.mask_mode}",

@@ -143,7 +143,7 @@ def inpaint(
 ) -> None:
     """Regenerate the masked part of an image and keep the rest."""
     from ..images import load_rgb, save_png
-    from ..masks import check_mask_painted, load_mask, mask_image, mask_to_image_size
+    from ..masks import fit_mask, load_mask, mask_image
 
     out = Output(quiet=quiet, json_mode=json_out)
     inpaint_options = InpaintOptions(
@@ -151,8 +151,7 @@ def inpaint(
     )
     # 1. inputs, read and checked before anything loads
     picture = load_rgb(image)
-    pixels = load_mask(mask)  # at its own size: token coverage is measured there
-    check_mask_painted(mask_to_image_size(pixels, picture.size), f"the mask {mask}")  # checks the aspect ratio too
+    fitted = fit_mask(load_mask(mask), picture.size, f"the mask {mask}")  # checked once, before the model loads
     # 2. settings and outputs
     plan = RunPlan.build(
         out,
@@ -203,7 +202,7 @@ def inpaint(
 
     # 3. load, reduce the mask to tokens, pick the start step, sample
     def sample(pipe: VQDiffusion, options: GenerateOptions, **kw: Any) -> Iterator[GeneratedImage]:
-        setup = pipe.prepare_inpaint(picture, pixels, inpaint_options)
+        setup = pipe.prepare_inpaint(picture, fitted, inpaint_options)
         for warning in setup.warnings:
             out.warn(warning)
         out.info(

@@ -76,15 +76,16 @@ def prepare_edit(
 
 def prepare_inpaint(
     source: EditSource,
-    mask: Image.Image | np.ndarray,
+    mask: Image.Image | np.ndarray | masks.FittedMask,
     options: InpaintOptions,
     schedule: MaskAndReplaceSchedule,
 ) -> InpaintSetup:
-    """The token mask (measured on the mask at its own resolution), the start step, and the composite's alpha."""
+    """The token mask (measured on the mask at its own resolution), the start step, and the composite's alpha. A mask
+    fitted to this image already (`masks.fit_mask`, as the CLI does before the model loads) is not checked again."""
     grid = (source.tokens.shape[0], source.tokens.shape[1])
-    painted = (mask if isinstance(mask, np.ndarray) else masks.mask_values(mask) >= 0.5).astype(bool)
-    pixels = masks.mask_to_image_size(painted, source.original.size)  # checks the aspect ratio; the composite's mask
-    regenerate = torch.from_numpy(masks.regenerate_mask(painted, grid, options))  # at the mask's resolution
+    if not (isinstance(mask, masks.FittedMask) and mask.image_size == source.original.size):
+        mask = masks.fit_mask(mask if not isinstance(mask, masks.FittedMask) else mask.painted, source.original.size)
+    regenerate = torch.from_numpy(masks.regenerate_mask(mask, grid, options))
     t_max = schedule.num_timesteps - 1
     if options.start_step is not None and options.start_step > t_max:
         raise UsageError(f"--start-step must be between 0 and {t_max}, got {options.start_step}")
@@ -97,7 +98,7 @@ def prepare_inpaint(
         start = start_step_for(schedule, float(regenerate.float().mean()))
     if bool(regenerate.all()):
         warnings.append("the mask covers every token: this is plain generation from the prompt")
-    alpha = masks.feather(pixels, options.feather) if options.composite else None
+    alpha = masks.feather(mask.at_image, options.feather) if options.composite else None
     return InpaintSetup(source.original, source.native, source.tokens, warnings, regenerate, start, alpha)
 
 

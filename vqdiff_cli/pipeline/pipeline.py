@@ -20,6 +20,7 @@ from ..diffusion.fast import FastPlan, denoise_fast
 from ..diffusion.sampler import KnownTokens, TextContext, denoise
 from ..diffusion.start import Noise, StartFn, all_masked, inpaint_start, variation_start
 from ..errors import UsageError
+from ..masks import FittedMask
 
 # Re-exported (`X as X`): `vqdiff_cli.__getattr__` and callers import the public API's names from here.
 from ..options import DEFAULT_STRENGTH, InpaintOptions, Job, Prompts, as_jobs
@@ -83,7 +84,7 @@ class VQDiffusion(LoadedModel):
         )
 
     def prepare_inpaint(
-        self, image: Image.Image, mask: Image.Image | np.ndarray, options: InpaintOptions | None = None
+        self, image: Image.Image, mask: Image.Image | np.ndarray | FittedMask, options: InpaintOptions | None = None
     ) -> InpaintSetup:
         """Everything inpainting needs before sampling: tokens, the token mask, the start step, the composite."""
         return editing.prepare_inpaint(self.prepare_edit(image), mask, options or InpaintOptions(), self.schedule)
@@ -91,7 +92,7 @@ class VQDiffusion(LoadedModel):
     def inpaint(
         self,
         image: Image.Image,
-        mask: Image.Image | np.ndarray,
+        mask: Image.Image | np.ndarray | FittedMask,
         prompts: Prompts = "",
         options: GenerateOptions | None = None,
         inpaint_options: InpaintOptions | None = None,
