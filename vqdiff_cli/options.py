@@ -18,6 +18,7 @@ VARIANTS = ("auto", "fp16", "fp32")
 MASK_MODES = ("any", "half", "all")
 KNOWN_MODES = ("restore", "renoise")
 DEFAULT_MODEL = "microsoft/vq-diffusion-ithq"
+DEFAULT_ARCHITECTURE = "ithq"  # the configs shipped in vqdiff_cli/configs/, for random-weight models
 DEFAULT_STRENGTH = 0.5  # how far a variation noises the image: 0 keeps it, 1 is plain generation
 
 

@@ -8,9 +8,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..device import DTYPES
 from ..errors import UsageError
-from ..options import GenerateOptions
+from ..options import DTYPE_CHOICES, GenerateOptions
 
 SCHEMA = "vqdiff.bench/1"
 BASELINE = "diffusers"  # the engine every other one is compared with
@@ -27,8 +26,8 @@ class BenchSettings:
     warmup: int = 1
     phases_only: bool = False
     vs_diffusers: bool = False
-    guidance_scale: float = 5.0
-    truncation_rate: float = 1.0
+    guidance_scale: float = GenerateOptions.guidance_scale
+    truncation_rate: float = GenerateOptions.truncation_rate
     sampling_timesteps: tuple[int, ...] = (99, 50, 1)  # the step math is also timed at t = 0 (the final step)
     transformer_timestep: int = 50
     max_run_seconds: float = 300.0
@@ -42,8 +41,8 @@ class BenchSettings:
         if not self.steps or min(self.steps) < 1 or not self.batches or min(self.batches) < 1:
             raise UsageError("--steps and --batch need positive values")
         for dt in (*self.dtypes, *self.diffusers_dtypes):
-            if dt not in DTYPES:
-                raise UsageError(f"unknown dtype '{dt}'", hint=f"use one of: {', '.join(DTYPES)}")
+            if dt not in DTYPE_CHOICES or dt == "auto":
+                raise UsageError(f"unknown dtype '{dt}'", hint=f"use one of: {', '.join(DTYPE_CHOICES[1:])}")
         for s in self.samplers:
             if s not in ("reference", "fast"):
                 raise UsageError(f"unknown sampler '{s}'", hint="use reference or fast")

@@ -26,6 +26,7 @@ import torch
 from ..checkpoint.layout import CONFIG_FILES, read_json
 from ..device import DTYPES, device_name, native_dtypes, resolve_device
 from ..errors import UsageError
+from ..options import DEFAULT_ARCHITECTURE
 from ..pipeline.fastpath import Acceleration
 from ..pipeline.pipeline import ModelSource, VQDiffusion
 from ..version import __version__
@@ -113,7 +114,7 @@ def run_bench(
     settings: BenchSettings,
     *,
     model: Path | None = None,
-    architecture: str = "ithq",
+    architecture: str = DEFAULT_ARCHITECTURE,
     device: str = "auto",
     acceleration: Acceleration | None = None,
     on_progress: Callable[[str], None] | None = None,

@@ -18,6 +18,7 @@ import torch
 
 from ..config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig, VQVAEConfig
 from ..errors import UsageError
+from ..options import DEFAULT_ARCHITECTURE
 
 if TYPE_CHECKING:
     from .load import Components
@@ -34,7 +35,7 @@ _CONFIG_FILES = {
 _OLD_VQ_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
 
-def shipped_configs(name: str = "ithq") -> dict[str, dict[str, Any]]:
+def shipped_configs(name: str = DEFAULT_ARCHITECTURE) -> dict[str, dict[str, Any]]:
     """The JSON configs of a known architecture, keyed by component (plus 'model_index')."""
     folder = resources.files("vqdiff_cli") / "configs" / name
     out = {c: json.loads((folder / f).read_text(encoding="utf-8")) for c, f in _CONFIG_FILES.items()}
@@ -220,7 +221,7 @@ def _empty(cls: Any, cfg: Any) -> torch.nn.Module:
 
 def write_random_checkpoint(
     folder: Path,
-    name: str = "ithq",
+    name: str = DEFAULT_ARCHITECTURE,
     *,
     fmt: str = "bin",
     seed: int = 0,

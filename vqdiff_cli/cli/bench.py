@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ..bench.report import BenchSettings
 from ..errors import UsageError
+from ..options import DEFAULT_ARCHITECTURE
 from .console import Output
 from .options import CompileOpt, CudaGraphsOpt, DeviceOpt, OverwriteOpt, QuietOpt, ThreadsOpt
 
@@ -26,6 +28,10 @@ def _ints(flag: str, text: str) -> tuple[int, ...]:
     if not values:
         raise UsageError(f"{flag} needs at least one value")
     return values
+
+
+def _listed(values: tuple[int, ...]) -> str:
+    return ",".join(str(v) for v in values)
 
 
 def _words(text: str | None) -> tuple[str, ...]:
@@ -48,7 +54,7 @@ def bench(
     ] = None,
     config: Annotated[
         str, typer.Option("--config", help="Architecture of the random weights: a shipped name or a config folder.")
-    ] = "ithq",
+    ] = DEFAULT_ARCHITECTURE,
     device: DeviceOpt = None,
     dtype: Annotated[
         str | None,
@@ -57,19 +63,23 @@ def bench(
             help="Comma-separated dtypes (default: float32, plus bfloat16 if native, on CPU; float16,bfloat16 on GPU).",
         ),
     ] = None,
-    steps: Annotated[str, typer.Option("--steps", help="Comma-separated step counts.")] = "100,25,10",
-    batch: Annotated[str, typer.Option("--batch", help="Comma-separated batch sizes.")] = "1,4,16",
+    steps: Annotated[str, typer.Option("--steps", help="Comma-separated step counts.")] = _listed(BenchSettings.steps),
+    batch: Annotated[str, typer.Option("--batch", help="Comma-separated batch sizes.")] = _listed(
+        BenchSettings.batches
+    ),
     sampler: Annotated[
         str | None,
         typer.Option("--sampler", help="Comma-separated: reference, fast (default: fast on CUDA, both on CPU)."),
     ] = None,
-    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs per figure (the median is reported).")] = 3,
+    repeats: Annotated[
+        int, typer.Option("--repeats", help="Timed runs per figure (the median is reported).")
+    ] = BenchSettings.repeats,
     warmup: Annotated[
         int,
         typer.Option(
             "--warmup", help="Untimed runs before the timed ones (end to end: 2-step runs, once per batch size)."
         ),
-    ] = 1,
+    ] = BenchSettings.warmup,
     phases_only: Annotated[
         bool, typer.Option("--phases-only", help="Only the phases; end-to-end figures are derived from them.")
     ] = False,
@@ -80,12 +90,16 @@ def bench(
         str | None,
         typer.Option("--diffusers-dtype", help="Comma-separated dtypes for diffusers (default: those of --dtype)."),
     ] = None,
-    guidance: Annotated[float, typer.Option("--guidance", "-g", help="Classifier-free guidance scale.")] = 5.0,
-    truncation: Annotated[float, typer.Option("--truncation", "-t", help="Truncation rate in (0, 1].")] = 1.0,
+    guidance: Annotated[
+        float, typer.Option("--guidance", "-g", help="Classifier-free guidance scale.")
+    ] = BenchSettings.guidance_scale,
+    truncation: Annotated[
+        float, typer.Option("--truncation", "-t", help="Truncation rate in (0, 1].")
+    ] = BenchSettings.truncation_rate,
     max_run_seconds: Annotated[
         float,
         typer.Option("--max-run-seconds", help="Skip end-to-end runs estimated to take longer (derived instead)."),
-    ] = 300.0,
+    ] = BenchSettings.max_run_seconds,
     peak_tflops: Annotated[
         float | None,
         typer.Option("--peak-tflops", help="The device's dense peak, TFLOP/s (default: a table of GPUs)."),
@@ -101,7 +115,6 @@ def bench(
     quiet: QuietOpt = False,
 ) -> None:
     """Measure speed: per phase and end to end, seconds per image and images per second."""
-    from ..bench.report import BenchSettings
     from ..bench.run import run_bench
     from ..device import configure_cpu_threads
     from ..files import atomic_write, check_writable

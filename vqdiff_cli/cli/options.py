@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from ..options import DEFAULT_MODEL
+from ..options import DEFAULT_MODEL, GenerateOptions
 
 
 def _h(text: str, default: object) -> str:
@@ -92,7 +92,10 @@ StrideOpt = Annotated[
 GuidanceOpt = Annotated[
     float | None,
     typer.Option(
-        "--guidance", "-g", help=_h("Classifier-free guidance scale; 1 turns it off.", 5.0), show_default=False
+        "--guidance",
+        "-g",
+        help=_h("Classifier-free guidance scale; 1 turns it off.", GenerateOptions.guidance_scale),
+        show_default=False,
     ),
 ]
 TruncationOpt = Annotated[
@@ -100,14 +103,17 @@ TruncationOpt = Annotated[
     typer.Option(
         "--truncation",
         "-t",
-        help=_h("Keep the most likely classes holding this much probability.", 1.0),
+        help=_h("Keep the most likely classes holding this much probability.", GenerateOptions.truncation_rate),
         show_default=False,
     ),
 ]
 BatchSizeOpt = Annotated[
     int | None,
     typer.Option(
-        "--batch-size", "-b", help=_h("Images per network call (lower it if memory runs out).", 1), show_default=False
+        "--batch-size",
+        "-b",
+        help=_h("Images per network call (lower it if memory runs out).", GenerateOptions.batch_size),
+        show_default=False,
     ),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
