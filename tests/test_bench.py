@@ -13,7 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from vqdiff_cli.bench.measure import device_peak_tflops, transformer_flops
-from vqdiff_cli.checkpoint.random import pipeline_config, shipped_configs
+from vqdiff_cli.checkpoint.layout import pipeline_config
+from vqdiff_cli.checkpoint.random import shipped_configs
 from vqdiff_cli.cli import app
 
 runner = CliRunner()

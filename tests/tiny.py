@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from vqdiff_cli.checkpoint.random import hub_vq_names, write_clip_tokenizer
+from vqdiff_cli.checkpoint.layout import hub_names
+from vqdiff_cli.checkpoint.random import write_clip_tokenizer
 
 WORDS = ["a", "teddy", "bear", "in", "the", "pool", "red", "ball", "cat", "dog", "on", "hat"]
 
@@ -167,7 +168,7 @@ def save_hub_layout(path: Path, vqvae: Any, transformer: Any, text_encoder: Any,
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
         state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
         if name == "vqvae":
-            state = hub_vq_names(state)
+            state = hub_names("vqvae", state)
         torch.save(state, folder / "diffusion_pytorch_model.bin")
     folder = path / "text_encoder"
     folder.mkdir(exist_ok=True)

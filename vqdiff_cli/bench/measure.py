@@ -17,7 +17,7 @@ import torch
 from ..config import TransformerConfig
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s, matched in order on the device
-# name. The "about 790 TFLOP/s" for an H100/H200 is an achievable figure, not the datasheet peak used here.
+# name. What a device reaches in practice is measured instead (`matmul_tflops`), and reported beside the peak.
 GPU_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H200 NVL", 835.0),
     ("H200", 989.0),

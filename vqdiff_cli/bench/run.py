@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import gc
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint.layout import CONFIG_FILES, read_json
+from ..checkpoint.layout import read_configs
 from ..device import DTYPES, device_name, native_dtypes, resolve_device
 from ..errors import UsageError
 from ..options import DEFAULT_ARCHITECTURE
@@ -106,10 +106,6 @@ class _Load:
         return VQDiffusion(components, self.device, DTYPES[dtype], source, self.acceleration)
 
 
-def _checkpoint_configs(model: Path) -> dict[str, dict[str, Any]]:
-    return {component: read_json(model / file) for component, file in CONFIG_FILES.items()}
-
-
 def run_bench(
     settings: BenchSettings,
     *,
@@ -135,14 +131,51 @@ def run_bench(
     theirs_dtypes = (settings.diffusers_dtypes or dtypes) if settings.vs_diffusers else ()
     samplers = settings.samplers or (("fast",) if dev.type == "cuda" else ("reference", "fast"))
     acceleration = acceleration or Acceleration()
-    configs = _checkpoint_configs(model) if model is not None else architecture_configs(architecture)
+    configs = read_configs(model) if model is not None else architecture_configs(architecture)
     load = _Load(model, configs, dev, acceleration, settings.seed)
 
+    report = _new_report(settings, dev, dtypes, theirs_dtypes)
+    for dtype in dict.fromkeys((*dtypes, *theirs_dtypes)):
+        say(
+            f"building the {dtype} model"
+            + (" and diffusers' pipeline on its weights" if dtype in theirs_dtypes else "")
+        )
+        pipe = load.pipeline(dtype)
+        shape = feed_forward_shape(pipe.config.transformer, max(settings.batches), settings.guided)
+        say(f"{dtype}: the device's matmul rate on the feed-forward's {shape[0]}x{shape[1]}x{shape[2]} matmul")
+        report.device["matmul_tflops"][dtype] = matmul_tflops(dev, DTYPES[dtype], shape)
+        report.device["matmul_shape"] = list(shape)
+        if not report.model:
+            source = str(model) if model is not None else f"random weights, '{architecture}' configs"
+            report.model = _model_record(pipe, source)
+        engines: list[Engine] = [OurEngine(pipe, s, settings) for s in samplers] if dtype in dtypes else []
+        if dtype in theirs_dtypes:
+            theirs, note = diffusers_pipeline(pipe, configs, DTYPES[dtype])
+            engines.append(DiffusersEngine(theirs, settings))
+            if note:
+                report.notes.append(note)
+        for batch in settings.batches:
+            _bench_batch(report, engines, pipe, dtype, batch, settings, dev, say)
+            report.notes.extend(n for n in pipe.acceleration_notes if n not in report.notes)
+            report.speedups = speedups(report.end_to_end)
+            if on_update is not None:
+                on_update(report)
+        del engines, pipe
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return report
+
+
+def _new_report(
+    settings: BenchSettings, dev: torch.device, dtypes: Sequence[str], theirs_dtypes: Sequence[str]
+) -> BenchReport:
+    """A report with no figures yet: when, with what versions, on which device (and its peak), asked what."""
     peak = settings.peak_tflops
     name = device_name(dev)
     if peak is None and dev.type == "cuda":
         peak = device_peak_tflops(name)
-    report = BenchReport(
+    return BenchReport(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         versions={
             "vqdiff": __version__,
@@ -164,44 +197,19 @@ def run_bench(
         model={},
         settings={**asdict(settings), "dtypes": list(dtypes), "diffusers_dtypes": list(theirs_dtypes)},
     )
-    for dtype in dict.fromkeys((*dtypes, *theirs_dtypes)):
-        say(
-            f"building the {dtype} model"
-            + (" and diffusers' pipeline on its weights" if dtype in theirs_dtypes else "")
-        )
-        pipe = load.pipeline(dtype)
-        shape = feed_forward_shape(pipe.config.transformer, max(settings.batches), settings.guided)
-        say(f"{dtype}: the device's matmul rate on the feed-forward's {shape[0]}x{shape[1]}x{shape[2]} matmul")
-        report.device["matmul_tflops"][dtype] = matmul_tflops(dev, DTYPES[dtype], shape)
-        report.device["matmul_shape"] = list(shape)
-        if not report.model:
-            cfg = pipe.config.transformer
-            report.model = {
-                "source": str(model) if model is not None else f"random weights, '{architecture}' configs",
-                "transformer_parameters": sum(p.numel() for p in pipe.components.transformer.parameters()),
-                "layers": cfg.num_layers,
-                "width": cfg.inner_dim,
-                "tokens": cfg.num_latent_pixels,
-                "classes": cfg.num_vector_embeds,
-                "tflop_per_image_forward": transformer_flops(cfg) / 1e12,
-            }
-        engines: list[Engine] = [OurEngine(pipe, s, settings) for s in samplers] if dtype in dtypes else []
-        if dtype in theirs_dtypes:
-            theirs, note = diffusers_pipeline(pipe, configs, DTYPES[dtype])
-            engines.append(DiffusersEngine(theirs, settings))
-            if note:
-                report.notes.append(note)
-        for batch in settings.batches:
-            _bench_batch(report, engines, pipe, dtype, batch, settings, dev, say)
-            report.notes.extend(n for n in pipe.acceleration_notes if n not in report.notes)
-            report.speedups = speedups(report.end_to_end)
-            if on_update is not None:
-                on_update(report)
-        del engines, pipe
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-    return report
+
+
+def _model_record(pipe: VQDiffusion, source: str) -> dict[str, Any]:
+    cfg = pipe.config.transformer
+    return {
+        "source": source,
+        "transformer_parameters": sum(p.numel() for p in pipe.components.transformer.parameters()),
+        "layers": cfg.num_layers,
+        "width": cfg.inner_dim,
+        "tokens": cfg.num_latent_pixels,
+        "classes": cfg.num_vector_embeds,
+        "tflop_per_image_forward": transformer_flops(cfg) / 1e12,
+    }
 
 
 def _bench_batch(
@@ -214,13 +222,34 @@ def _bench_batch(
     dev: torch.device,
     say: Callable[[str], None],
 ) -> None:
+    """Every figure of one dtype and batch size: the phases, then (unless --phases-only) the end-to-end runs that
+    the phases estimate to fit in --max-run-seconds."""
+    prompts = [st.prompt if i == 0 else f"{st.prompt} {i}" for i in range(batch)]  # distinct: no shared encoding
+    by = {e.name: e for e in engines}
+    results = _bench_phases(report, by, pipe, dtype, prompts, st, dev, say)
+    estimates = derive_end_to_end(report, by, results, dtype, batch, st)
+    if not st.phases_only:
+        _bench_end_to_end(report, by, estimates, dtype, prompts, st, dev, say)
+
+
+def _bench_phases(
+    report: BenchReport,
+    by: Mapping[str, Engine],
+    pipe: VQDiffusion,
+    dtype: str,
+    prompts: list[str],
+    st: BenchSettings,
+    dev: torch.device,
+    say: Callable[[str], None],
+) -> dict[tuple[str, str, int | None], PhaseResult]:
+    """Text encoding, one transformer forward, the sampling math at a few timesteps and the VQ decode, each timed
+    for every engine side by side; recorded in `report` and returned by (engine, phase, timestep)."""
+    batch = len(prompts)
     cfg = pipe.config.transformer
     codes = cfg.num_vector_embeds - 1
-    prompts = [st.prompt if i == 0 else f"{st.prompt} {i}" for i in range(batch)]  # distinct: no shared encoding
     flops = transformer_flops(cfg) * batch * (2 if st.guided else 1)
     peak_tflops = report.device["peak_tflops"]
     matmul_rate = report.device["matmul_tflops"].get(dtype)
-    by = {e.name: e for e in engines}
     results: dict[tuple[str, str, int | None], PhaseResult] = {}
 
     def record(phase: str, t: int | None, timed: dict[str, Timed]) -> None:
@@ -237,7 +266,7 @@ def _bench_batch(
 
     say(f"{dtype}, batch {batch}: text encoding")
     record("text", None, measure({n: partial(e.text, prompts) for n, e in by.items()}, st.warmup, st.repeats, dev))
-    for engine in engines:
+    for engine in by.values():
         engine.prepare(prompts)
 
     say(f"{dtype}, batch {batch}: transformer forward")
@@ -264,10 +293,21 @@ def _bench_batch(
     tokens = _random_tokens(batch, cfg.num_latent_pixels, codes, 0.0, st.seed, dev)
     record("decode", None, measure({n: partial(e.decode, tokens) for n, e in by.items()}, st.warmup, st.repeats, dev))
     outputs.clear()
-    estimates = derive_end_to_end(report, by, results, dtype, batch, st)
-    if st.phases_only:
-        return
+    return results
 
+
+def _bench_end_to_end(
+    report: BenchReport,
+    by: Mapping[str, Engine],
+    estimates: Mapping[tuple[str, int], float],
+    dtype: str,
+    prompts: list[str],
+    st: BenchSettings,
+    dev: torch.device,
+    say: Callable[[str], None],
+) -> None:
+    """Prompts to images at each step count, for the engines estimated to finish within --max-run-seconds."""
+    batch = len(prompts)
     # Once per batch, before the timed runs: on CUDA a cold run per engine that measures its memory, then short
     # warm-up runs (they capture the CUDA graphs and compile what a run of any length needs).
     runnable_at = {

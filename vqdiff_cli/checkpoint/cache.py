@@ -1,7 +1,7 @@
 """vqdiff's own cache of converted checkpoints, kept apart from the Hub cache the downloads land in.
 
 An entry is a complete diffusers-format folder (configs, tokenizer, one safetensors file per weight component in the
-dtype the model runs in) that `weights.load_components` reads as it is, plus a manifest written last:
+dtype the model runs in) that `load.load_components` reads as it is, plus a manifest written last:
 
     <root>/hub/models--<owner>--<name>/refs/<revision>          the commit a branch or tag pointed at, last seen
     <root>/hub/models--<owner>--<name>/<commit>/<variant>-<dtype>/  an entry: keyed by repo, commit, variant, dtype

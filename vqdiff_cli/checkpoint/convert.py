@@ -1,7 +1,8 @@
-"""Writing a checkpoint as safetensors: the header check that finds truncated or damaged files, and the converted
-folder of vqdiff's cache (every component one safetensors file in the dtype it runs in, shapes checked first).
+"""Converting a checkpoint folder into the one vqdiff's cache keeps: configs and tokenizer copied, every weight
+component one safetensors file in the dtype it runs in (shapes checked first; hard-linked when already so); and the
+safetensors header check that finds truncated or damaged files.
 
-File names and key names come from `weights.py`; this module only writes and inspects safetensors.
+File names, key names and configs come from `layout.py`, the choice of source files from `select.py`.
 """
 
 from __future__ import annotations

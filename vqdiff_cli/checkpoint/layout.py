@@ -37,6 +37,7 @@ CONFIG_FILES = {
 
 _OLD_VQ_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _OLD_VQ_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+_NEW_VQ_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(to_q|to_k|to_v|to_out\.0)\.(weight|bias)$")
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -88,6 +89,21 @@ def rename_keys(component: str, state: Mapping[str, T]) -> dict[str, T]:
     return {new: v for k, v in state.items() if (new := renamed_key(component, k)) is not None}
 
 
+def hub_names(component: str, state: Mapping[str, T]) -> dict[str, T]:
+    """The names the Hub's 2022 fp32 files use, the other way from `rename_keys`: the VQ-VAE's attention projections
+    as query/key/value/proj_attn, the CLIP text encoder's keys under `text_model.`."""
+    if component == "text_encoder":
+        return {f"text_model.{k}": v for k, v in state.items()}
+    if component != "vqvae":
+        return dict(state)
+    old = {new: name for name, new in _OLD_VQ_ATTENTION.items()}
+    out = {}
+    for key, value in state.items():
+        m = _NEW_VQ_KEY.match(key)
+        out[f"{m.group(1)}.{old[m.group(2)]}.{m.group(3)}" if m else key] = value
+    return out
+
+
 def check_model_index(root: Path) -> dict[str, Any]:
     """model_index.json, with every component the pipeline needs."""
     index_path = root / "model_index.json"
@@ -112,15 +128,22 @@ def check_model_index(root: Path) -> dict[str, Any]:
     return index
 
 
+def read_configs(root: Path) -> dict[str, dict[str, Any]]:
+    """Every component's config file of the folder, by component."""
+    return {component: read_json(root / file) for component, file in CONFIG_FILES.items()}
+
+
+def pipeline_config(configs: Mapping[str, dict[str, Any]]) -> PipelineConfig:
+    """The architecture the config files (by component) describe, checked."""
+    return PipelineConfig(
+        transformer=TransformerConfig.from_diffusers(configs["transformer"]),
+        vqvae=VQVAEConfig.from_diffusers(configs["vqvae"]),
+        scheduler=SchedulerConfig.from_diffusers(configs["scheduler"]),
+        null_embedding=NullEmbeddingConfig.from_diffusers(configs["learned_classifier_free_sampling_embeddings"]),
+        text_encoder=configs["text_encoder"],
+    )
+
+
 def read_pipeline_config(root: Path) -> PipelineConfig:
     check_model_index(root)
-    files = {c: root / f for c, f in CONFIG_FILES.items()}
-    return PipelineConfig(
-        transformer=TransformerConfig.from_diffusers(read_json(files["transformer"])),
-        vqvae=VQVAEConfig.from_diffusers(read_json(files["vqvae"])),
-        scheduler=SchedulerConfig.from_diffusers(read_json(files["scheduler"])),
-        null_embedding=NullEmbeddingConfig.from_diffusers(
-            read_json(files["learned_classifier_free_sampling_embeddings"])
-        ),
-        text_encoder=read_json(files["text_encoder"]),
-    )
+    return pipeline_config(read_configs(root))

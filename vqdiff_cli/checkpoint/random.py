@@ -16,29 +16,23 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from ..config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig, VQVAEConfig
+from ..config import PipelineConfig
 from ..errors import UsageError
 from ..options import DEFAULT_ARCHITECTURE
+from .layout import CONFIG_FILES, hub_names, pipeline_config, weight_file_name
 
 if TYPE_CHECKING:
     from .load import Components
 
 _M = TypeVar("_M", bound=torch.nn.Module)
 
-_CONFIG_FILES = {
-    "transformer": "transformer.json",
-    "vqvae": "vqvae.json",
-    "scheduler": "scheduler.json",
-    "learned_classifier_free_sampling_embeddings": "learned_classifier_free_sampling_embeddings.json",
-    "text_encoder": "text_encoder.json",
-}
-_OLD_VQ_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+_SHIPPED_FILES = {component: f"{component}.json" for component in CONFIG_FILES}  # vqdiff_cli/configs/<name>/
 
 
 def shipped_configs(name: str = DEFAULT_ARCHITECTURE) -> dict[str, dict[str, Any]]:
     """The JSON configs of a known architecture, keyed by component (plus 'model_index')."""
     folder = resources.files("vqdiff_cli") / "configs" / name
-    out = {c: json.loads((folder / f).read_text(encoding="utf-8")) for c, f in _CONFIG_FILES.items()}
+    out = {c: json.loads((folder / f).read_text(encoding="utf-8")) for c, f in _SHIPPED_FILES.items()}
     out["model_index"] = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     return out
 
@@ -46,7 +40,7 @@ def shipped_configs(name: str = DEFAULT_ARCHITECTURE) -> dict[str, dict[str, Any
 def configs_from_folder(folder: Path) -> dict[str, dict[str, Any]]:
     """The same JSON files as a shipped architecture, read from `folder` (for made-up architectures)."""
     out: dict[str, dict[str, Any]] = {}
-    for component, name in (*_CONFIG_FILES.items(), ("model_index", "model_index.json")):
+    for component, name in (*_SHIPPED_FILES.items(), ("model_index", "model_index.json")):
         path = folder / name
         try:
             out[component] = json.loads(path.read_text(encoding="utf-8"))
@@ -67,16 +61,6 @@ def architecture_configs(name_or_folder: str) -> dict[str, dict[str, Any]]:
             f"unknown architecture '{name_or_folder}'", hint=f"use one of: {', '.join(names)}, or a folder of configs"
         )
     return shipped_configs(name_or_folder)
-
-
-def pipeline_config(configs: dict[str, dict[str, Any]]) -> PipelineConfig:
-    return PipelineConfig(
-        transformer=TransformerConfig.from_diffusers(configs["transformer"]),
-        vqvae=VQVAEConfig.from_diffusers(configs["vqvae"]),
-        scheduler=SchedulerConfig.from_diffusers(configs["scheduler"]),
-        null_embedding=NullEmbeddingConfig.from_diffusers(configs["learned_classifier_free_sampling_embeddings"]),
-        text_encoder=configs["text_encoder"],
-    )
 
 
 def byte_symbols() -> list[str]:
@@ -133,17 +117,6 @@ def write_clip_tokenizer(folder: Path, words: list[str] | None = None, vocab_siz
     return len(vocab)
 
 
-def hub_vq_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The VQ-VAE attention key names of the Hub's 2022 fp32 files (query/key/value/proj_attn)."""
-    out = {}
-    for key, value in state.items():
-        if ".attentions." in key:
-            for new, old in _OLD_VQ_NAMES.items():
-                key = key.replace(f".{new}.", f".{old}.")
-        out[key] = value
-    return out
-
-
 @torch.no_grad()
 def random_modules(cfg: PipelineConfig, seed: int = 0) -> dict[str, torch.nn.Module | torch.Tensor]:
     """Our networks with random weights (small normal values, so activations stay finite at full depth)."""
@@ -183,7 +156,7 @@ def random_components(
 ) -> Components:
     """Loaded-model components with random weights, built in memory (the tokenizer goes through a temporary folder).
 
-    Like `weights.load_components`: the transformer and VQ-VAE take `dtype`, the text encoder stays float32.
+    Like `load.load_components`: the transformer and VQ-VAE take `dtype`, the text encoder stays float32.
     """
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -232,31 +205,27 @@ def write_random_checkpoint(
     cfg = pipeline_config(configs)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model_index.json").write_text(json.dumps(configs["model_index"], indent=2), encoding="utf-8")
-    for component in _CONFIG_FILES:
-        sub = folder / component
-        sub.mkdir(exist_ok=True)
-        target = "scheduler_config.json" if component == "scheduler" else "config.json"
-        (sub / target).write_text(json.dumps(configs[component], indent=2, sort_keys=True), encoding="utf-8")
+    for component, file in CONFIG_FILES.items():
+        (folder / component).mkdir(exist_ok=True)
+        (folder / file).write_text(json.dumps(configs[component], indent=2, sort_keys=True), encoding="utf-8")
     vocab = write_clip_tokenizer(folder / "tokenizer", vocab_size=int(configs["text_encoder"].get("vocab_size", 49408)))
     if vocab != configs["text_encoder"].get("vocab_size", vocab):
         raise ValueError(f"tokenizer has {vocab} entries, text encoder expects {configs['text_encoder']['vocab_size']}")
     modules = random_modules(cfg, seed)
     states: dict[str, dict[str, torch.Tensor]] = {
-        "transformer": modules["transformer"].state_dict(),  # type: ignore[union-attr]
-        "vqvae": hub_vq_names(modules["vqvae"].state_dict()),  # type: ignore[union-attr]
-        "text_encoder": {f"text_model.{k}": v for k, v in modules["text_encoder"].state_dict().items()},  # type: ignore[union-attr]
+        name: hub_names(name, modules[name].state_dict())  # type: ignore[union-attr]
+        for name in ("transformer", "vqvae", "text_encoder")
     }
     if "learned_classifier_free_sampling_embeddings" in modules:
         states["learned_classifier_free_sampling_embeddings"] = {
             "embeddings": modules["learned_classifier_free_sampling_embeddings"]  # type: ignore[dict-item]
         }
     for component, state in states.items():
-        stem = "pytorch_model" if component == "text_encoder" else "diffusion_pytorch_model"
+        path = folder / component / weight_file_name(component, fmt)
         if fmt == "bin":
-            torch.save(state, folder / component / f"{stem}.bin")
+            torch.save(state, path)
         else:
             from safetensors.torch import save_file
 
-            stem = "model" if component == "text_encoder" else stem
-            save_file({k: v.contiguous() for k, v in state.items()}, str(folder / component / f"{stem}.safetensors"))
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return folder

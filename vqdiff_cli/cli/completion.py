@@ -16,16 +16,17 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import UsageError
+from ..options import DEVICES, DTYPE_CHOICES, KNOWN_MODES, MASK_MODES, SAMPLERS, VARIANTS
 from .console import Output
 
-# values offered after an option (kept equal to the constants in device.py / weights.py by a test)
+# values offered after an option: the choices of options.py
 VALUE_CHOICES: dict[str, tuple[str, ...]] = {
-    "--device": ("auto", "cpu", "cuda", "mps"),
-    "--dtype": ("auto", "float32", "float16", "bfloat16"),
-    "--variant": ("auto", "fp16", "fp32"),
-    "--mask-mode": ("any", "half", "all"),
-    "--known": ("restore", "renoise"),
-    "--sampler": ("auto", "reference", "fast"),
+    "--device": DEVICES,
+    "--dtype": DTYPE_CHOICES,
+    "--variant": VARIANTS,
+    "--mask-mode": MASK_MODES,
+    "--known": KNOWN_MODES,
+    "--sampler": SAMPLERS,
 }
 # file name templates (strings, not paths, to the app): completed as file names all the same
 FILE_TEMPLATES = ("--output", "--animate")

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def build_clip_text_model(config: dict[str, Any]) -> CLIPTextModel:
-    """An uninitialised `CLIPTextModel` on the meta device; `weights.py` fills it with `assign=True`."""
+    """An uninitialised `CLIPTextModel` on the meta device; `checkpoint/load.py` fills it with `assign=True`."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     clean = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures",)}
