@@ -27,14 +27,9 @@ def test_value_choices_match_the_code():
 
     assert ("auto", *DTYPES) == DTYPE_CHOICES  # the torch dtypes behind the choices
 
-    assert completion.VALUE_CHOICES == {
-        "--device": DEVICES,
-        "--dtype": DTYPE_CHOICES,
-        "--variant": VARIANTS,
-        "--mask-mode": MASK_MODES,
-        "--known": KNOWN_MODES,
-        "--sampler": SAMPLERS,
-    }
+    flags = ("--device", "--dtype", "--variant", "--mask-mode", "--known", "--sampler")
+    choices = (DEVICES, DTYPE_CHOICES, VARIANTS, MASK_MODES, KNOWN_MODES, SAMPLERS)
+    assert dict(zip(flags, choices, strict=True)) == completion.VALUE_CHOICES
 
 
 def test_file_options_and_arguments_are_known():

@@ -8,6 +8,7 @@ line for line), so that phases can be timed side by side and an end-to-end time 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -247,14 +248,7 @@ def diffusers_pipeline(pipe: VQDiffusion, configs: dict[str, dict[str, Any]], dt
     if comps.text.null_embedding is not None:
         null.embeddings = torch.nn.Parameter(comps.text.null_embedding.detach().to(dtype), requires_grad=False)
     s = comps.config.scheduler
-    scheduler = VQDiffusionScheduler(
-        num_vec_classes=s.num_vec_classes,
-        num_train_timesteps=s.num_train_timesteps,
-        alpha_cum_start=s.alpha_cum_start,
-        alpha_cum_end=s.alpha_cum_end,
-        gamma_cum_start=s.gamma_cum_start,
-        gamma_cum_end=s.gamma_cum_end,
-    )
+    scheduler = VQDiffusionScheduler(**dataclasses.asdict(s))  # SchedulerConfig's fields are its arguments
     # its tables stay on the CPU until set_timesteps moves them; the pipeline's __call__ does, a lone step() does not
     scheduler.set_timesteps(s.num_train_timesteps, device=pipe.device)
     for module in (transformer, vqvae, text_model, null):

@@ -17,7 +17,14 @@ from .console import Output
 from .options import CompileOpt, CudaGraphsOpt, DeviceOpt, OverwriteOpt, QuietOpt, ThreadsOpt
 
 if TYPE_CHECKING:
-    from ..bench.report import BenchReport
+    from rich.table import Table
+
+    from ..bench.report import BenchReport, EndToEnd
+
+
+GuidanceOpt = Annotated[float, typer.Option("--guidance", "-g", help="Classifier-free guidance scale.")]
+TruncationOpt = Annotated[float, typer.Option("--truncation", "-t", help="Truncation rate in (0, 1].")]
+RepeatsOpt = Annotated[int, typer.Option("--repeats", help="Timed runs per figure (the median is reported).")]
 
 
 def _ints(flag: str, text: str) -> tuple[int, ...]:
@@ -71,9 +78,7 @@ def bench(
         str | None,
         typer.Option("--sampler", help="Comma-separated: reference, fast (default: fast on CUDA, both on CPU)."),
     ] = None,
-    repeats: Annotated[
-        int, typer.Option("--repeats", help="Timed runs per figure (the median is reported).")
-    ] = BenchSettings.repeats,
+    repeats: RepeatsOpt = BenchSettings.repeats,
     warmup: Annotated[
         int,
         typer.Option(
@@ -90,12 +95,8 @@ def bench(
         str | None,
         typer.Option("--diffusers-dtype", help="Comma-separated dtypes for diffusers (default: those of --dtype)."),
     ] = None,
-    guidance: Annotated[
-        float, typer.Option("--guidance", "-g", help="Classifier-free guidance scale.")
-    ] = BenchSettings.guidance_scale,
-    truncation: Annotated[
-        float, typer.Option("--truncation", "-t", help="Truncation rate in (0, 1].")
-    ] = BenchSettings.truncation_rate,
+    guidance: GuidanceOpt = BenchSettings.guidance_scale,
+    truncation: TruncationOpt = BenchSettings.truncation_rate,
     max_run_seconds: Annotated[
         float,
         typer.Option("--max-run-seconds", help="Skip end-to-end runs estimated to take longer (derived instead)."),
@@ -119,7 +120,8 @@ def bench(
     from ..device import configure_cpu_threads
     from ..files import atomic_write, check_writable
     from ..pipeline.fastpath import Acceleration
-    from .common import ModelFlags, model_settings
+    from .common import model_settings
+    from .settings import SettingFlags
 
     out = Output(quiet=quiet, json_mode=json_out)
     settings = BenchSettings(
@@ -161,7 +163,7 @@ def bench(
         settings,
         model=model,
         architecture=config,
-        device=model_settings(ModelFlags(device=device))["device"],  # flag > VQDIFF_DEVICE > config file > auto
+        device=model_settings(SettingFlags(device=device))["device"],  # flag > VQDIFF_DEVICE > config file > auto
         acceleration=Acceleration(compile, cuda_graphs),
         on_progress=out.info,
         on_update=save,
@@ -179,6 +181,11 @@ def _seconds(value: float) -> str:
     return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
+def _figures(e: EndToEnd) -> list[str]:
+    """s/image, images/s and peak MiB of an end-to-end row."""
+    return [_seconds(e.s_per_image), f"{e.images_per_s:.3g}", _mib(e.peak_memory_bytes)]
+
+
 def _mib(value: int | None) -> str:
     return "" if value is None else f"{value / 2**20:,.0f}"
 
@@ -186,7 +193,6 @@ def _mib(value: int | None) -> str:
 def render(report: BenchReport) -> None:
     """The report as three tables on stdout."""
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
     dev = report.device
@@ -199,11 +205,8 @@ def render(report: BenchReport) -> None:
     versions = ", ".join(f"{k} {v}" for k, v in report.versions.items() if v)
     console.print(f"model: {report.model.get('source')}; {versions}")
 
-    phases = Table(title="phases (median of the timed runs)")
-    for col in ("engine", "dtype", "batch", "phase", "t", "seconds", "s/image", "TFLOP/s", "% peak", "% matmul"):
-        phases.add_column(col, justify="left" if col in ("engine", "dtype", "phase") else "right")
-    for p in report.phases:
-        phases.add_row(
+    phase_rows = [
+        [
             p.engine,
             p.dtype,
             str(p.batch),
@@ -214,31 +217,36 @@ def render(report: BenchReport) -> None:
             "" if p.tflops is None else f"{p.tflops:.2f}",
             "" if p.peak_fraction is None else f"{100 * p.peak_fraction:.0f}%",
             "" if p.matmul_fraction is None else f"{100 * p.matmul_fraction:.0f}%",
-        )
-    console.print(phases)  # each run's peak memory is in --json
+        ]
+        for p in report.phases
+    ]
+    columns: tuple[str, ...] = ("engine", "dtype", "batch", "phase", "t", "seconds", "s/image", "TFLOP/s", "% peak")
+    columns += ("% matmul",)
+    console.print(_table("phases (median of the timed runs)", columns, phase_rows))  # peak memory is in --json
 
-    e2e = Table(title="end to end (prompts to decoded images, one batch)")
-    for col in ("engine", "dtype", "batch", "steps", "kind", "s/image", "images/s", "peak MiB"):
-        e2e.add_column(col, justify="left" if col in ("engine", "dtype", "kind") else "right")
-    for e in report.end_to_end:
-        e2e.add_row(
-            e.engine,
-            e.dtype,
-            str(e.batch),
-            str(e.steps),
-            e.kind,
-            _seconds(e.s_per_image),
-            f"{e.images_per_s:.3g}",
-            _mib(e.peak_memory_bytes),
-        )
-    console.print(e2e)
+    e2e_rows = [[e.engine, e.dtype, str(e.batch), str(e.steps), e.kind, *_figures(e)] for e in report.end_to_end]
+    columns = ("engine", "dtype", "batch", "steps", "kind", "s/image", "images/s", "peak MiB")
+    console.print(_table("end to end (prompts to decoded images, one batch)", columns, e2e_rows))
 
     default_dtype = "float32" if dev["type"] == "cpu" else "float16"  # diffusers' usual dtype there
     shown = [s for s in report.speedups if s.baseline_dtype in (s.dtype, default_dtype)]  # all pairs are in --json
     if shown:
-        ratios = Table(title="speed-up over diffusers (its seconds / ours, same batch and steps)")
-        for col in ("engine", "dtype", "vs diffusers", "batch", "steps", "kind", "speed-up"):
-            ratios.add_column(col, justify="left" if col in ("engine", "dtype", "vs diffusers", "kind") else "right")
-        for s in shown:
-            ratios.add_row(s.engine, s.dtype, s.baseline_dtype, str(s.batch), str(s.steps), s.kind, f"{s.ratio:.2f}x")
-        console.print(ratios)
+        rows = [
+            [s.engine, s.dtype, s.baseline_dtype, str(s.batch), str(s.steps), s.kind, f"{s.ratio:.2f}x"] for s in shown
+        ]
+        columns = ("engine", "dtype", "vs diffusers", "batch", "steps", "kind", "speed-up")
+        console.print(_table("speed-up over diffusers (its seconds / ours, same batch and steps)", columns, rows))
+
+
+_TEXT_COLUMNS = ("engine", "dtype", "phase", "kind", "vs diffusers")  # left-aligned; figures are right-aligned
+
+
+def _table(title: str, columns: tuple[str, ...], rows: list[list[str]]) -> Table:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col in _TEXT_COLUMNS else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,7 +9,7 @@ from .console import LoadReporter, Output
 
 if TYPE_CHECKING:
     from ..pipeline.pipeline import VQDiffusion
-    from .settings import Resolved
+    from .settings import Resolved, SettingFlags
 
 
 def load_model(
@@ -56,26 +55,14 @@ def load_model(
     return pipe
 
 
-@dataclass(frozen=True, kw_only=True)
-class ModelFlags:
-    """The flags that name a model and how to load it, each under the key of the setting it sets (None: not given)."""
-
-    model: str | None = None
-    revision: str | None = None
-    variant: str | None = None
-    device: str | None = None
-    dtype: str | None = None
-    cache_dir: Path | None = None
-
-    def settings(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+MODEL_KEYS = ("model", "revision", "variant", "device", "dtype", "cache_dir")
 
 
-def model_settings(flags: ModelFlags) -> Resolved:
+def model_settings(flags: SettingFlags) -> Resolved:
     """The model settings (flag > env > config > default) of a command that loads or fetches a model."""
     from .settings import load
 
-    return load(flags.settings(), keys=tuple(flags.settings()))
+    return load(flags, keys=MODEL_KEYS)
 
 
 def cache_dir_of(settings: Resolved) -> Path | None:
@@ -103,6 +90,6 @@ def load_resolved(out: Output, settings: Resolved, *, offline: bool = False, **a
         raise with_origin(e, settings) from None
 
 
-def load_from_flags(out: Output, flags: ModelFlags, *, offline: bool = False) -> VQDiffusion:
+def load_from_flags(out: Output, flags: SettingFlags, *, offline: bool = False) -> VQDiffusion:
     """Resolve the model settings and load the model."""
     return load_resolved(out, model_settings(flags), offline=offline)

@@ -10,7 +10,6 @@ import typer
 
 from ..options import DEFAULT_STRENGTH, GenerateOptions, InpaintOptions
 from . import naming
-from .common import ModelFlags
 from .console import Output
 from .options import (
     BatchSizeOpt,
@@ -37,7 +36,8 @@ from .options import (
     VariantOpt,
     VisualsOpts,
 )
-from .run import RunPlan, RunRequest, SamplingFlags, execute
+from .run import RunPlan, RunRequest, execute
+from .settings import SettingFlags
 
 if TYPE_CHECKING:
     from ..pipeline.pipeline import GeneratedImage, VQDiffusion
@@ -157,10 +157,13 @@ def inpaint(
         out,
         mode="inpaint",
         prompts=list(prompt or [""]),
-        model=ModelFlags(
-            model=model, revision=revision, variant=variant, device=device, dtype=dtype, cache_dir=cache_dir
-        ),
-        sampling=SamplingFlags(
+        flags=SettingFlags(
+            model=model,
+            revision=revision,
+            variant=variant,
+            device=device,
+            dtype=dtype,
+            cache_dir=cache_dir,
             output=output,
             steps=steps,
             stride=stride,
@@ -265,10 +268,13 @@ def vary(
         out,
         mode="vary",
         prompts=list(prompt or [""]),
-        model=ModelFlags(
-            model=model, revision=revision, variant=variant, device=device, dtype=dtype, cache_dir=cache_dir
-        ),
-        sampling=SamplingFlags(
+        flags=SettingFlags(
+            model=model,
+            revision=revision,
+            variant=variant,
+            device=device,
+            dtype=dtype,
+            cache_dir=cache_dir,
             output=output,
             steps=steps,
             stride=stride,

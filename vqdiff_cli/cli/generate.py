@@ -9,7 +9,6 @@ import typer
 
 from ..errors import UsageError
 from ..options import GenerateOptions
-from .common import ModelFlags
 from .console import Output
 from .options import (
     BatchSizeOpt,
@@ -36,7 +35,8 @@ from .options import (
     VariantOpt,
     VisualsOpts,
 )
-from .run import RunPlan, RunRequest, SamplingFlags, execute, read_prompts_file
+from .run import RunPlan, RunRequest, execute, read_prompts_file
+from .settings import SettingFlags
 
 
 def generate(
@@ -127,10 +127,13 @@ def generate(
         out,
         mode="generate",
         prompts=prompt_list,
-        model=ModelFlags(
-            model=model, revision=revision, variant=variant, device=device, dtype=dtype, cache_dir=cache_dir
-        ),
-        sampling=SamplingFlags(
+        flags=SettingFlags(
+            model=model,
+            revision=revision,
+            variant=variant,
+            device=device,
+            dtype=dtype,
+            cache_dir=cache_dir,
             output=output,
             steps=steps,
             stride=stride,

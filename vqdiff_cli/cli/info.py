@@ -64,10 +64,10 @@ def config_path_cmd() -> None:
 
 def config_show(json_out: JsonOpt = False) -> None:
     """Print every setting with its value and where it comes from (environment, config file or default)."""
-    from .settings import SETTINGS, load
+    from .settings import SETTINGS, SettingFlags, load
 
     out = Output(json_mode=json_out)
-    resolved = load({})
+    resolved = load(SettingFlags())
     path = resolved.config_file
     assert path is not None
     if json_out:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from ..options import DEFAULT_MODEL
-from .common import ModelFlags, cache_dir_of, model_settings
+from .common import cache_dir_of, model_settings
 from .console import LoadReporter, Output
 from .options import (
     CacheDirOpt,
@@ -22,6 +22,7 @@ from .options import (
     RevisionOpt,
     VariantOpt,
 )
+from .settings import SettingFlags
 
 if TYPE_CHECKING:
     from ..checkpoint.cache import Entry, ModelCache
@@ -102,7 +103,7 @@ def download(
 
     out = Output(quiet=quiet, json_mode=json_out)
     s = model_settings(
-        ModelFlags(model=model, revision=revision, variant=variant, device=device, dtype=dtype, cache_dir=cache_dir)
+        SettingFlags(model=model, revision=revision, variant=variant, device=device, dtype=dtype, cache_dir=cache_dir)
     )
     model, revision, cache_dir = s["model"], s["revision"], cache_dir_of(s)
     if Path(model).expanduser().exists():
@@ -135,7 +136,7 @@ def list_models(cache_dir: CacheDirOpt = None, json_out: JsonOpt = False) -> Non
     from ..checkpoint.cache import ModelCache
 
     out = Output(json_mode=json_out)
-    cache = ModelCache(cache_dir_of(model_settings(ModelFlags(cache_dir=cache_dir))))
+    cache = ModelCache(cache_dir_of(model_settings(SettingFlags(cache_dir=cache_dir))))
     entries = cache.entries()
     if not entries:
         out.info(f"no models in {cache.root}")
@@ -162,7 +163,7 @@ def model_path(
     from ..checkpoint.cache import ModelCache
 
     out = Output(json_mode=json_out)
-    cache = ModelCache(cache_dir_of(model_settings(ModelFlags(cache_dir=cache_dir))))
+    cache = ModelCache(cache_dir_of(model_settings(SettingFlags(cache_dir=cache_dir))))
     entries = _matching(cache, model, revision, dtype)
     if not entries:
         raise _none_cached(model, cache)
@@ -185,7 +186,7 @@ def remove_model(
     from ..errors import UsageError
 
     out = Output(json_mode=json_out)
-    cache = ModelCache(cache_dir_of(model_settings(ModelFlags(cache_dir=cache_dir))))
+    cache = ModelCache(cache_dir_of(model_settings(SettingFlags(cache_dir=cache_dir))))
     entries = _matching(cache, model, revision)
     if not entries:
         raise _none_cached(model, cache)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,9 +17,9 @@ from ..errors import UsageError
 from ..files import check_folder_writable, check_suffix, check_writable
 from ..options import GenerateOptions, Job, plan_jobs, random_seed
 from . import naming
-from .common import ModelFlags, load_resolved
+from .common import load_resolved
 from .console import Output, StepProgress
-from .settings import DEFAULT_OUTPUT, Resolved, load, with_origin
+from .settings import DEFAULT_OUTPUT, Resolved, SettingFlags, load, with_origin
 
 if TYPE_CHECKING:
     import numpy as np
@@ -42,22 +42,6 @@ def read_prompts_file(path: Path) -> list[str]:
     if not prompts:
         raise UsageError(f"prompts file {path} has no prompts (blank lines and # comments are skipped)")
     return prompts
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplingFlags:
-    """The flags of a sampling run's settings, each under the key of the setting it sets (None: not given)."""
-
-    output: str | None = None
-    steps: int | None = None
-    stride: int | None = None
-    guidance: float | None = None
-    truncation: float | None = None
-    batch_size: int | None = None
-    sampler: str | None = None
-
-    def settings(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,13 +76,21 @@ class RunPlan:
     settings: Resolved
     options: GenerateOptions
     jobs: list[Job]
-    outputs: list[Path] | None  # None: one PNG to stdout
-    seed_was_random: bool
     request: RunRequest
-    animations: list[Path] | None = None
-    extra_metadata: dict[str, Any] = field(default_factory=dict)
     extra_files: list[Path] = field(default_factory=list)  # written by the command itself (e.g. a token mask)
+    extra_metadata: dict[str, Any] = field(default_factory=dict)
+    outputs: list[Path] | None = field(init=False)  # None: one PNG to stdout
+    animations: list[Path] | None = field(init=False)
     _rendered: dict[tuple[str, int], list[Path]] = field(default_factory=dict, repr=False)  # names with a {step}
+
+    def __post_init__(self) -> None:
+        template, animate = self.settings["output"], self.request.animate  # templates are checked as names are made
+        self.outputs = None if template == "-" else naming.output_paths(template, self.jobs, naming.ANY_STEP)
+        self.animations = naming.output_paths(animate, self.jobs, naming.ANY_STEP) if animate else None
+
+    @property
+    def seed_was_random(self) -> bool:
+        return self.request.seed is None
 
     @classmethod
     def build(
@@ -107,8 +99,7 @@ class RunPlan:
         *,
         mode: str,
         prompts: list[str],
-        model: ModelFlags,
-        sampling: SamplingFlags,
+        flags: SettingFlags,
         request: RunRequest,
         image_settings: dict[str, Any] | None = None,
         default_output: str | None = None,
@@ -117,7 +108,7 @@ class RunPlan:
         """Resolve the settings (`default_output`, the command's own, stands in for the built-in default name), plan
         the run's images and name and check every output, all before the model loads."""
         defaults = {"output": default_output} if default_output is not None else None
-        settings = load({**model.settings(), **sampling.settings()}, image=image_settings, defaults=defaults)
+        settings = load(flags, image=image_settings, defaults=defaults)
         seed = random_seed() if request.seed is None else request.seed
         try:
             options = GenerateOptions(
@@ -133,25 +124,11 @@ class RunPlan:
         except UsageError as e:
             raise with_origin(e, settings) from None
         jobs = plan_jobs(prompts, seed, request.num_images)
-        template = settings["output"]
-        to_stdout = template == "-"
-        if to_stdout and len(jobs) > 1:
+        if settings["output"] == "-" and len(jobs) > 1:
             raise UsageError(f"-o - writes one PNG to stdout, but this run makes {len(jobs)} images")
-        if to_stdout and out.json_mode:
+        if settings["output"] == "-" and out.json_mode:
             raise UsageError("-o - and --json both want stdout; choose one")
-        animate = request.animate  # its template is checked as its names are made
-        plan = cls(
-            mode=mode,
-            prompts=prompts,
-            settings=settings,
-            options=options,
-            jobs=jobs,
-            outputs=None if to_stdout else naming.output_paths(template, jobs, naming.ANY_STEP),
-            seed_was_random=request.seed is None,
-            request=request,
-            animations=naming.output_paths(animate, jobs, naming.ANY_STEP) if animate else None,
-            extra_files=list(extra_files),
-        )
+        plan = cls(mode, prompts, settings, options, jobs, request, list(extra_files))
         plan.check_outputs()
         return plan
 

@@ -52,6 +52,30 @@ SETTINGS: dict[str, Setting] = {
 _GROUPS = (("steps", "stride"),)
 
 
+@dataclass(frozen=True, kw_only=True)
+class SettingFlags:
+    """What the command line gave for each setting, under the setting's key (None: not given). A command fills in
+    the flags it has; its parameter names are its own."""
+
+    model: str | None = None
+    revision: str | None = None
+    variant: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    output: str | None = None
+    steps: int | None = None
+    stride: int | None = None
+    guidance: float | None = None
+    truncation: float | None = None
+    batch_size: int | None = None
+    sampler: str | None = None
+    cache_dir: Path | None = None
+
+    def given(self) -> dict[str, Any]:
+        """Every setting's flag, by key (Paths as text)."""
+        return {k: str(v) if isinstance(v, Path) else v for k in SETTINGS if (v := getattr(self, k)) is not None}
+
+
 def config_path() -> Path:
     override = os.environ.get("VQDIFF_CONFIG")
     if override:
@@ -135,7 +159,7 @@ def with_origin(error: VqdiffError, settings: Resolved) -> VqdiffError:
 
 
 def load(
-    flags: Mapping[str, Any],
+    flags: SettingFlags,
     *,
     image: Mapping[str, Any] | None = None,
     keys: tuple[str, ...] | None = None,
@@ -143,10 +167,9 @@ def load(
 ) -> Resolved:
     """The settings of one command: its flags over the image's metadata, the environment, the config file and the
     defaults (`defaults` stand in for built-in ones: a command's own default output name, say). The one resolver
-    every command uses; a flag given as None counts as not given, and Path values are kept as text."""
+    every command uses."""
     config, config_file = read_config()
-    flags = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}
-    return resolve(flags, image=image, config=config, config_file=config_file, keys=keys, defaults=defaults)
+    return resolve(flags.given(), image=image, config=config, config_file=config_file, keys=keys, defaults=defaults)
 
 
 def resolve(

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import ModelFlags, load_from_flags
+from .common import load_from_flags
 from .console import Output
 from .options import (
     CacheDirOpt,
@@ -20,6 +20,7 @@ from .options import (
     RevisionOpt,
     VariantOpt,
 )
+from .settings import SettingFlags
 
 
 def refuse_stdout(output: Path) -> None:
@@ -63,7 +64,9 @@ def encode(
     check_suffix(output, ".npy", "a token file")
     check_writable(output, overwrite)
     pictures = [load_rgb(p) for p in images]
-    flags = ModelFlags(model=model, revision=revision, variant=variant, device=device, dtype=dtype, cache_dir=cache_dir)
+    flags = SettingFlags(
+        model=model, revision=revision, variant=variant, device=device, dtype=dtype, cache_dir=cache_dir
+    )
     pipe = load_from_flags(out, flags, offline=offline)
     grids = pipe.encode(pictures, keep_size=keep_size)
     shapes = sorted({tuple(g.shape) for g in grids})
@@ -103,7 +106,9 @@ def decode(
     paths = output_paths(literal(str(output)), [Job("", 0, i) for i in range(grids.shape[0])], step=0)
     for path in paths:
         check_writable(path, overwrite)
-    flags = ModelFlags(model=model, revision=revision, variant=variant, device=device, dtype=dtype, cache_dir=cache_dir)
+    flags = SettingFlags(
+        model=model, revision=revision, variant=variant, device=device, dtype=dtype, cache_dir=cache_dir
+    )
     pipe = load_from_flags(out, flags, offline=offline)
     for path, picture in zip(paths, pipe.decode(grids), strict=True):
         save_png(picture, path, overwrite=overwrite)
