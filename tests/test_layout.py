@@ -15,6 +15,20 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "vqdiff_cli"
 MAX_TOP_LEVEL = 12
 MAX_LINES = 450
+# The layers of ARCHITECTURE.md, bottom up: a module imports only from its own wing and from lower layers.
+LAYERS = (
+    ("errors", "version"),
+    ("options", "files", "config"),
+    ("device", "images", "metadata"),
+    ("masks",),
+    ("models", "diffusion"),
+    ("checkpoint",),
+    ("pipeline",),
+    ("bench",),
+    ("cli",),
+    ("__init__", "__main__"),
+)
+RANK = {wing: rank for rank, wings in enumerate(LAYERS) for wing in wings}
 
 
 def module_name(path: Path, root: Path = PACKAGE) -> str:
@@ -102,6 +116,23 @@ def test_the_checks_see_a_cycle_and_a_cli_import(tmp_path):
 
 def test_no_import_cycles():
     assert cycles(import_graph()) == []
+
+
+def wing(name: str) -> str:
+    """vqdiff_cli.pipeline.editing -> pipeline; vqdiff_cli.masks -> masks; vqdiff_cli -> __init__."""
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def test_wings_import_only_from_below():
+    upward = sorted(
+        f"{name} -> {target}"
+        for name, targets in import_graph().items()
+        for target in targets
+        if wing(target) != wing(name) and RANK[wing(target)] >= RANK[wing(name)]
+    )
+    assert upward == []
+    assert set(RANK) >= {wing(name) for name in modules()}, "a new wing or top-level module: give it a layer"
 
 
 def test_nothing_below_the_cli_imports_it():
