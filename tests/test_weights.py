@@ -117,20 +117,43 @@ def test_corrupt_weights_file(tiny, tmp_path):
         VQDiffusion.from_pretrained(path, device="cpu")
 
 
-def test_pickle_with_code_is_refused(tiny, tmp_path):
-    """weights_only loading: a .bin that would run code is an error, not an execution."""
+class _Payload:
+    """Pickles as a call that creates `marker`: what unrestricted unpickling would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("container", ["torch.save", "pickle.dump"])
+def test_pickle_with_code_is_refused_without_running_it(tiny, tmp_path, container):
+    """weights_only loading: a .bin that would run code is an error, and the code never runs; the message says so
+    in one short line, without torch's advice to load it unrestricted."""
     import pickle
 
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
-
+    marker = tmp_path / "payload-ran"
     path = tmp_path / "c"
     shutil.copytree(tiny.path, path)
-    with open(path / "vqvae" / "diffusion_pytorch_model.bin", "wb") as f:
-        pickle.dump({"x": Evil()}, f)
-    with pytest.raises(WeightsError, match="cannot read weights"):
+    target = path / "vqvae" / "diffusion_pytorch_model.bin"
+    state = {"encoder.conv_in.weight": torch.zeros(1), "x": _Payload(marker)}
+    if container == "torch.save":  # the zip format every .bin of the Hub has: its pickle reaches the unpickler
+        torch.save(state, target)
+    else:  # the legacy format
+        with open(target, "wb") as f:
+            pickle.dump(state, f)
+    with pytest.raises(WeightsError) as refused:
         VQDiffusion.from_pretrained(path, device="cpu")
+    assert not marker.exists(), "the pickled payload ran"
+    if container == "torch.save":
+        e = refused.value
+        said = "holds pickled objects that are not plain tensors, and vqdiff never runs such code"
+        assert e.message == f"{target} {said}"
+        assert "safetensors" in e.hint and "trust" in e.hint
+        line = f"{e.message}; {e.hint}"
+        assert "\n" not in line and len(line) - len(str(target)) < 200
+        assert "weights_only" not in line
 
 
 def test_unsupported_config_value(tiny, tmp_path):

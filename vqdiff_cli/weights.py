@@ -11,6 +11,7 @@ converted copy of a folder that the cache keeps.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -174,6 +175,11 @@ def read_state_dict(files: WeightFiles) -> dict[str, torch.Tensor]:
                 part = load_file(str(path), device="cpu")
             else:
                 part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:  # torch's restricted unpickler refused an object (its advice: run it anyway)
+            raise WeightsError(
+                f"{path} holds pickled objects that are not plain tensors, and vqdiff never runs such code",
+                hint="get the weights as .safetensors, or a copy saved as plain tensors from a source you trust",
+            ) from None
         except Exception as e:  # corrupt, truncated or not a weights file: one clear message
             raise WeightsError(f"cannot read weights from {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
         if not isinstance(part, Mapping) or not all(isinstance(v, torch.Tensor) for v in part.values()):
