@@ -1,9 +1,10 @@
 """The fast sampler: exact where it is meant to be exact, the same distribution where it is not.
 
 Exact: the counter-based noise (an image draws the same numbers alone or in a batch), the cached cross-attention
-keys and values, a session reused for the next batch. Same distribution: the closed-form posterior against
-diffusers-order `q_posterior` + Gumbel (chi-square over many draws), the masked fraction after each step, re-noised
-known tokens. No timings here: speed is measured by `vqdiff bench`.
+keys and values, a session reused for the next batch, and, step by step from the same x_t, the table the wired fast
+sampler draws from against the reference sampler's. Same distribution: the closed-form posterior against
+diffusers-order `q_posterior` + Gumbel (chi-square over many draws), the fast sampler's draws against its table, the
+masked fraction after each step, re-noised known tokens. No timings here: speed is measured by `vqdiff bench`.
 """
 
 from __future__ import annotations
@@ -384,16 +385,102 @@ def test_fast_sessions_are_reused_with_new_inputs(tiny):
     assert len(reused.fast_sessions._sessions) == 1
 
 
-def test_fast_and_reference_samplers_agree_in_distribution(tiny_pipe):
-    """The token histogram of many fast images matches the reference sampler's (different streams, same law)."""
-    counts = {}
-    for sampler in ("reference", "fast"):
-        options = GenerateOptions(seed=100, num_images=32, batch_size=16, sampler=sampler, steps=4)
-        tokens = torch.stack([r.tokens for r in tiny_pipe.generate("a teddy bear", options)])
-        counts[sampler] = torch.bincount(tokens.flatten(), minlength=16).double()
-    ref, fast = counts["reference"], counts["fast"]
-    chi2 = ((ref - fast) ** 2 / (ref + fast).clamp(min=1)).sum().item()  # two-sample chi-square, 15 dof
-    assert chi2 < 15 + 8 * 30**0.5, (ref, fast)
+def _table_of_fast_inputs(weights, x_t, coef, final):
+    """The per-column distribution that `sample_columns(weights, x_t, coef, u, final)` draws from, by Bayes' rule from
+    the plan's coefficients (not by its branches): (B, N, n + 1) float64, the mask last."""
+    from vqdiff_cli.diffusion import fast
+
+    p = weights.double() / weights.double().sum(-1, keepdim=True)
+    zero = torch.zeros_like(p[..., :1])
+    if final:
+        return torch.cat([p, zero], -1)
+    c, n = coef.double(), p.shape[-1]
+    stay = c[fast.P_STAY].expand_as(zero)
+    masked = torch.cat([(1 - stay) * (c[fast.P_MODEL] * p + (1 - c[fast.P_MODEL]) / n), stay], -1)
+    at_j = torch.nn.functional.one_hot(x_t.clamp(max=n - 1), n).bool()
+    r = p / torch.where(at_j, c[fast.A_T] + c[fast.B_T], c[fast.B_T])  # p(x_0 = k) / q(x_t | x_0 = k)
+    w = (c[fast.A_S] * r / r.sum(-1, keepdim=True) + c[fast.B_S]) * torch.where(at_j, c[fast.KEEP], c[fast.BETA])
+    kept = torch.cat([w / w.sum(-1, keepdim=True), zero], -1)  # x_t = j: never back to the mask
+    return torch.where((x_t == n).unsqueeze(-1), masked, kept)
+
+
+@pytest.mark.parametrize(
+    ("guidance", "truncation", "steps"), [(5.0, 0.8, 5), (1.0, 1.0, 4)], ids=["guided-truncated", "plain"]
+)
+def test_fast_sampler_draws_from_the_reference_samplers_distributions(
+    tiny_pipe, monkeypatch, guidance, truncation, steps
+):
+    """Step by step, from the same x_t at the same t: the probabilities the fast sampler draws from (its weights and
+    coefficients, as the pipeline wires them) equal the reference sampler's (softmax of the logits it Gumbel-samples);
+    and the fast sampler's draws follow that table (a chi-square over many draws of each step)."""
+    import vqdiff_cli.api as api
+    from vqdiff_cli.diffusion import fast, sampler
+
+    batch, repeats = 8, 24
+    options = GenerateOptions(
+        seed=30, num_images=batch, batch_size=batch, steps=steps, guidance_scale=guidance, truncation_rate=truncation
+    )
+    # 1. the reference run: x_t, t and the table each image's Gumbel-max draw samples from, at every step
+    visited, tables = [], []
+    real_step, real_argmax = sampler.sample_step, sampler.gumbel_argmax
+
+    def recording_step(log_p, x_t, t, *args):  # type: ignore[no-untyped-def]
+        visited.append((x_t, t))
+        return real_step(log_p, x_t, t, *args)
+
+    def recording_argmax(logits, u):  # type: ignore[no-untyped-def]
+        tables.append(logits.double().softmax(1).transpose(1, 2))  # (1, N, K or K-1)
+        return real_argmax(logits, u)
+
+    monkeypatch.setattr(sampler, "sample_step", recording_step)
+    monkeypatch.setattr(sampler, "gumbel_argmax", recording_argmax)
+    tiny_pipe.generate("a teddy bear", GenerateOptions(**{**options.__dict__, "sampler": "reference"}))
+    monkeypatch.undo()
+    timesteps = options.timesteps(tiny_pipe.num_train_timesteps)
+    assert len(visited) == len(tables) == len(timesteps) * batch
+    x_ref = [torch.cat([x for x, _ in visited[i * batch : (i + 1) * batch]]) for i in range(len(timesteps))]
+    reference = [torch.cat(tables[i * batch : (i + 1) * batch]) for i in range(len(timesteps))]
+    assert [visited[i * batch][1] for i in range(len(timesteps))] == list(timesteps)
+
+    # 2. the fast sampler's step, as the pipeline builds it, run from those x_t: what sample_columns is given
+    seen = []
+    real_columns = fast.sample_columns
+
+    def recording_columns(weights, x_t, coef, u, final):  # type: ignore[no-untyped-def]
+        drawn = real_columns(weights, x_t, coef, u, final)
+        seen.append((_table_of_fast_inputs(weights, x_t, coef, final), drawn))
+        return drawn
+
+    def probing(step, x_t, plan):  # type: ignore[no-untyped-def]
+        assert plan.timesteps == timesteps
+        for i in range(len(timesteps)):
+            for r in range(repeats):  # other streams (salts no step uses): fresh draws from the same table
+                step(x_ref[i], plan.t[i], plan.coef[i], plan.salt[i] + 1000 * (r + 1), i == len(timesteps) - 1)
+        yield from fast.denoise_fast(step, x_t, plan)
+
+    monkeypatch.setattr(fast, "sample_columns", recording_columns)
+    monkeypatch.setattr(api, "denoise_fast", probing)
+    tiny_pipe.generate("a teddy bear", GenerateOptions(**{**options.__dict__, "sampler": "fast"}))
+    monkeypatch.undo()
+    assert len(seen) == len(timesteps) * (repeats + 1)
+
+    chi2, dof = 0.0, 0
+    for i in range(len(timesteps)):
+        probes = seen[i * repeats : (i + 1) * repeats]
+        table = probes[0][0]
+        assert all(torch.equal(t, table) for t, _ in probes)  # the same table whatever the stream
+        ref = reference[i]
+        ref = torch.cat([ref, torch.zeros_like(ref[..., :1])], -1) if ref.shape[-1] < table.shape[-1] else ref
+        gap = (table - ref).abs().max().item()
+        assert gap < 1e-4, (timesteps[i], gap)
+        # the draws: class counts over the columns and repeats against the table's expected counts
+        counts = torch.stack([torch.nn.functional.one_hot(d, table.shape[-1]) for _, d in probes]).sum((0, 1, 2))
+        expected = table.sum((0, 1)) * repeats
+        assert counts[expected == 0].sum() == 0, "drew a class of probability 0"
+        big = expected >= 5
+        chi2 += (((counts - expected) ** 2)[big] / expected[big]).sum().item()
+        dof += int(big.sum()) - 1
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5, (chi2, dof)
 
 
 def test_unknown_sampler_is_a_usage_error():
