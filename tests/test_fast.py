@@ -620,27 +620,75 @@ def test_a_failed_capture_restores_the_stream_and_stops_later_sessions_trying(ti
 # -- the command line ---------------------------------------------------------------------------------------------
 
 
-def test_generate_command_takes_the_sampler_and_threads(tiny, tmp_path):
+def _thread_count_to_ask_for() -> int:
+    """A count other than the one torch runs with now (1 in the suite), within the machine's CPUs."""
+    import os
+
+    wanted = 2 if torch.get_num_threads() != 2 else 1
+    if wanted > (os.cpu_count() or 1):
+        pytest.skip("needs a machine with 2 CPUs")
+    return wanted
+
+
+@pytest.mark.parametrize(("command", "sampler"), [("generate", "fast"), ("vary", "reference")])
+def test_threads_flag_sets_the_count_the_run_computes_with(tiny, tmp_path, monkeypatch, image_file, command, sampler):
+    """--threads N takes effect: every network call of the run sees N intra-op threads (not the count before)."""
+    from typer.testing import CliRunner
+
+    from vqdiff_cli.cli import app
+    from vqdiff_cli.models.transformer import DiffusionTransformer
+
+    before, wanted = torch.get_num_threads(), _thread_count_to_ask_for()
+    seen: list[int] = []
+    real_logits = DiffusionTransformer.logits
+
+    def logits(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_num_threads())
+        return real_logits(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionTransformer, "logits", logits)
+    head = [command, str(image_file), "--prompt"] if command == "vary" else [command]
+    args = [*head, "a cat", "--model", str(tiny.path), "--device", "cpu", "--seed", "1", "--steps", "3"]
+    try:
+        r = CliRunner().invoke(
+            app, [*args, "-o", str(tmp_path / "a.png"), "--sampler", sampler, "--threads", str(wanted)]
+        )
+    finally:
+        torch.set_num_threads(before)  # process-wide: later tests run as before
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "a.png").is_file()
+    assert len(seen) >= 2 and set(seen) == {wanted}  # vary runs part of the chain
+
+
+def test_an_unknown_sampler_on_the_command_line_is_a_usage_error(tiny, tmp_path):
     from typer.testing import CliRunner
 
     from vqdiff_cli.cli import app
 
-    args = ["generate", "a cat", "--model", str(tiny.path), "--device", "cpu", "--seed", "1", "--steps", "5"]
-    threads = str(torch.get_num_threads())  # the count in use already: no process-wide change for later tests
-    ok = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "a.png"), "--sampler", "fast", "--threads", threads])
-    assert ok.exit_code == 0, ok.output
-    assert (tmp_path / "a.png").is_file()
-    bad = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "b.png"), "--sampler", "quick"])
+    args = ["generate", "a cat", "--model", str(tiny.path), "--device", "cpu", "-o", str(tmp_path / "b.png")]
+    bad = CliRunner().invoke(app, [*args, "--sampler", "quick"])
     assert bad.exit_code == 2 and "unknown sampler" in bad.output
 
 
 def test_thread_count_honours_omp_num_threads(monkeypatch):
+    """With OMP_NUM_THREADS set, the count torch started with is kept (not replaced by the CPUs available); without
+    it, the CPUs available are used; bad values and counts are refused."""
     from vqdiff_cli.device import available_cpus, configure_cpu_threads
     from vqdiff_cli.errors import UsageError
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert configure_cpu_threads() == torch.get_num_threads()  # left to torch, which read the variable at start
-    assert available_cpus() >= 1
+    before = torch.get_num_threads()
+    started = available_cpus() + 1  # differs from the CPUs available, so the two rules give different counts
+    try:
+        for omp in (str(started), f"{started},1"):  # a list sets nested levels; torch's pool is the first
+            torch.set_num_threads(started)  # as torch sets itself at start under OMP_NUM_THREADS=started
+            monkeypatch.setenv("OMP_NUM_THREADS", omp)
+            assert configure_cpu_threads() == started
+            assert torch.get_num_threads() == started
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert configure_cpu_threads() == available_cpus() == torch.get_num_threads()
+        assert configure_cpu_threads(1) == 1 == torch.get_num_threads()  # --threads wins over either
+    finally:
+        torch.set_num_threads(before)
     with pytest.raises(UsageError):
         configure_cpu_threads(0)
     with pytest.raises(UsageError, match="between 1 and"):
@@ -649,5 +697,4 @@ def test_thread_count_honours_omp_num_threads(monkeypatch):
         monkeypatch.setenv("OMP_NUM_THREADS", bad)
         with pytest.raises(UsageError, match="not a thread count"):
             configure_cpu_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1,1")  # nested levels
-    assert configure_cpu_threads() == torch.get_num_threads()
+    assert torch.get_num_threads() == before
