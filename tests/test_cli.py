@@ -20,11 +20,12 @@ from vqdiff_cli.cli import app
 
 @pytest.fixture
 def cli(tiny, tmp_path, monkeypatch):
-    """Run vqdiff in tmp_path with the tiny model as the configured default (through the environment)."""
+    """Run vqdiff in tmp_path with the tiny model as the configured default and the CPU as the device (through the
+    environment)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VQDIFF_MODEL", str(tiny.path))
     monkeypatch.setenv("VQDIFF_CONFIG", str(tmp_path / "config.toml"))
-    monkeypatch.delenv("VQDIFF_DEVICE", raising=False)
+    monkeypatch.setenv("VQDIFF_DEVICE", "cpu")
     runner = CliRunner()
 
     def invoke(*args: str, input: str | None = None):
@@ -177,6 +178,56 @@ def test_a_cuda_index_the_machine_lacks_is_a_clear_error(monkeypatch):
         resolve_device("cuda:5")
 
 
+def _machine(monkeypatch, cuda: bool, mps: bool) -> None:
+    """Make torch report CUDA and MPS as available or not (nothing runs on them)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+
+@pytest.mark.parametrize(
+    ("cuda", "mps", "device", "dtype", "sampler", "variant"),
+    [
+        (True, True, "cuda", "float16", "fast", "fp16"),
+        (False, True, "mps", "float16", "reference", "fp16"),
+        (False, False, "cpu", "float32", "reference", "fp32"),
+    ],
+    ids=["cuda", "mps", "cpu"],
+)
+def test_automatic_choices_follow_the_machine(tiny_pipe, monkeypatch, cuda, mps, device, dtype, sampler, variant):
+    """--device auto: CUDA, then MPS, then the CPU; --dtype auto: float16 on a GPU, float32 on the CPU; --sampler
+    auto: fast on CUDA only; --variant auto: the fp16 files for half precision. Explicit choices stay."""
+    import torch
+
+    from vqdiff_cli import GenerateOptions
+    from vqdiff_cli.device import dtype_name, resolve_device, resolve_dtype
+    from vqdiff_cli.weights import variant_order
+
+    _machine(monkeypatch, cuda, mps)
+    dev = resolve_device("auto")
+    dt = resolve_dtype("auto", dev)
+    monkeypatch.setattr(tiny_pipe, "device", dev)  # a pipeline on that device, as far as the sampler choice goes
+    fast = tiny_pipe.uses_fast_sampler(GenerateOptions(sampler="auto"))
+    assert (dev.type, dtype_name(dt), "fast" if fast else "reference") == (device, dtype, sampler)
+    assert variant_order("auto", dt)[0] == variant
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_dtype("bfloat16", dev) == torch.bfloat16
+    assert tiny_pipe.uses_fast_sampler(GenerateOptions(sampler="fast"))
+    assert not tiny_pipe.uses_fast_sampler(GenerateOptions(sampler="reference"))
+
+
+def test_automatic_choices_on_the_command_line(cli, monkeypatch):
+    """On a machine without a GPU (stubbed, so on any machine), `auto` everywhere runs the CPU's choices, and the
+    image's metadata records what was chosen."""
+    _machine(monkeypatch, cuda=False, mps=False)
+    args = ["--device", "auto", "--dtype", "auto", "--sampler", "auto", "--variant", "auto"]
+    r = cli("generate", "a cat", "--steps", "2", "--seed", "1", "-o", "auto.png", "--json", *args)
+    assert r.exit_code == 0, r.output
+    settings = json.loads(r.stdout)["settings"]
+    chosen = {k: settings[k] for k in ("device", "dtype", "sampler", "weights_variant")}
+    assert chosen == {"device": "cpu", "dtype": "float32", "sampler": "reference", "weights_variant": "fp32"}
+
+
 @pytest.mark.skipif(not Path("/proc/sys").is_dir(), reason="needs Linux's /proc/sys")
 def test_unwritable_directory(cli, tmp_path):
     """A folder the user may not write in is refused before the model loads. /proc/sys refuses even root (the kernel
@@ -200,7 +251,21 @@ def test_unwritable_directory(cli, tmp_path):
 
 def test_png_to_stdout(tiny, tmp_path):
     r = subprocess.run(
-        ["vqdiff", "generate", "a cat", "--model", str(tiny.path), "--seed", "3", "--steps", "2", "-o", "-"],
+        [
+            sys.executable,
+            "-m",
+            "vqdiff_cli",
+            "generate",
+            "a cat",
+            "--model",
+            str(tiny.path),
+            "--seed",
+            "3",
+            "--steps",
+            "2",
+            "-o",
+            "-",
+        ],
         capture_output=True,
         check=False,
         cwd=tmp_path,
@@ -210,7 +275,7 @@ def test_png_to_stdout(tiny, tmp_path):
     (tmp_path / "piped.png").write_bytes(r.stdout)
     assert Image.open(tmp_path / "piped.png").text["vqdiff"]
     r = subprocess.run(
-        ["vqdiff", "generate", "a cat", "-n", "2", "--model", str(tiny.path), "-o", "-"],
+        [sys.executable, "-m", "vqdiff_cli", "generate", "a cat", "-n", "2", "--model", str(tiny.path), "-o", "-"],
         capture_output=True,
         check=False,
         cwd=tmp_path,
@@ -583,7 +648,9 @@ def _run_in_terminal(args: list[str], cwd, env) -> bytes:
 
 def test_progress_bar_in_a_terminal_and_not_in_a_pipe(tiny, tmp_path):
     args = [
-        "vqdiff",
+        sys.executable,
+        "-m",
+        "vqdiff_cli",
         "generate",
         "a cat",
         "--model",
@@ -617,7 +684,9 @@ def test_ctrl_c_keeps_finished_images(tiny, tmp_path):
 
     proc = subprocess.Popen(
         [
-            "vqdiff",
+            sys.executable,
+            "-m",
+            "vqdiff_cli",
             "generate",
             "a cat",
             "--model",
@@ -646,3 +715,53 @@ def test_ctrl_c_keeps_finished_images(tiny, tmp_path):
     for path in finished:
         Image.open(path).load()  # every file that exists is a whole PNG
     assert not list(tmp_path.glob(".*.part"))  # no temporary file left behind
+
+
+@pytest.mark.parametrize("moment", ["while-writing", "while-renaming"])
+def test_ctrl_c_inside_a_write_leaves_no_partial_or_temporary_file(cli, tmp_path, monkeypatch, moment):
+    """Ctrl-C inside `atomic_write` on purpose (the third image's write): the two finished images are kept whole,
+    the third exists under no name, and no temporary file is left."""
+    import io
+
+    import vqdiff_cli.files as files
+    import vqdiff_cli.images as images
+
+    real_write, real_link = files.atomic_write, os.link
+    calls: list[Path] = []
+    partial: list[list[tuple[str, int]]] = []  # the temporary files at the moment of the interrupt
+
+    def interrupt() -> None:
+        partial.append([(p.name, p.stat().st_size) for p in tmp_path.glob(".*.part")])
+        raise KeyboardInterrupt
+
+    def link(src, dst, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if len(calls) == 3 and moment == "while-renaming":
+            interrupt()
+        return real_link(src, dst, *args, **kwargs)
+
+    def atomic_write(path, write, overwrite=False):  # type: ignore[no-untyped-def]
+        calls.append(Path(path))
+        if len(calls) < 3 or moment != "while-writing":
+            return real_write(path, write, overwrite)
+
+        def half_then_interrupt(f):  # type: ignore[no-untyped-def]
+            whole = io.BytesIO()
+            write(whole)
+            f.write(whole.getvalue()[:100])
+            f.flush()
+            interrupt()
+
+        return real_write(path, half_then_interrupt, overwrite)
+
+    monkeypatch.setattr(images, "atomic_write", atomic_write)
+    monkeypatch.setattr(os, "link", link)
+    r = cli("generate", "a cat", "-n", "4", "--seed", "1", "--steps", "2", "-o", "c.png")
+    assert r.exit_code == 130, r.output
+    assert "interrupted; finished outputs were kept" in one_line_error(r)
+    assert [p.name for p in calls] == ["c-0.png", "c-1.png", "c-2.png"]
+    assert len(partial) == 1 and len(partial[0]) == 1 and partial[0][0][0].startswith(".c-2.png.")  # it was mid-write
+    if moment == "while-writing":
+        assert partial[0][0][1] == 100
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".png", ".part")) == ["c-0.png", "c-1.png"]
+    for name in ("c-0.png", "c-1.png"):
+        Image.open(tmp_path / name).load()  # whole PNGs
