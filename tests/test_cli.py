@@ -765,3 +765,39 @@ def test_ctrl_c_inside_a_write_leaves_no_partial_or_temporary_file(cli, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".png", ".part")) == ["c-0.png", "c-1.png"]
     for name in ("c-0.png", "c-1.png"):
         Image.open(tmp_path / name).load()  # whole PNGs
+
+
+def test_excerpt_cuts_long_input_to_first_words_and_a_count():
+    from vqdiff_cli.errors import excerpt
+
+    assert excerpt("a red ball") == "a red ball"
+    assert excerpt("/photos/my picture.png") == "/photos/my picture.png"
+    words = " ".join(f"w{i}" for i in range(5000))
+    assert excerpt(words) == "w0 w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 … (+4988 more words)"
+    assert excerpt("one\ntwo\tthree") == "one two three"  # a message stays on one line
+    path = "/data/" + "x" * 3000 + "/final.png"
+    cut = excerpt(path)
+    assert len(cut) <= 170 and cut.startswith("/data/xxx") and cut.endswith("xx/final.png")
+    assert f"(+{len(path) - 140} characters)" in cut
+
+
+def test_messages_quote_long_input_as_an_excerpt(cli, tmp_path, tiny_pipe):
+    """A 5,000-word prompt, config value or file name: each message that quotes it stays one readable line."""
+    prompt = " ".join(["cat"] * 5000)
+    dropped = tiny_pipe.components.text.tokenize([prompt]).truncated[0].split()
+    assert len(dropped) > 4000
+    r = cli("generate", prompt, "--steps", "1", "--seed", "1", "-o", "long.png")
+    assert r.exit_code == 0, r.output
+    (warning,) = [line for line in r.stderr.splitlines() if line.startswith("warning: prompt longer")]
+    assert warning == (
+        "warning: prompt longer than the text encoder's 77 tokens; dropped: "
+        f"'{' '.join(['cat'] * 12)} … (+{len(dropped) - 12} more words)'"
+    )
+    (tmp_path / "config.toml").write_text(f'guidance = "{prompt}"\n')
+    error = one_line_error(cli("generate", "a cat", "--dry-run"))
+    assert len(error) < 250 and "'guidance' must be float" in error and "(+4988 more words)" in error
+    (tmp_path / "config.toml").unlink()
+    r = cli("generate", "a cat", "-o", "x" * 3000 + ".png")  # too long for a file name: refused before loading
+    assert r.exit_code == 2
+    error = one_line_error(r)
+    assert len(error) < 250 and error.startswith("error: cannot write xxx") and "File name too long" in error

@@ -27,7 +27,7 @@ from .diffusion.sampler import KnownTokens, TextContext, denoise
 from .diffusion.schedule import MaskAndReplaceSchedule
 from .diffusion.streams import seed_words
 from .edit import EditSource, InpaintOptions, InpaintSetup
-from .errors import UsageError
+from .errors import UsageError, excerpt
 from .fastpath import FastSessions, SessionKey
 
 # Re-exported (`X as X`): `vqdiff_cli.__getattr__` and callers import the public API's names from here.
@@ -89,7 +89,7 @@ class VQDiffusion:
         either falls back to plain execution when unavailable, noted in `acceleration_notes`.
         """
         if variant not in VARIANTS:
-            raise UsageError(f"unknown variant '{variant}'", hint=f"use one of: {', '.join(VARIANTS)}")
+            raise UsageError(f"unknown variant '{excerpt(variant)}'", hint=f"use one of: {', '.join(VARIANTS)}")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         prepared = prepare(

@@ -21,7 +21,7 @@ from . import images as imageio
 from .diffusion.fast import q_sample_start
 from .diffusion.sampler import KnownTokens, initial_tokens, q_sample, start_step_for
 from .diffusion.streams import seed_words
-from .errors import UsageError
+from .errors import UsageError, excerpt
 
 if TYPE_CHECKING:
     from .api import GeneratedImage, GenerateOptions, StepCallback, VQDiffusion
@@ -45,12 +45,12 @@ class InpaintOptions:
     def __post_init__(self) -> None:
         if self.mask_mode not in imageio.MASK_MODES:
             raise UsageError(
-                f"unknown --mask-mode '{self.mask_mode}'", hint=f"use one of: {', '.join(imageio.MASK_MODES)}"
+                f"unknown --mask-mode '{excerpt(self.mask_mode)}'", hint=f"use one of: {', '.join(imageio.MASK_MODES)}"
             )
         if self.grow < 0:
             raise UsageError(f"--grow must be >= 0, got {self.grow}")
         if self.known not in KNOWN_MODES:
-            raise UsageError(f"unknown --known '{self.known}'", hint=f"use one of: {', '.join(KNOWN_MODES)}")
+            raise UsageError(f"unknown --known '{excerpt(self.known)}'", hint=f"use one of: {', '.join(KNOWN_MODES)}")
         if self.feather < 0:
             raise UsageError(f"--feather must be >= 0, got {self.feather}")
         if self.start_step is not None and self.start_step < 0:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from .diffusion.sampler import plan_timesteps
-from .errors import UsageError
+from .errors import UsageError, excerpt
 
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 1000.0  # far beyond any useful scale (3 to 10); keeps the guided scores finite in float16
@@ -74,7 +74,7 @@ class GenerateOptions:
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.sampler not in SAMPLERS:
-            raise UsageError(f"unknown sampler '{self.sampler}'", hint=f"use one of: {', '.join(SAMPLERS)}")
+            raise UsageError(f"unknown sampler '{excerpt(self.sampler)}'", hint=f"use one of: {', '.join(SAMPLERS)}")
 
     @property
     def guided(self) -> bool:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from .config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig, VQVAEConfig
-from .errors import UsageError
+from .errors import UsageError, excerpt
 
 if TYPE_CHECKING:
     from .weights import Components
@@ -50,7 +50,7 @@ def configs_from_folder(folder: Path) -> dict[str, dict[str, Any]]:
         try:
             out[component] = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise UsageError(f"cannot read the architecture config {path}: {e}".splitlines()[0]) from None
+            raise UsageError(f"cannot read the architecture config {excerpt(path)}: {e}".splitlines()[0]) from None
     return out
 
 
@@ -63,7 +63,8 @@ def architecture_configs(name_or_folder: str) -> dict[str, dict[str, Any]]:
     names = sorted(p.name for p in shipped.iterdir() if p.is_dir())
     if name_or_folder not in names:
         raise UsageError(
-            f"unknown architecture '{name_or_folder}'", hint=f"use one of: {', '.join(names)}, or a folder of configs"
+            f"unknown architecture '{excerpt(name_or_folder)}'",
+            hint=f"use one of: {', '.join(names)}, or a folder of configs",
         )
     return shipped_configs(name_or_folder)
 

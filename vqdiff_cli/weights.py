@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig, VQVAEConfig
-from .errors import UsageError, WeightsError
+from .errors import UsageError, WeightsError, excerpt
 
 if TYPE_CHECKING:
     from .models.text import TextConditioning
@@ -58,11 +58,11 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise WeightsError(f"missing file: {path}") from None
+        raise WeightsError(f"missing file: {excerpt(path)}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"cannot read {path}: {e}") from None
+        raise WeightsError(f"cannot read {excerpt(path)}: {e}") from None
     if not isinstance(data, dict):
-        raise WeightsError(f"{path} is not a JSON object")
+        raise WeightsError(f"{excerpt(path)} is not a JSON object")
     return data
 
 
@@ -71,13 +71,13 @@ def check_model_index(root: Path) -> dict[str, Any]:
     index_path = root / "model_index.json"
     if not index_path.is_file():
         raise WeightsError(
-            f"{root} is not a diffusers VQ-Diffusion checkpoint: it has no model_index.json",
+            f"{excerpt(root)} is not a diffusers VQ-Diffusion checkpoint: it has no model_index.json",
             hint="pass a folder saved in diffusers' format, or a Hub repo id such as microsoft/vq-diffusion-ithq",
         )
     index = read_json(index_path)
     name = index.get("_class_name")
     if name not in (None, "VQDiffusionPipeline"):
-        raise WeightsError(f"{root} holds a {name}, not a VQDiffusionPipeline")
+        raise WeightsError(f"{excerpt(root)} holds a {name}, not a VQDiffusionPipeline")
     missing = [c for c in COMPONENTS if c not in index]
     if missing:
         hint = None
@@ -86,7 +86,7 @@ def check_model_index(root: Path) -> dict[str, Any]:
                 "the Hub's old 'fp16' branch lacks the learned null embeddings; use revision 'main' with "
                 "--variant fp16 instead"
             )
-        raise WeightsError(f"{root}/model_index.json lists no {', '.join(missing)} component", hint=hint)
+        raise WeightsError(f"{excerpt(root)}/model_index.json lists no {', '.join(missing)} component", hint=hint)
     return index
 
 
@@ -135,7 +135,7 @@ def _resolve_files(folder: Path, name: str, fmt: str) -> tuple[Path, ...] | None
         paths = tuple(folder / s for s in shards)
         missing = [p.name for p in paths if not p.is_file()]
         if missing:
-            raise WeightsError(f"{index} names missing shard(s): {', '.join(missing)}")
+            raise WeightsError(f"{excerpt(index)} names missing shard(s): {', '.join(missing)}")
         return paths
     return None
 
@@ -147,7 +147,7 @@ def variant_order(variant: str, dtype: torch.dtype | None = None) -> tuple[str, 
     if variant == "fp16":
         return ("fp16",)
     if variant != "auto":
-        raise UsageError(f"unknown variant '{variant}'", hint=f"use one of: {', '.join(VARIANTS)}")
+        raise UsageError(f"unknown variant '{excerpt(variant)}'", hint=f"use one of: {', '.join(VARIANTS)}")
     half = dtype in (torch.float16, torch.bfloat16)
     return ("fp16", "fp32") if half else ("fp32", "fp16")
 
@@ -162,7 +162,7 @@ def find_weight_files(root: Path, component: str, variant: str, dtype: torch.dty
             if paths:
                 return WeightFiles(paths, v, fmt)
     wanted = " or ".join(n for v in order for n, _ in _candidates(component, v))
-    raise WeightsError(f"no weights for {component} in {folder} (looked for {wanted})")
+    raise WeightsError(f"no weights for {component} in {excerpt(folder)} (looked for {wanted})")
 
 
 def read_state_dict(files: WeightFiles) -> dict[str, torch.Tensor]:
@@ -177,13 +177,15 @@ def read_state_dict(files: WeightFiles) -> dict[str, torch.Tensor]:
                 part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError:  # torch's restricted unpickler refused an object (its advice: run it anyway)
             raise WeightsError(
-                f"{path} holds pickled objects that are not plain tensors, and vqdiff never runs such code",
+                f"{excerpt(path)} holds pickled objects that are not plain tensors, and vqdiff never runs such code",
                 hint="get the weights as .safetensors, or a copy saved as plain tensors from a source you trust",
             ) from None
         except Exception as e:  # corrupt, truncated or not a weights file: one clear message
-            raise WeightsError(f"cannot read weights from {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+            raise WeightsError(
+                f"cannot read weights from {excerpt(path)}: {type(e).__name__}: {e}".splitlines()[0]
+            ) from None
         if not isinstance(part, Mapping) or not all(isinstance(v, torch.Tensor) for v in part.values()):
-            raise WeightsError(f"{path} does not hold a flat state dict of tensors")
+            raise WeightsError(f"{excerpt(path)} does not hold a flat state dict of tensors")
         state.update(part)
     return state
 
@@ -266,11 +268,11 @@ def _load_tokenizer(folder: Path) -> Any:
     from transformers import CLIPTokenizer
 
     if not folder.is_dir():
-        raise WeightsError(f"missing tokenizer folder: {folder}")
+        raise WeightsError(f"missing tokenizer folder: {excerpt(folder)}")
     try:
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:
-        raise WeightsError(f"cannot load the CLIP tokenizer from {folder}: {e}".splitlines()[0]) from None
+        raise WeightsError(f"cannot load the CLIP tokenizer from {excerpt(folder)}: {e}".splitlines()[0]) from None
 
 
 def load_components(root: Path, device: torch.device, dtype: torch.dtype, variant: str = "auto") -> Components:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..console import LoadReporter, Output
+from ..errors import excerpt
 
 if TYPE_CHECKING:
     from ..api import VQDiffusion
@@ -33,7 +34,7 @@ def load_model(
     from ..device import configure_cpu_threads, cpu_runs_natively, dtype_name
 
     configure_cpu_threads(threads)
-    out.info(f"loading {model}" + (f" ({revision})" if revision else ""))
+    out.info(f"loading {excerpt(model)}" + (f" ({excerpt(revision)})" if revision else ""))
     with LoadReporter(out) as report:
         pipe = VQDiffusion.from_pretrained(
             model,

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..console import Output
-from ..errors import UsageError
+from ..errors import UsageError, excerpt
 from .app import app, report_errors
 from .options import (
     BatchSizeOpt,
@@ -108,7 +108,7 @@ def generate(
     record = metadata.parse(read_png_text(from_image), str(from_image)) if from_image else None
     if record is not None and record.get("mode", "generate") != "generate":
         raise UsageError(
-            f"{from_image} was made by `vqdiff {record['mode']}`; --from-image re-runs generated images",
+            f"{excerpt(from_image)} was made by `vqdiff {record['mode']}`; --from-image re-runs generated images",
             hint="see its settings with `vqdiff info`",
         )
     # 2. the prompts: arguments, then the prompts file, else the image's

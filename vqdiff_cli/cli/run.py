@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..console import Output
-from ..errors import UsageError
+from ..errors import UsageError, excerpt
 from ..files import check_folder_writable, check_suffix, check_writable
 from ..settings import DEFAULT_OUTPUT, SETTINGS, Resolved, read_config, resolve, with_origin
 from . import naming
@@ -31,13 +31,13 @@ def read_prompts_file(path: Path) -> list[str]:
     try:
         text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8-sig")  # -sig: drop a BOM
     except FileNotFoundError:
-        raise UsageError(f"prompts file not found: {path}") from None
+        raise UsageError(f"prompts file not found: {excerpt(path)}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read prompts file {path}: {e}") from None
+        raise UsageError(f"cannot read prompts file {excerpt(path)}: {e}") from None
     prompts = [line.strip() for line in text.removeprefix("\ufeff").splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
-        raise UsageError(f"prompts file {path} has no prompts (blank lines and # comments are skipped)")
+        raise UsageError(f"prompts file {excerpt(path)} has no prompts (blank lines and # comments are skipped)")
     return prompts
 
 
@@ -158,13 +158,13 @@ class RunPlan:
         seen: set[Path] = set()
         for path in paths:
             if path in seen:
-                raise UsageError(f"two outputs of this run are both named {naming.shown(path)}")
+                raise UsageError(f"two outputs of this run are both named {excerpt(naming.shown(path))}")
             seen.add(path)
             if naming.names_a_step(path.parent):
-                raise UsageError(f"{{step}} names files, not folders: {naming.shown(path)}")
+                raise UsageError(f"{{step}} names files, not folders: {excerpt(naming.shown(path))}")
+            check_writable(path, overwrite=True)  # the folder, and a name the file system can take
             for existing in naming.existing_matches(path):
                 check_writable(existing, self.overwrite)
-            check_writable(path, overwrite=True)  # the folder
         if self.save_steps is None:
             return
         check_folder_writable(self.save_steps)  # a file there, or a read-only place, is refused
@@ -290,7 +290,8 @@ def execute(out: Output, plan: RunPlan, sample: Sampler) -> None:
                 save_png(result.image, path, text, overwrite=plan.overwrite)
                 path_text = str(path)
             if result.truncated_prompt:
-                out.warn(f"prompt longer than the text encoder's 77 tokens; dropped: {result.truncated_prompt!r}")
+                dropped = excerpt(result.truncated_prompt)
+                out.warn(f"prompt longer than the text encoder's 77 tokens; dropped: '{dropped}'")
             _write_visuals(plan, pipe, result)
             elapsed = time.perf_counter() - batch_started
             if out.json_mode:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from ..console import Output
-from ..errors import UsageError
+from ..errors import UsageError, excerpt
 from .app import app, report_errors
 
 
@@ -20,5 +20,5 @@ def completion(
     from ..completion import SHELLS, script
 
     if shell not in SHELLS:
-        raise UsageError(f"unknown shell '{shell}'", hint=f"use one of: {', '.join(SHELLS)}")
+        raise UsageError(f"unknown shell '{excerpt(shell)}'", hint=f"use one of: {', '.join(SHELLS)}")
     Output().result(script(shell).rstrip("\n"))
