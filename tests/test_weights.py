@@ -11,7 +11,7 @@ import torch
 from vqdiff_cli import GenerateOptions, VQDiffusion
 from vqdiff_cli.errors import WeightsError
 
-from .tiny import resave
+from .tiny import current_vq_state, resave
 
 OPTS = GenerateOptions(seed=5, guidance_scale=3.0)
 
@@ -26,6 +26,31 @@ def test_formats_and_key_names_give_identical_tokens(tiny, tmp_path, expected_to
     path = resave(tiny.path, tmp_path / "copy", fmt=fmt, new_vq_names=new_names)
     pipe = VQDiffusion.from_pretrained(path, device="cpu")
     assert torch.equal(pipe.generate("a red ball", OPTS)[0].tokens, expected_tokens)
+
+
+def test_the_hub_layout_fixture_is_read_by_diffusers_and_transformers_themselves(tiny):
+    """The fixture's files hold the Hub's key names as diffusers and transformers read them (their own renaming on
+    load, independent of vqdiff's tables): the old VQ attention names and `text_model.`-prefixed CLIP keys load into
+    their classes with every tensor in place; the new-name copy of `resave` has exactly VQModel's keys."""
+    from diffusers import VQModel
+    from transformers import CLIPTextModel
+
+    state = torch.load(tiny.path / "vqvae" / "diffusion_pytorch_model.bin", weights_only=True)
+    assert {k.rsplit(".", 2)[-2] for k in state if ".attentions." in k} == {
+        "group_norm",
+        "query",
+        "key",
+        "value",
+        "proj_attn",
+    }
+    assert set(current_vq_state(state)) == set(tiny.vqvae.state_dict())
+    for folder, cls, reference in (("vqvae", VQModel, tiny.vqvae), ("text_encoder", CLIPTextModel, tiny.text_encoder)):
+        loaded = cls.from_pretrained(str(tiny.path / folder)).state_dict()
+        expected = reference.state_dict()
+        assert set(loaded) == set(expected), folder
+        assert all(torch.equal(loaded[k], v) for k, v in expected.items()), folder
+    text = torch.load(tiny.path / "text_encoder" / "pytorch_model.bin", weights_only=True)
+    assert all(k.startswith("text_model.") for k in text)
 
 
 def test_config_with_norm_type_loads(tiny, tmp_path, expected_tokens):
