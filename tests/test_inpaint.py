@@ -214,11 +214,20 @@ def test_known_tokens_and_pixels_are_kept(tiny_pipe, photo, painted, mode, known
         assert torch.equal(result.tokens[keep], setup.tokens[keep])
         assert result.image.size == photo.size
         assert (np.asarray(result.image)[outside] == original[outside]).all()
-    # restore: known tokens are in place after every step too; renoise lets them be masked on the way
+    # restore: known tokens are in place after every step too; renoise re-draws them from q(x_s | x_0) on the way,
+    # masked with probability gamma-bar_s (tests/test_schedule.py checks that law on many tokens)
     trajectory = results[0].trajectory.view(len(results[0].trajectory), -1)
     flat_keep = keep.flatten()
+    original_known = setup.tokens.flatten()[flat_keep]
+    on_the_way = trajectory[1:-1, flat_keep]
     if known == "restore":
-        assert (trajectory[:, flat_keep] == setup.tokens.flatten()[flat_keep]).all()
+        assert (trajectory[:, flat_keep] == original_known).all()
+    else:
+        assert (trajectory[0, flat_keep] == tiny_pipe.mask_id).any()  # the start draw, q(x_t | x_0)
+        levels = tiny_pipe.schedule.cumprod_ct[list(results[0].timesteps[1:])]
+        expected = float(levels.sum()) * len(original_known)
+        assert 0.3 * expected < int((on_the_way == tiny_pipe.mask_id).sum()) < 3 * expected
+        assert (trajectory[-1, flat_keep] == original_known).all()
     assert setup.regenerate.any()
 
 
@@ -327,13 +336,19 @@ def test_inpaint_command_keeps_tokens(files, tiny_pipe, photo, painted, mode):
     assert rerun.exit_code == 2 and "made by `vqdiff inpaint`" in _error(rerun)
 
 
-def test_vary_command(files):
+def test_vary_command(files, tiny_pipe, photo):
+    """The command's tokens and images are the API's: the same seeds give the same variations, strength 0 the
+    photo's own tokens."""
     r = run("vary", "photo.png", "--strength", "0.3", "--seed", "2", "-n", "2", "--save-tokens", "v.npy")
     assert r.exit_code == 0, r.output
     assert r.stdout.split() == ["photo-vary-2.png", "photo-vary-3.png"]
+    expected = tiny_pipe.vary(photo, "", 0.3, GenerateOptions(seed=2, num_images=2))
+    assert (np.load(files / "v.npy") == np.stack([e.tokens.numpy() for e in expected])).all()
+    for name, e in zip(r.stdout.split(), expected, strict=True):
+        assert (np.asarray(Image.open(files / name)) == np.asarray(e.image)).all()
     r = run("vary", "photo.png", "--strength", "0", "--save-tokens", "zero.npy", "-o", "zero.png")
     assert r.exit_code == 0
-    assert np.load(files / "zero.npy").shape == (1, 4, 4)
+    assert (np.load(files / "zero.npy")[0] == tiny_pipe.prepare_edit(photo).tokens.numpy()).all()
     r = run("vary", "photo.png", "--strength", "2")
     assert r.exit_code == 2
 
@@ -373,12 +388,23 @@ def test_error_paths(files):
     assert not list(files.glob("photo-inpaint-*"))
 
 
-def test_mask_at_another_size_with_the_same_aspect(files, photo):
+def test_mask_at_another_size_with_the_same_aspect(files, tiny_pipe, photo):
+    """A 64x48 mask on the 32x24 photo: tokens outside its token mask and pixels outside its feathered, shrunk
+    mask are the photo's."""
     big = np.zeros((48, 64), np.uint8)
     big[10:28, 18:38] = 255
     Image.fromarray(big).save(files / "big.png")
-    r = run("inpaint", "photo.png", "--mask", "big.png", "--seed", "1", "--steps", "3")
+    r = run("inpaint", "photo.png", "--mask", "big.png", "--seed", "1", "--steps", "3", "--save-tokens", "t.npy")
     assert r.exit_code == 0, r.output
+    setup = tiny_pipe.prepare_inpaint(photo, big > 127)
+    keep = ~setup.regenerate.numpy()
+    assert keep.any() and (~keep).any()
+    assert (np.load(files / "t.npy")[0][keep] == setup.tokens.numpy()[keep]).all()
+    outside = setup.alpha == 0
+    assert outside.any() and (~outside).any()
+    assert (np.asarray(Image.open(files / "photo-inpaint-1.png"))[outside] == np.asarray(photo)[outside]).all()
+    expected = tiny_pipe.inpaint(photo, big > 127, "", GenerateOptions(seed=1, steps=3))[0]
+    assert (np.asarray(Image.open(files / "photo-inpaint-1.png")) == np.asarray(expected.image)).all()
 
 
 def test_thin_stroke_on_a_larger_mask_and_a_huge_feather(files):
@@ -417,11 +443,27 @@ def test_16_bit_image_command(files, photo):
     assert (np.load(files / "grey16.npy") == np.load(files / "grey8.npy")).all()
 
 
-def test_whole_mask_warns(files):
+def test_whole_mask_warns(files, tiny_pipe):
+    """A mask over every token is plain generation from the prompt, as the warning says: generate's tokens."""
     Image.new("L", (32, 24), 255).save(files / "all.png")
-    r = run("inpaint", "photo.png", "--mask", "all.png", "--seed", "1", "--steps", "3")
+    r = run(
+        "inpaint",
+        "photo.png",
+        "--mask",
+        "all.png",
+        "-p",
+        "a cat",
+        "--seed",
+        "1",
+        "--steps",
+        "3",
+        "--save-tokens",
+        "t.npy",
+    )
     assert r.exit_code == 0
     assert "warning: the mask covers every token" in r.stderr
+    generated = tiny_pipe.generate("a cat", GenerateOptions(seed=1, steps=3))[0]
+    assert (np.load(files / "t.npy")[0] == generated.tokens.numpy()).all()
 
 
 @pytest.mark.parametrize("known", ["restore", "renoise"])

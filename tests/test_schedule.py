@@ -26,7 +26,7 @@ from vqdiff_cli.diffusion.fast import (
     sample_columns,
     step_coefficients,
 )
-from vqdiff_cli.diffusion.sampler import TextContext, denoise, plan_timesteps, q_sample
+from vqdiff_cli.diffusion.sampler import KnownTokens, TextContext, denoise, plan_timesteps, q_sample
 from vqdiff_cli.diffusion.schedule import MaskAndReplaceSchedule, q_posterior, truncate
 
 from .markov import Chain
@@ -291,3 +291,33 @@ def test_q_sample_masks_at_cumgamma():
             abs(kept - (schedule.cumprod_at[t] + (1 - schedule.cumprod_at[t] - schedule.cumprod_ct[t]) / (k - 1)))
             < 0.02
         )
+
+
+def test_reference_sampler_restores_or_renoises_known_tokens():
+    """Inpainting's known tokens under the reference loop: restored after every step, or (renoise) re-drawn from
+    q(x_s | x_0), so masked at the rate gamma-bar_s and otherwise nearly always the original, and exact at the end."""
+    k, n, b = 33, 2048, 2
+    schedule = MaskAndReplaceSchedule.from_config(SchedulerConfig(num_vec_classes=k, num_train_timesteps=100))
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, k - 1, (b, n), generator=g)
+    regenerate = torch.rand(b, n, generator=g) < 0.5
+    timesteps = plan_timesteps(99, steps=10)
+    context = TextContext(torch.zeros(b, 77, 8), None)
+    start = torch.where(regenerate, k - 1, tokens)
+
+    def chain(renoise: bool) -> list[torch.Tensor]:
+        gens = [torch.Generator().manual_seed(i) for i in range(b)]
+        known = KnownTokens(tokens, regenerate, renoise)
+        return list(denoise(_random_denoiser(k), start, timesteps, context, schedule, gens, 1.0, 1.0, known))
+
+    for x in chain(renoise=False):
+        assert torch.equal(x[~regenerate], tokens[~regenerate])
+    renoised = chain(renoise=True)
+    for s, x in zip(timesteps[1:], renoised[:-1], strict=True):
+        known = x[~regenerate]
+        expected = float(schedule.cumprod_ct[s])
+        sd = (expected * (1 - expected) / known.numel()) ** 0.5
+        assert abs((known == k - 1).float().mean().item() - expected) < 5 * sd + 1e-3, s
+        unmasked = known != k - 1
+        assert (known[unmasked] == tokens[~regenerate][unmasked]).float().mean() > 0.99
+    assert torch.equal(renoised[-1][~regenerate], tokens[~regenerate])
