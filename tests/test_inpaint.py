@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -517,3 +519,60 @@ def test_command_measures_coverage_at_the_mask_resolution(files):
 def saved_token_mask(path: Path) -> np.ndarray:
     """The (4, 4) token mask of `--save-token-mask` (a 16 px image, 4 px a token)."""
     return np.asarray(Image.open(path))[::4, ::4] > 127
+
+
+def test_steps_keep_their_density_from_a_partial_start(files, tiny_pipe, photo, painted):
+    """README: `--steps 50` from t = 49 visits 25 timesteps (every other one), as it visits every other one of 100."""
+    expected = GenerateOptions(steps=50).timesteps(100, start=49)
+    assert len(expected) == 25 and expected[0] == 49 and expected[-1] == 0
+    assert {a - b for a, b in itertools.pairwise(expected)} <= {2, 3}
+    assert GenerateOptions(steps=100).timesteps(100, start=49) == tuple(range(49, -1, -1))
+    assert GenerateOptions(stride=10).timesteps(100, start=49) == (49, 39, 29, 19, 9, 0)
+    result = tiny_pipe.inpaint(photo, painted, "", GenerateOptions(seed=1, steps=50), InpaintOptions(start_step=49))
+    assert result[0].timesteps == expected
+    r = run("inpaint", "photo.png", "--mask", "mask.png", "--start-step", "49", "--steps", "50", "--json")
+    assert r.exit_code == 0, r.output
+    settings = json.loads(r.stdout)["settings"]
+    assert settings["timesteps"] == list(expected) and settings["num_steps"] == 25
+    r = run("vary", "photo.png", "--strength", "0.5", "--steps", "50", "--json", "-o", "v.png")
+    assert r.exit_code == 0, r.output
+    visited = json.loads(r.stdout)["settings"]["timesteps"]
+    assert visited[0] == 50 and len(visited) in (25, 26)  # 51 levels at the density of 50 in 100
+
+
+def test_a_non_square_image_is_stretched_with_a_warning(files, tiny_pipe):
+    """README: a non-square image is stretched (not cropped) to the model's square, with a warning, and the result
+    comes back at the image's size; a nearly square one (ratio up to 1.25) is stretched without one."""
+    wide = Image.fromarray(np.random.default_rng(2).integers(0, 256, (16, 40, 3), dtype=np.uint8))
+    source = tiny_pipe.prepare_edit(wide)
+    assert source.warnings == ["the 40x16 image is stretched to 16x16 for the model and back afterwards"]
+    assert (np.asarray(source.native) == np.asarray(wide.resize((16, 16), Image.Resampling.LANCZOS))).all()
+    assert tiny_pipe.prepare_edit(Image.new("RGB", (20, 16))).warnings == []
+    wide.save(files / "wide.png")
+    mask = np.zeros((16, 40), np.uint8)
+    mask[:, :20] = 255
+    Image.fromarray(mask).save(files / "wide-mask.png")
+    for args in (["inpaint", "wide.png", "--mask", "wide-mask.png"], ["vary", "wide.png", "--strength", "0.4"]):
+        r = run(*args, "--steps", "3", "--seed", "1", "-o", f"{args[0]}-out.png")
+        assert r.exit_code == 0, r.output
+        assert "warning: the 40x16 image is stretched to 16x16 for the model and back afterwards" in r.stderr
+        assert Image.open(files / f"{args[0]}-out.png").size == (40, 16)
+
+
+@pytest.mark.parametrize("edit", ["inpaint-restore", "inpaint-renoise", "vary"])
+def test_reference_sampler_edit_alone_equals_in_a_batch(tiny_pipe, photo, painted, edit):
+    """Image i of a batch (seed S + i) is the image made alone with seed S + i, start draw and re-noising included."""
+
+    def run(options: GenerateOptions):
+        if edit == "vary":
+            return tiny_pipe.vary(photo, "a red ball", 0.6, options)
+        known = InpaintOptions(known=edit.removeprefix("inpaint-"))
+        return tiny_pipe.inpaint(photo, painted, "a red ball", options, known)
+
+    batch = run(GenerateOptions(seed=30, num_images=3, batch_size=3, sampler="reference", steps=12))
+    assert [r.seed for r in batch] == [30, 31, 32]
+    assert not torch.equal(batch[0].tokens, batch[1].tokens) or not torch.equal(batch[1].tokens, batch[2].tokens)
+    for r in batch:
+        alone = run(GenerateOptions(seed=r.seed, sampler="reference", steps=12))[0]
+        assert torch.equal(alone.tokens, r.tokens), r.seed
+        assert (np.asarray(alone.image) == np.asarray(r.image)).all()
