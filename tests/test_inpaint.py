@@ -290,6 +290,7 @@ def files(tmp_path, photo, painted, monkeypatch, tiny):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VQDIFF_MODEL", str(tiny.path))
     monkeypatch.setenv("VQDIFF_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.setenv("VQDIFF_DEVICE", "cpu")  # the commands' results are compared with tiny_pipe's (CPU, float32)
     photo.save(tmp_path / "photo.png")
     Image.fromarray(painted.astype(np.uint8) * 255).save(tmp_path / "mask.png")
     return tmp_path
