@@ -421,6 +421,41 @@ def test_dry_run_precedence(cli, tmp_path, monkeypatch, tiny):
     assert "guidance" in human.stdout and "config" in human.stdout
 
 
+def test_from_image_precedence_between_flags_environment_and_config(cli, tmp_path, monkeypatch, tiny):
+    """README: flag > the image given to --from-image > environment > config file > default, key by key; and the run
+    uses what the dry run shows (the image's model, dtype and guidance, not the environment's or the config's)."""
+    made = cli("generate", "a red ball", "--seed", "41", "--stride", "20", "-g", "3", "-t", "0.9", "--device", "cpu",
+               "--dtype", "float32", "-o", "made.png", "--save-tokens", "made.npy")  # fmt: skip
+    assert made.exit_code == 0, made.output
+    (tmp_path / "config.toml").write_text(
+        'guidance = 2.5\ntruncation = 0.7\ndtype = "bfloat16"\noutput = "cfg-{seed}.png"\nbatch_size = 2\n'
+        'steps = 7\nsampler = "fast"\nvariant = "fp16"\n'
+    )
+    monkeypatch.setenv("VQDIFF_MODEL", str(tmp_path / "no-such-model"))  # a run that used it would fail
+    monkeypatch.setenv("VQDIFF_DTYPE", "float16")
+    monkeypatch.setenv("VQDIFF_OUTPUT", "env-{seed}.png")
+    monkeypatch.setenv("VQDIFF_DEVICE", "cpu")
+    r = cli("generate", "--from-image", "made.png", "-t", "0.5", "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    s = {k: (v["value"], v["source"].split()[0]) for k, v in json.loads(r.stdout)["settings"].items()}
+    assert s["truncation"] == (0.5, "flag")  # flag > image > config
+    assert s["guidance"] == (3.0, "image")  # image > config
+    assert s["dtype"] == ("float32", "image")  # image > env > config
+    assert s["model"] == (str(tiny.path), "image")  # image > env
+    assert s["stride"] == (20, "image") and s["steps"] == (None, "image")  # the image's stride beats config steps
+    assert s["sampler"] == ("reference", "image") and s["variant"] == ("auto", "image")  # image > config
+    assert s["output"] == ("env-{seed}.png", "env")  # env > config (the image holds no output)
+    assert s["device"] == ("cpu", "env")
+    assert s["batch_size"] == (2, "config")  # config > default
+    assert s["revision"] == (None, "default")
+    again = cli("generate", "--from-image", "made.png", "--save-tokens", "again.npy")
+    assert again.exit_code == 0, again.output
+    assert again.stdout.split() == ["env-41.png"]
+    assert (np.load(tmp_path / "again.npy") == np.load(tmp_path / "made.npy")).all()
+    meta = json.loads(cli("info", "--json", "env-41.png").stdout)
+    assert (meta["dtype"], meta["guidance"], meta["truncation"], meta["stride"]) == ("float32", 3.0, 0.9, 20)
+
+
 def test_bad_config_file(cli, tmp_path):
     (tmp_path / "config.toml").write_text("guidance = 'lots'\n")
     r = cli("generate", "a cat", "--dry-run")
