@@ -10,11 +10,18 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the real Hub
-os.environ.setdefault("NO_COLOR", "1")
-# Tiny models gain nothing from threads, and on a busy machine every small op would wait for a second thread;
-# subprocesses (`vqdiff ...`) inherit this. Ours and the diffusers reference run under the same setting.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The suite sees the same environment on every machine, whatever the shell that started it holds (tests that need
+# other values set them with monkeypatch). Subprocesses (`python -m vqdiff_cli ...`) inherit it.
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the real Hub
+os.environ["NO_COLOR"] = "1"
+# Tiny models gain nothing from threads, and on a busy machine every small op would wait for a second thread.
+# Ours and the diffusers reference run under the same setting.
+os.environ["OMP_NUM_THREADS"] = "1"
+# Commands without --device run on the CPU: on a GPU machine `auto` would pick CUDA and float16. The automatic
+# choices are tested as logic, with CUDA stubbed (tests/test_cli.py).
+os.environ["VQDIFF_DEVICE"] = "cpu"
+for _setting in ("VQDIFF_MODEL", "VQDIFF_DTYPE", "VQDIFF_OUTPUT", "VQDIFF_DEBUG"):
+    os.environ.pop(_setting, None)
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 import torch  # noqa: E402
@@ -29,12 +36,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_caches(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    """No test reads or writes the user's Hub cache or vqdiff cache (tests/test_hub.py points them elsewhere too)."""
+    """No test reads or writes the user's Hub cache, vqdiff cache or config file (tests/test_hub.py points the caches
+    elsewhere too; a missing config file is an empty one)."""
     root = tmp_path_factory.mktemp("caches")
-    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_CACHE", "VQDIFF_CACHE_DIR")}
+    saved = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_CACHE", "VQDIFF_CACHE_DIR", "VQDIFF_CONFIG")}
     os.environ["HF_HOME"] = str(root / "hf")
     os.environ.pop("HF_HUB_CACHE", None)
     os.environ["VQDIFF_CACHE_DIR"] = str(root / "vqdiff")
+    os.environ["VQDIFF_CONFIG"] = str(root / "no-config.toml")
     yield
     for key, value in saved.items():
         if value is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 from importlib import resources
 
 import pytest
@@ -25,6 +26,38 @@ def bench(*args: str) -> dict:
     result = runner.invoke(app, ["bench", *QUICK, *args])
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
+
+
+def check_derived_rows(doc: dict) -> int:
+    """Every derived end-to-end row is BENCHMARKS.md's formula over the phases of the same record (engine, dtype,
+    batch): text + S x forward + (S - 1) x mean(step math at t = 99, 50, 1) + step math at t = 0 + decode."""
+    phase = {(p["engine"], p["dtype"], p["batch"], p["phase"], p["timestep"]): p["median_s"] for p in doc["phases"]}
+    rows = [e for e in doc["end_to_end"] if e["kind"] == "derived"]
+    for e in rows:
+        key = (e["engine"], e["dtype"], e["batch"])
+        steps = e["steps"]
+        step_math = [phase[(*key, "sampling", t)] for t in (99, 50, 1)]
+        expected = (
+            phase[(*key, "text", None)]
+            + steps * phase[(*key, "transformer", 50)]
+            + (steps - 1) * sum(step_math) / 3
+            + phase[(*key, "sampling", 0)]
+            + phase[(*key, "decode", None)]
+        )
+        assert e["median_s"] == pytest.approx(expected, rel=1e-12), e
+        assert e["s_per_image"] == pytest.approx(expected / e["batch"], rel=1e-12)
+        assert e["images_per_s"] == pytest.approx(e["batch"] / expected, rel=1e-12)
+    return len(rows)
+
+
+def check_speedups(doc: dict) -> int:
+    """Every speed-up is diffusers' seconds over ours, from the two end-to-end rows of its kind, batch and steps."""
+    rows = {(e["engine"], e["dtype"], e["batch"], e["steps"], e["kind"]): e["median_s"] for e in doc["end_to_end"]}
+    for s in doc["speedups"]:
+        ours = rows[(s["engine"], s["dtype"], s["batch"], s["steps"], s["kind"])]
+        base = rows[(s["baseline"], s["baseline_dtype"], s["batch"], s["steps"], s["kind"])]
+        assert s["ratio"] == pytest.approx(base / ours, rel=1e-12), s
+    return len(doc["speedups"])
 
 
 def test_ithq_flops_match_the_issue():
@@ -61,6 +94,8 @@ def test_bench_json_on_a_checkpoint(tiny):
     measured = next(e for e in doc["end_to_end"] if e["kind"] == "measured")
     assert measured["batch"] == 2 and measured["steps"] == 3
     assert measured["images_per_s"] == pytest.approx(2 / measured["median_s"])
+    assert measured["median_s"] == statistics.median(measured["runs_s"])
+    assert check_derived_rows(doc) == 2  # one per engine, at the one step count
     assert doc["speedups"] == []
 
 
@@ -73,7 +108,8 @@ def test_bench_vs_diffusers_gives_ratios(tiny, tmp_path):
     measured = [s for s in doc["speedups"] if s["kind"] == "measured"]
     assert len(measured) == 1
     assert measured[0]["engine"] == "vqdiff-fast" and measured[0]["baseline"] == "diffusers"
-    assert measured[0]["ratio"] > 0
+    assert check_speedups(doc) == 2  # measured and derived
+    assert check_derived_rows(doc) == 2  # vqdiff-fast and diffusers
 
 
 def test_bench_random_weights_from_a_config_folder(tmp_path):
@@ -96,6 +132,7 @@ def test_bench_random_weights_from_a_config_folder(tmp_path):
     assert doc["model"]["source"].startswith("random weights")
     assert {p["dtype"] for p in doc["phases"]} == {"float32", "bfloat16"}
     assert {e["kind"] for e in doc["end_to_end"]} == {"derived"}
+    assert check_derived_rows(doc) == 2  # one per dtype
 
 
 def test_bench_errors(tiny, monkeypatch):
@@ -157,6 +194,7 @@ def test_bench_warms_up_once_per_batch_with_short_runs_and_measures_the_matmul_r
     assert doc["device"]["matmul_shape"] == [2 * 2 * 16, 16, 64]  # guided batch 2 x 16 tokens, width 16, ff 64
     forward = next(p for p in doc["phases"] if p["phase"] == "transformer")
     assert forward["matmul_fraction"] == pytest.approx(forward["tflops"] / doc["device"]["matmul_tflops"]["float32"])
+    assert check_derived_rows(doc) == 2  # steps 3 and 4
 
 
 def test_bench_output_keeps_finished_batches_when_a_run_is_cut_short(tiny, tmp_path, monkeypatch):

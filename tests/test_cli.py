@@ -20,11 +20,12 @@ from vqdiff_cli.cli import app
 
 @pytest.fixture
 def cli(tiny, tmp_path, monkeypatch):
-    """Run vqdiff in tmp_path with the tiny model as the configured default (through the environment)."""
+    """Run vqdiff in tmp_path with the tiny model as the configured default and the CPU as the device (through the
+    environment)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VQDIFF_MODEL", str(tiny.path))
     monkeypatch.setenv("VQDIFF_CONFIG", str(tmp_path / "config.toml"))
-    monkeypatch.delenv("VQDIFF_DEVICE", raising=False)
+    monkeypatch.setenv("VQDIFF_DEVICE", "cpu")
     runner = CliRunner()
 
     def invoke(*args: str, input: str | None = None):
@@ -177,24 +178,94 @@ def test_a_cuda_index_the_machine_lacks_is_a_clear_error(monkeypatch):
         resolve_device("cuda:5")
 
 
+def _machine(monkeypatch, cuda: bool, mps: bool) -> None:
+    """Make torch report CUDA and MPS as available or not (nothing runs on them)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+
+@pytest.mark.parametrize(
+    ("cuda", "mps", "device", "dtype", "sampler", "variant"),
+    [
+        (True, True, "cuda", "float16", "fast", "fp16"),
+        (False, True, "mps", "float16", "reference", "fp16"),
+        (False, False, "cpu", "float32", "reference", "fp32"),
+    ],
+    ids=["cuda", "mps", "cpu"],
+)
+def test_automatic_choices_follow_the_machine(tiny_pipe, monkeypatch, cuda, mps, device, dtype, sampler, variant):
+    """--device auto: CUDA, then MPS, then the CPU; --dtype auto: float16 on a GPU, float32 on the CPU; --sampler
+    auto: fast on CUDA only; --variant auto: the fp16 files for half precision. Explicit choices stay."""
+    import torch
+
+    from vqdiff_cli import GenerateOptions
+    from vqdiff_cli.checkpoint.select import variant_order
+    from vqdiff_cli.device import dtype_name, resolve_device, resolve_dtype
+
+    _machine(monkeypatch, cuda, mps)
+    dev = resolve_device("auto")
+    dt = resolve_dtype("auto", dev)
+    monkeypatch.setattr(tiny_pipe, "device", dev)  # a pipeline on that device, as far as the sampler choice goes
+    fast = tiny_pipe.uses_fast_sampler(GenerateOptions(sampler="auto"))
+    assert (dev.type, dtype_name(dt), "fast" if fast else "reference") == (device, dtype, sampler)
+    assert variant_order("auto", dt)[0] == variant
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_dtype("bfloat16", dev) == torch.bfloat16
+    assert tiny_pipe.uses_fast_sampler(GenerateOptions(sampler="fast"))
+    assert not tiny_pipe.uses_fast_sampler(GenerateOptions(sampler="reference"))
+
+
+def test_automatic_choices_on_the_command_line(cli, monkeypatch):
+    """On a machine without a GPU (stubbed, so on any machine), `auto` everywhere runs the CPU's choices, and the
+    image's metadata records what was chosen."""
+    _machine(monkeypatch, cuda=False, mps=False)
+    args = ["--device", "auto", "--dtype", "auto", "--sampler", "auto", "--variant", "auto"]
+    r = cli("generate", "a cat", "--steps", "2", "--seed", "1", "-o", "auto.png", "--json", *args)
+    assert r.exit_code == 0, r.output
+    settings = json.loads(r.stdout)["settings"]
+    chosen = {k: settings[k] for k in ("device", "dtype", "sampler", "weights_variant")}
+    assert chosen == {"device": "cpu", "dtype": "float32", "sampler": "reference", "weights_variant": "fp32"}
+
+
+@pytest.mark.skipif(not Path("/proc/sys").is_dir(), reason="needs Linux's /proc/sys")
 def test_unwritable_directory(cli, tmp_path):
+    """A folder the user may not write in is refused before the model loads. /proc/sys refuses even root (the kernel
+    grants root only its owner bits, r-x), so the refusal runs as root too, as in CI; a chmod-ed folder only
+    refuses other users."""
+    targets = ["/proc/sys/x.png"]
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
+    if os.geteuid() != 0:
+        targets.append("locked/x.png")
     try:
-        r = cli("generate", "a cat", "--steps", "1", "-o", "locked/x.png")
-        if os.geteuid() == 0:  # root writes anywhere; the check then passes
-            assert r.exit_code == 0
-        else:
-            assert r.exit_code == 2
-            assert "not writable" in one_line_error(r)
+        for target in targets:
+            r = cli("generate", "a cat", "--steps", "1", "-o", target)
+            assert r.exit_code == 2, r.output
+            assert one_line_error(r) == f"error: cannot write {target}: folder {Path(target).parent} is not writable"
+            assert "loading" not in r.stderr  # refused before the model loads
     finally:
         locked.chmod(0o700)
 
 
 def test_png_to_stdout(tiny, tmp_path):
     r = subprocess.run(
-        ["vqdiff", "generate", "a cat", "--model", str(tiny.path), "--seed", "3", "--steps", "2", "-o", "-"],
+        [
+            sys.executable,
+            "-m",
+            "vqdiff_cli",
+            "generate",
+            "a cat",
+            "--model",
+            str(tiny.path),
+            "--seed",
+            "3",
+            "--steps",
+            "2",
+            "-o",
+            "-",
+        ],
         capture_output=True,
         check=False,
         cwd=tmp_path,
@@ -204,7 +275,7 @@ def test_png_to_stdout(tiny, tmp_path):
     (tmp_path / "piped.png").write_bytes(r.stdout)
     assert Image.open(tmp_path / "piped.png").text["vqdiff"]
     r = subprocess.run(
-        ["vqdiff", "generate", "a cat", "-n", "2", "--model", str(tiny.path), "-o", "-"],
+        [sys.executable, "-m", "vqdiff_cli", "generate", "a cat", "-n", "2", "--model", str(tiny.path), "-o", "-"],
         capture_output=True,
         check=False,
         cwd=tmp_path,
@@ -339,8 +410,7 @@ def test_dry_run_precedence(cli, tmp_path, monkeypatch, tiny):
     assert r.exit_code == 0, r.output
     plan = json.loads(r.stdout)
     s = plan["settings"]
-    assert s["truncation"] == {"value": 0.5, "source": "flag", "env": None} or s["truncation"]["source"] == "flag"
-    assert s["truncation"]["value"] == 0.5
+    assert s["truncation"] == {"value": 0.5, "source": "flag"}  # the flag beats the config file's 0.7
     assert s["guidance"]["value"] == 2.5 and s["guidance"]["source"].startswith("config")
     assert s["device"]["value"] == "cpu" and s["device"]["source"] == "env VQDIFF_DEVICE"
     assert s["model"]["source"] == "env VQDIFF_MODEL"  # env beats the config file
@@ -349,6 +419,41 @@ def test_dry_run_precedence(cli, tmp_path, monkeypatch, tiny):
     assert not (tmp_path / "cfg-9.png").exists()
     human = cli("generate", "a cat", "--dry-run", "--seed", "9")
     assert "guidance" in human.stdout and "config" in human.stdout
+
+
+def test_from_image_precedence_between_flags_environment_and_config(cli, tmp_path, monkeypatch, tiny):
+    """README: flag > the image given to --from-image > environment > config file > default, key by key; and the run
+    uses what the dry run shows (the image's model, dtype and guidance, not the environment's or the config's)."""
+    made = cli("generate", "a red ball", "--seed", "41", "--stride", "20", "-g", "3", "-t", "0.9", "--device", "cpu",
+               "--dtype", "float32", "-o", "made.png", "--save-tokens", "made.npy")  # fmt: skip
+    assert made.exit_code == 0, made.output
+    (tmp_path / "config.toml").write_text(
+        'guidance = 2.5\ntruncation = 0.7\ndtype = "bfloat16"\noutput = "cfg-{seed}.png"\nbatch_size = 2\n'
+        'steps = 7\nsampler = "fast"\nvariant = "fp16"\n'
+    )
+    monkeypatch.setenv("VQDIFF_MODEL", str(tmp_path / "no-such-model"))  # a run that used it would fail
+    monkeypatch.setenv("VQDIFF_DTYPE", "float16")
+    monkeypatch.setenv("VQDIFF_OUTPUT", "env-{seed}.png")
+    monkeypatch.setenv("VQDIFF_DEVICE", "cpu")
+    r = cli("generate", "--from-image", "made.png", "-t", "0.5", "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    s = {k: (v["value"], v["source"].split()[0]) for k, v in json.loads(r.stdout)["settings"].items()}
+    assert s["truncation"] == (0.5, "flag")  # flag > image > config
+    assert s["guidance"] == (3.0, "image")  # image > config
+    assert s["dtype"] == ("float32", "image")  # image > env > config
+    assert s["model"] == (str(tiny.path), "image")  # image > env
+    assert s["stride"] == (20, "image") and s["steps"] == (None, "image")  # the image's stride beats config steps
+    assert s["sampler"] == ("reference", "image") and s["variant"] == ("auto", "image")  # image > config
+    assert s["output"] == ("env-{seed}.png", "env")  # env > config (the image holds no output)
+    assert s["device"] == ("cpu", "env")
+    assert s["batch_size"] == (2, "config")  # config > default
+    assert s["revision"] == (None, "default")
+    again = cli("generate", "--from-image", "made.png", "--save-tokens", "again.npy")
+    assert again.exit_code == 0, again.output
+    assert again.stdout.split() == ["env-41.png"]
+    assert (np.load(tmp_path / "again.npy") == np.load(tmp_path / "made.npy")).all()
+    meta = json.loads(cli("info", "--json", "env-41.png").stdout)
+    assert (meta["dtype"], meta["guidance"], meta["truncation"], meta["stride"]) == ("float32", 3.0, 0.9, 20)
 
 
 def test_bad_config_file(cli, tmp_path):
@@ -578,7 +683,9 @@ def _run_in_terminal(args: list[str], cwd, env) -> bytes:
 
 def test_progress_bar_in_a_terminal_and_not_in_a_pipe(tiny, tmp_path):
     args = [
-        "vqdiff",
+        sys.executable,
+        "-m",
+        "vqdiff_cli",
         "generate",
         "a cat",
         "--model",
@@ -612,7 +719,9 @@ def test_ctrl_c_keeps_finished_images(tiny, tmp_path):
 
     proc = subprocess.Popen(
         [
-            "vqdiff",
+            sys.executable,
+            "-m",
+            "vqdiff_cli",
             "generate",
             "a cat",
             "--model",
@@ -641,3 +750,89 @@ def test_ctrl_c_keeps_finished_images(tiny, tmp_path):
     for path in finished:
         Image.open(path).load()  # every file that exists is a whole PNG
     assert not list(tmp_path.glob(".*.part"))  # no temporary file left behind
+
+
+@pytest.mark.parametrize("moment", ["while-writing", "while-renaming"])
+def test_ctrl_c_inside_a_write_leaves_no_partial_or_temporary_file(cli, tmp_path, monkeypatch, moment):
+    """Ctrl-C inside `atomic_write` on purpose (the third image's write): the two finished images are kept whole,
+    the third exists under no name, and no temporary file is left."""
+    import io
+
+    import vqdiff_cli.files as files
+    import vqdiff_cli.images as images
+
+    real_write, real_link = files.atomic_write, os.link
+    calls: list[Path] = []
+    partial: list[list[tuple[str, int]]] = []  # the temporary files at the moment of the interrupt
+
+    def interrupt() -> None:
+        partial.append([(p.name, p.stat().st_size) for p in tmp_path.glob(".*.part")])
+        raise KeyboardInterrupt
+
+    def link(src, dst, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if len(calls) == 3 and moment == "while-renaming":
+            interrupt()
+        return real_link(src, dst, *args, **kwargs)
+
+    def atomic_write(path, write, overwrite=False):  # type: ignore[no-untyped-def]
+        calls.append(Path(path))
+        if len(calls) < 3 or moment != "while-writing":
+            return real_write(path, write, overwrite)
+
+        def half_then_interrupt(f):  # type: ignore[no-untyped-def]
+            whole = io.BytesIO()
+            write(whole)
+            f.write(whole.getvalue()[:100])
+            f.flush()
+            interrupt()
+
+        return real_write(path, half_then_interrupt, overwrite)
+
+    monkeypatch.setattr(images, "atomic_write", atomic_write)
+    monkeypatch.setattr(os, "link", link)
+    r = cli("generate", "a cat", "-n", "4", "--seed", "1", "--steps", "2", "-o", "c.png")
+    assert r.exit_code == 130, r.output
+    assert "interrupted; finished outputs were kept" in one_line_error(r)
+    assert [p.name for p in calls] == ["c-0.png", "c-1.png", "c-2.png"]
+    assert len(partial) == 1 and len(partial[0]) == 1 and partial[0][0][0].startswith(".c-2.png.")  # it was mid-write
+    if moment == "while-writing":
+        assert partial[0][0][1] == 100
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".png", ".part")) == ["c-0.png", "c-1.png"]
+    for name in ("c-0.png", "c-1.png"):
+        Image.open(tmp_path / name).load()  # whole PNGs
+
+
+def test_excerpt_cuts_long_input_to_first_words_and_a_count():
+    from vqdiff_cli.errors import excerpt
+
+    assert excerpt("a red ball") == "a red ball"
+    assert excerpt("/photos/my picture.png") == "/photos/my picture.png"
+    words = " ".join(f"w{i}" for i in range(5000))
+    assert excerpt(words) == "w0 w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 … (+4988 more words)"
+    assert excerpt("one\ntwo\tthree") == "one two three"  # a message stays on one line
+    path = "/data/" + "x" * 3000 + "/final.png"
+    cut = excerpt(path)
+    assert len(cut) <= 170 and cut.startswith("/data/xxx") and cut.endswith("xx/final.png")
+    assert f"(+{len(path) - 140} characters)" in cut
+
+
+def test_messages_quote_long_input_as_an_excerpt(cli, tmp_path, tiny_pipe):
+    """A 5,000-word prompt, config value or file name: each message that quotes it stays one readable line."""
+    prompt = " ".join(["cat"] * 5000)
+    dropped = tiny_pipe.components.text.tokenize([prompt]).truncated[0].split()
+    assert len(dropped) > 4000
+    r = cli("generate", prompt, "--steps", "1", "--seed", "1", "-o", "long.png")
+    assert r.exit_code == 0, r.output
+    (warning,) = [line for line in r.stderr.splitlines() if line.startswith("warning: prompt longer")]
+    assert warning == (
+        "warning: prompt longer than the text encoder's 77 tokens; dropped: "
+        f"'{' '.join(['cat'] * 12)} … (+{len(dropped) - 12} more words)'"
+    )
+    (tmp_path / "config.toml").write_text(f'guidance = "{prompt}"\n')
+    error = one_line_error(cli("generate", "a cat", "--dry-run"))
+    assert len(error) < 250 and "'guidance' must be float" in error and "(+4988 more words)" in error
+    (tmp_path / "config.toml").unlink()
+    r = cli("generate", "a cat", "-o", "x" * 3000 + ".png")  # too long for a file name: refused before loading
+    assert r.exit_code == 2
+    error = one_line_error(r)
+    assert len(error) < 250 and error.startswith("error: cannot write xxx") and "File name too long" in error

@@ -122,6 +122,14 @@ def test_decode_out_of_range_ids(tiny, tmp_path):
 
 
 def test_real_process_and_module_entry(tiny, tmp_path):
+    """`python -m vqdiff_cli` in a process of its own (this interpreter's, whatever PATH holds), and the installed
+    `vqdiff` command, which runs the same function."""
+    from importlib.metadata import entry_points
+
+    from vqdiff_cli.cli import main
+
+    (command,) = entry_points(group="console_scripts", name="vqdiff")
+    assert command.load() is main
     out = tmp_path / "p.png"
     r = subprocess.run(
         [
@@ -146,7 +154,7 @@ def test_real_process_and_module_entry(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(out)
     r = subprocess.run(
-        ["vqdiff", "decode", str(tmp_path / "none.npy"), "--model", str(tiny.path)],
+        [sys.executable, "-m", "vqdiff_cli", "decode", str(tmp_path / "none.npy"), "--model", str(tiny.path)],
         capture_output=True,
         text=True,
         check=False,

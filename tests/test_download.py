@@ -14,6 +14,7 @@ from .test_hub import hub as hub  # the stand-in Hub, a fixture
 def config(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine, wherever the tests run
     monkeypatch.setenv("VQDIFF_CONFIG", str(tmp_path / "config.toml"))
+    monkeypatch.delenv("VQDIFF_DEVICE", raising=False)  # conftest pins the CPU; here the config names the device
     return tmp_path / "config.toml"
 
 

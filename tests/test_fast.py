@@ -1,9 +1,10 @@
 """The fast sampler: exact where it is meant to be exact, the same distribution where it is not.
 
 Exact: the counter-based noise (an image draws the same numbers alone or in a batch), the cached cross-attention
-keys and values, a session reused for the next batch. Same distribution: the closed-form posterior against
-diffusers-order `q_posterior` + Gumbel (chi-square over many draws), the masked fraction after each step, re-noised
-known tokens. No timings here: speed is measured by `vqdiff bench`.
+keys and values, a session reused for the next batch, and, step by step from the same x_t, the table the wired fast
+sampler draws from against the reference sampler's. Same distribution: the closed-form posterior against
+diffusers-order `q_posterior` + Gumbel (chi-square over many draws), the fast sampler's draws against its table, the
+masked fraction after each step, re-noised known tokens. No timings here: speed is measured by `vqdiff bench`.
 """
 
 from __future__ import annotations
@@ -385,16 +386,102 @@ def test_fast_sessions_are_reused_with_new_inputs(tiny):
     assert len(reused.fast_sessions._sessions) == 1
 
 
-def test_fast_and_reference_samplers_agree_in_distribution(tiny_pipe):
-    """The token histogram of many fast images matches the reference sampler's (different streams, same law)."""
-    counts = {}
-    for sampler in ("reference", "fast"):
-        options = GenerateOptions(seed=100, num_images=32, batch_size=16, sampler=sampler, steps=4)
-        tokens = torch.stack([r.tokens for r in tiny_pipe.generate("a teddy bear", options)])
-        counts[sampler] = torch.bincount(tokens.flatten(), minlength=16).double()
-    ref, fast = counts["reference"], counts["fast"]
-    chi2 = ((ref - fast) ** 2 / (ref + fast).clamp(min=1)).sum().item()  # two-sample chi-square, 15 dof
-    assert chi2 < 15 + 8 * 30**0.5, (ref, fast)
+def _table_of_fast_inputs(weights, x_t, coef, final):
+    """The per-column distribution that `sample_columns(weights, x_t, coef, u, final)` draws from, by Bayes' rule from
+    the plan's coefficients (not by its branches): (B, N, n + 1) float64, the mask last."""
+    from vqdiff_cli.diffusion import fast
+
+    p = weights.double() / weights.double().sum(-1, keepdim=True)
+    zero = torch.zeros_like(p[..., :1])
+    if final:
+        return torch.cat([p, zero], -1)
+    c, n = coef.double(), p.shape[-1]
+    stay = c[fast.P_STAY].expand_as(zero)
+    masked = torch.cat([(1 - stay) * (c[fast.P_MODEL] * p + (1 - c[fast.P_MODEL]) / n), stay], -1)
+    at_j = torch.nn.functional.one_hot(x_t.clamp(max=n - 1), n).bool()
+    r = p / torch.where(at_j, c[fast.A_T] + c[fast.B_T], c[fast.B_T])  # p(x_0 = k) / q(x_t | x_0 = k)
+    w = (c[fast.A_S] * r / r.sum(-1, keepdim=True) + c[fast.B_S]) * torch.where(at_j, c[fast.KEEP], c[fast.BETA])
+    kept = torch.cat([w / w.sum(-1, keepdim=True), zero], -1)  # x_t = j: never back to the mask
+    return torch.where((x_t == n).unsqueeze(-1), masked, kept)
+
+
+@pytest.mark.parametrize(
+    ("guidance", "truncation", "steps"), [(5.0, 0.8, 5), (1.0, 1.0, 4)], ids=["guided-truncated", "plain"]
+)
+def test_fast_sampler_draws_from_the_reference_samplers_distributions(
+    tiny_pipe, monkeypatch, guidance, truncation, steps
+):
+    """Step by step, from the same x_t at the same t: the probabilities the fast sampler draws from (its weights and
+    coefficients, as the pipeline wires them) equal the reference sampler's (softmax of the logits it Gumbel-samples);
+    and the fast sampler's draws follow that table (a chi-square over many draws of each step)."""
+    import vqdiff_cli.pipeline.pipeline as api
+    from vqdiff_cli.diffusion import fast, sampler
+
+    batch, repeats = 8, 24
+    options = GenerateOptions(
+        seed=30, num_images=batch, batch_size=batch, steps=steps, guidance_scale=guidance, truncation_rate=truncation
+    )
+    # 1. the reference run: x_t, t and the table each image's Gumbel-max draw samples from, at every step
+    visited, tables = [], []
+    real_step, real_argmax = sampler.sample_step, sampler.gumbel_argmax
+
+    def recording_step(log_p, x_t, t, *args):  # type: ignore[no-untyped-def]
+        visited.append((x_t, t))
+        return real_step(log_p, x_t, t, *args)
+
+    def recording_argmax(logits, u):  # type: ignore[no-untyped-def]
+        tables.append(logits.double().softmax(1).transpose(1, 2))  # (1, N, K or K-1)
+        return real_argmax(logits, u)
+
+    monkeypatch.setattr(sampler, "sample_step", recording_step)
+    monkeypatch.setattr(sampler, "gumbel_argmax", recording_argmax)
+    tiny_pipe.generate("a teddy bear", GenerateOptions(**{**options.__dict__, "sampler": "reference"}))
+    monkeypatch.undo()
+    timesteps = options.timesteps(tiny_pipe.num_train_timesteps)
+    assert len(visited) == len(tables) == len(timesteps) * batch
+    x_ref = [torch.cat([x for x, _ in visited[i * batch : (i + 1) * batch]]) for i in range(len(timesteps))]
+    reference = [torch.cat(tables[i * batch : (i + 1) * batch]) for i in range(len(timesteps))]
+    assert [visited[i * batch][1] for i in range(len(timesteps))] == list(timesteps)
+
+    # 2. the fast sampler's step, as the pipeline builds it, run from those x_t: what sample_columns is given
+    seen = []
+    real_columns = fast.sample_columns
+
+    def recording_columns(weights, x_t, coef, u, final):  # type: ignore[no-untyped-def]
+        drawn = real_columns(weights, x_t, coef, u, final)
+        seen.append((_table_of_fast_inputs(weights, x_t, coef, final), drawn))
+        return drawn
+
+    def probing(step, x_t, plan):  # type: ignore[no-untyped-def]
+        assert plan.timesteps == timesteps
+        for i in range(len(timesteps)):
+            for r in range(repeats):  # other streams (salts no step uses): fresh draws from the same table
+                step(x_ref[i], plan.t[i], plan.coef[i], plan.salt[i] + 1000 * (r + 1), i == len(timesteps) - 1)
+        yield from fast.denoise_fast(step, x_t, plan)
+
+    monkeypatch.setattr(fast, "sample_columns", recording_columns)
+    monkeypatch.setattr(api, "denoise_fast", probing)
+    tiny_pipe.generate("a teddy bear", GenerateOptions(**{**options.__dict__, "sampler": "fast"}))
+    monkeypatch.undo()
+    assert len(seen) == len(timesteps) * (repeats + 1)
+
+    chi2, dof = 0.0, 0
+    for i in range(len(timesteps)):
+        probes = seen[i * repeats : (i + 1) * repeats]
+        table = probes[0][0]
+        assert all(torch.equal(t, table) for t, _ in probes)  # the same table whatever the stream
+        ref = reference[i]
+        ref = torch.cat([ref, torch.zeros_like(ref[..., :1])], -1) if ref.shape[-1] < table.shape[-1] else ref
+        gap = (table - ref).abs().max().item()
+        assert gap < 1e-4, (timesteps[i], gap)
+        # the draws: class counts over the columns and repeats against the table's expected counts
+        counts = torch.stack([torch.nn.functional.one_hot(d, table.shape[-1]) for _, d in probes]).sum((0, 1, 2))
+        expected = table.sum((0, 1)) * repeats
+        assert counts[expected == 0].sum() == 0, "drew a class of probability 0"
+        big = expected >= 5
+        chi2 += (((counts - expected) ** 2)[big] / expected[big]).sum().item()
+        dof += int(big.sum()) - 1
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5, (chi2, dof)
 
 
 def test_unknown_sampler_is_a_usage_error():
@@ -534,27 +621,75 @@ def test_a_failed_capture_restores_the_stream_and_stops_later_sessions_trying(ti
 # -- the command line ---------------------------------------------------------------------------------------------
 
 
-def test_generate_command_takes_the_sampler_and_threads(tiny, tmp_path):
+def _thread_count_to_ask_for() -> int:
+    """A count other than the one torch runs with now (1 in the suite), within the machine's CPUs."""
+    import os
+
+    wanted = 2 if torch.get_num_threads() != 2 else 1
+    if wanted > (os.cpu_count() or 1):
+        pytest.skip("needs a machine with 2 CPUs")
+    return wanted
+
+
+@pytest.mark.parametrize(("command", "sampler"), [("generate", "fast"), ("vary", "reference")])
+def test_threads_flag_sets_the_count_the_run_computes_with(tiny, tmp_path, monkeypatch, image_file, command, sampler):
+    """--threads N takes effect: every network call of the run sees N intra-op threads (not the count before)."""
+    from typer.testing import CliRunner
+
+    from vqdiff_cli.cli import app
+    from vqdiff_cli.models.transformer import DiffusionTransformer
+
+    before, wanted = torch.get_num_threads(), _thread_count_to_ask_for()
+    seen: list[int] = []
+    real_logits = DiffusionTransformer.logits
+
+    def logits(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_num_threads())
+        return real_logits(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionTransformer, "logits", logits)
+    head = [command, str(image_file), "--prompt"] if command == "vary" else [command]
+    args = [*head, "a cat", "--model", str(tiny.path), "--device", "cpu", "--seed", "1", "--steps", "3"]
+    try:
+        r = CliRunner().invoke(
+            app, [*args, "-o", str(tmp_path / "a.png"), "--sampler", sampler, "--threads", str(wanted)]
+        )
+    finally:
+        torch.set_num_threads(before)  # process-wide: later tests run as before
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "a.png").is_file()
+    assert len(seen) >= 2 and set(seen) == {wanted}  # vary runs part of the chain
+
+
+def test_an_unknown_sampler_on_the_command_line_is_a_usage_error(tiny, tmp_path):
     from typer.testing import CliRunner
 
     from vqdiff_cli.cli import app
 
-    args = ["generate", "a cat", "--model", str(tiny.path), "--device", "cpu", "--seed", "1", "--steps", "5"]
-    threads = str(torch.get_num_threads())  # the count in use already: no process-wide change for later tests
-    ok = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "a.png"), "--sampler", "fast", "--threads", threads])
-    assert ok.exit_code == 0, ok.output
-    assert (tmp_path / "a.png").is_file()
-    bad = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "b.png"), "--sampler", "quick"])
+    args = ["generate", "a cat", "--model", str(tiny.path), "--device", "cpu", "-o", str(tmp_path / "b.png")]
+    bad = CliRunner().invoke(app, [*args, "--sampler", "quick"])
     assert bad.exit_code == 2 and "unknown sampler" in bad.output
 
 
 def test_thread_count_honours_omp_num_threads(monkeypatch):
+    """With OMP_NUM_THREADS set, the count torch started with is kept (not replaced by the CPUs available); without
+    it, the CPUs available are used; bad values and counts are refused."""
     from vqdiff_cli.device import available_cpus, configure_cpu_threads
     from vqdiff_cli.errors import UsageError
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert configure_cpu_threads() == torch.get_num_threads()  # left to torch, which read the variable at start
-    assert available_cpus() >= 1
+    before = torch.get_num_threads()
+    started = available_cpus() + 1  # differs from the CPUs available, so the two rules give different counts
+    try:
+        for omp in (str(started), f"{started},1"):  # a list sets nested levels; torch's pool is the first
+            torch.set_num_threads(started)  # as torch sets itself at start under OMP_NUM_THREADS=started
+            monkeypatch.setenv("OMP_NUM_THREADS", omp)
+            assert configure_cpu_threads() == started
+            assert torch.get_num_threads() == started
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert configure_cpu_threads() == available_cpus() == torch.get_num_threads()
+        assert configure_cpu_threads(1) == 1 == torch.get_num_threads()  # --threads wins over either
+    finally:
+        torch.set_num_threads(before)
     with pytest.raises(UsageError):
         configure_cpu_threads(0)
     with pytest.raises(UsageError, match="between 1 and"):
@@ -563,5 +698,4 @@ def test_thread_count_honours_omp_num_threads(monkeypatch):
         monkeypatch.setenv("OMP_NUM_THREADS", bad)
         with pytest.raises(UsageError, match="not a thread count"):
             configure_cpu_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1,1")  # nested levels
-    assert configure_cpu_threads() == torch.get_num_threads()
+    assert torch.get_num_threads() == before

@@ -573,3 +573,40 @@ def test_models_rm_in_a_real_process_without_a_terminal_refuses(hub, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "--yes" in err and "Traceback" not in err
     assert len(entries(tmp_path)) == 1
+
+
+# -- local folders ------------------------------------------------------------------------------------------------
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_mode, p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_local_folder_is_read_in_place_never_copied_or_converted(tiny, tmp_path, monkeypatch):
+    """README: local folders are never copied or converted. Pickled fp32 .bin files, in every dtype: after runs that
+    would fetch and convert a Hub model, the folder is as it was and neither cache holds anything."""
+    local = tmp_path / "my-model"
+    shutil.copytree(tiny.path, local)
+    before = _snapshot(local)
+    vq_cache, hf_home = tmp_path / "vq", tmp_path / "hf"
+    monkeypatch.setenv("VQDIFF_CACHE_DIR", str(vq_cache))
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("VQDIFF_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.chdir(tmp_path)
+    for dtype in ("float32", "float16"):
+        r = cli("generate", "a cat", "--model", str(local), "--device", "cpu", "--dtype", dtype, "--steps", "2",
+                "--seed", "1", "-o", f"out-{dtype}.png")  # fmt: skip
+        assert r.exit_code == 0, r.output
+    from vqdiff_cli import VQDiffusion
+
+    pipe = VQDiffusion.from_pretrained(local, device="cpu", dtype="bfloat16")
+    assert pipe.source.path == local.resolve()
+    assert _snapshot(local) == before
+    assert not vq_cache.exists() or list(vq_cache.rglob("*")) == []
+    assert not hf_home.exists() or [p for p in hf_home.rglob("*") if p.is_file()] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my-model", "out-float16.png", "out-float32.png"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -214,11 +216,20 @@ def test_known_tokens_and_pixels_are_kept(tiny_pipe, photo, painted, mode, known
         assert torch.equal(result.tokens[keep], setup.tokens[keep])
         assert result.image.size == photo.size
         assert (np.asarray(result.image)[outside] == original[outside]).all()
-    # restore: known tokens are in place after every step too; renoise lets them be masked on the way
+    # restore: known tokens are in place after every step too; renoise re-draws them from q(x_s | x_0) on the way,
+    # masked with probability gamma-bar_s (tests/test_schedule.py checks that law on many tokens)
     trajectory = results[0].trajectory.view(len(results[0].trajectory), -1)
     flat_keep = keep.flatten()
+    original_known = setup.tokens.flatten()[flat_keep]
+    on_the_way = trajectory[1:-1, flat_keep]
     if known == "restore":
-        assert (trajectory[:, flat_keep] == setup.tokens.flatten()[flat_keep]).all()
+        assert (trajectory[:, flat_keep] == original_known).all()
+    else:
+        assert (trajectory[0, flat_keep] == tiny_pipe.mask_id).any()  # the start draw, q(x_t | x_0)
+        levels = tiny_pipe.schedule.cumprod_ct[list(results[0].timesteps[1:])]
+        expected = float(levels.sum()) * len(original_known)
+        assert 0.3 * expected < int((on_the_way == tiny_pipe.mask_id).sum()) < 3 * expected
+        assert (trajectory[-1, flat_keep] == original_known).all()
     assert setup.regenerate.any()
 
 
@@ -279,6 +290,7 @@ def files(tmp_path, photo, painted, monkeypatch, tiny):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VQDIFF_MODEL", str(tiny.path))
     monkeypatch.setenv("VQDIFF_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.setenv("VQDIFF_DEVICE", "cpu")  # the commands' results are compared with tiny_pipe's (CPU, float32)
     photo.save(tmp_path / "photo.png")
     Image.fromarray(painted.astype(np.uint8) * 255).save(tmp_path / "mask.png")
     return tmp_path
@@ -327,13 +339,19 @@ def test_inpaint_command_keeps_tokens(files, tiny_pipe, photo, painted, mode):
     assert rerun.exit_code == 2 and "made by `vqdiff inpaint`" in _error(rerun)
 
 
-def test_vary_command(files):
+def test_vary_command(files, tiny_pipe, photo):
+    """The command's tokens and images are the API's: the same seeds give the same variations, strength 0 the
+    photo's own tokens."""
     r = run("vary", "photo.png", "--strength", "0.3", "--seed", "2", "-n", "2", "--save-tokens", "v.npy")
     assert r.exit_code == 0, r.output
     assert r.stdout.split() == ["photo-vary-2.png", "photo-vary-3.png"]
+    expected = tiny_pipe.vary(photo, "", 0.3, GenerateOptions(seed=2, num_images=2))
+    assert (np.load(files / "v.npy") == np.stack([e.tokens.numpy() for e in expected])).all()
+    for name, e in zip(r.stdout.split(), expected, strict=True):
+        assert (np.asarray(Image.open(files / name)) == np.asarray(e.image)).all()
     r = run("vary", "photo.png", "--strength", "0", "--save-tokens", "zero.npy", "-o", "zero.png")
     assert r.exit_code == 0
-    assert np.load(files / "zero.npy").shape == (1, 4, 4)
+    assert (np.load(files / "zero.npy")[0] == tiny_pipe.prepare_edit(photo).tokens.numpy()).all()
     r = run("vary", "photo.png", "--strength", "2")
     assert r.exit_code == 2
 
@@ -373,12 +391,23 @@ def test_error_paths(files):
     assert not list(files.glob("photo-inpaint-*"))
 
 
-def test_mask_at_another_size_with_the_same_aspect(files, photo):
+def test_mask_at_another_size_with_the_same_aspect(files, tiny_pipe, photo):
+    """A 64x48 mask on the 32x24 photo: tokens outside its token mask and pixels outside its feathered, shrunk
+    mask are the photo's."""
     big = np.zeros((48, 64), np.uint8)
     big[10:28, 18:38] = 255
     Image.fromarray(big).save(files / "big.png")
-    r = run("inpaint", "photo.png", "--mask", "big.png", "--seed", "1", "--steps", "3")
+    r = run("inpaint", "photo.png", "--mask", "big.png", "--seed", "1", "--steps", "3", "--save-tokens", "t.npy")
     assert r.exit_code == 0, r.output
+    setup = tiny_pipe.prepare_inpaint(photo, big > 127)
+    keep = ~setup.regenerate.numpy()
+    assert keep.any() and (~keep).any()
+    assert (np.load(files / "t.npy")[0][keep] == setup.tokens.numpy()[keep]).all()
+    outside = setup.alpha == 0
+    assert outside.any() and (~outside).any()
+    assert (np.asarray(Image.open(files / "photo-inpaint-1.png"))[outside] == np.asarray(photo)[outside]).all()
+    expected = tiny_pipe.inpaint(photo, big > 127, "", GenerateOptions(seed=1, steps=3))[0]
+    assert (np.asarray(Image.open(files / "photo-inpaint-1.png")) == np.asarray(expected.image)).all()
 
 
 def test_thin_stroke_on_a_larger_mask_and_a_huge_feather(files):
@@ -417,11 +446,27 @@ def test_16_bit_image_command(files, photo):
     assert (np.load(files / "grey16.npy") == np.load(files / "grey8.npy")).all()
 
 
-def test_whole_mask_warns(files):
+def test_whole_mask_warns(files, tiny_pipe):
+    """A mask over every token is plain generation from the prompt, as the warning says: generate's tokens."""
     Image.new("L", (32, 24), 255).save(files / "all.png")
-    r = run("inpaint", "photo.png", "--mask", "all.png", "--seed", "1", "--steps", "3")
+    r = run(
+        "inpaint",
+        "photo.png",
+        "--mask",
+        "all.png",
+        "-p",
+        "a cat",
+        "--seed",
+        "1",
+        "--steps",
+        "3",
+        "--save-tokens",
+        "t.npy",
+    )
     assert r.exit_code == 0
     assert "warning: the mask covers every token" in r.stderr
+    generated = tiny_pipe.generate("a cat", GenerateOptions(seed=1, steps=3))[0]
+    assert (np.load(files / "t.npy")[0] == generated.tokens.numpy()).all()
 
 
 @pytest.mark.parametrize("known", ["restore", "renoise"])
@@ -475,3 +520,60 @@ def test_command_measures_coverage_at_the_mask_resolution(files):
 def saved_token_mask(path: Path) -> np.ndarray:
     """The (4, 4) token mask of `--save-token-mask` (a 16 px image, 4 px a token)."""
     return np.asarray(Image.open(path))[::4, ::4] > 127
+
+
+def test_steps_keep_their_density_from_a_partial_start(files, tiny_pipe, photo, painted):
+    """README: `--steps 50` from t = 49 visits 25 timesteps (every other one), as it visits every other one of 100."""
+    expected = GenerateOptions(steps=50).timesteps(100, start=49)
+    assert len(expected) == 25 and expected[0] == 49 and expected[-1] == 0
+    assert {a - b for a, b in itertools.pairwise(expected)} <= {2, 3}
+    assert GenerateOptions(steps=100).timesteps(100, start=49) == tuple(range(49, -1, -1))
+    assert GenerateOptions(stride=10).timesteps(100, start=49) == (49, 39, 29, 19, 9, 0)
+    result = tiny_pipe.inpaint(photo, painted, "", GenerateOptions(seed=1, steps=50), InpaintOptions(start_step=49))
+    assert result[0].timesteps == expected
+    r = run("inpaint", "photo.png", "--mask", "mask.png", "--start-step", "49", "--steps", "50", "--json")
+    assert r.exit_code == 0, r.output
+    settings = json.loads(r.stdout)["settings"]
+    assert settings["timesteps"] == list(expected) and settings["num_steps"] == 25
+    r = run("vary", "photo.png", "--strength", "0.5", "--steps", "50", "--json", "-o", "v.png")
+    assert r.exit_code == 0, r.output
+    visited = json.loads(r.stdout)["settings"]["timesteps"]
+    assert visited[0] == 50 and len(visited) in (25, 26)  # 51 levels at the density of 50 in 100
+
+
+def test_a_non_square_image_is_stretched_with_a_warning(files, tiny_pipe):
+    """README: a non-square image is stretched (not cropped) to the model's square, with a warning, and the result
+    comes back at the image's size; a nearly square one (ratio up to 1.25) is stretched without one."""
+    wide = Image.fromarray(np.random.default_rng(2).integers(0, 256, (16, 40, 3), dtype=np.uint8))
+    source = tiny_pipe.prepare_edit(wide)
+    assert source.warnings == ["the 40x16 image is stretched to 16x16 for the model and back afterwards"]
+    assert (np.asarray(source.native) == np.asarray(wide.resize((16, 16), Image.Resampling.LANCZOS))).all()
+    assert tiny_pipe.prepare_edit(Image.new("RGB", (20, 16))).warnings == []
+    wide.save(files / "wide.png")
+    mask = np.zeros((16, 40), np.uint8)
+    mask[:, :20] = 255
+    Image.fromarray(mask).save(files / "wide-mask.png")
+    for args in (["inpaint", "wide.png", "--mask", "wide-mask.png"], ["vary", "wide.png", "--strength", "0.4"]):
+        r = run(*args, "--steps", "3", "--seed", "1", "-o", f"{args[0]}-out.png")
+        assert r.exit_code == 0, r.output
+        assert "warning: the 40x16 image is stretched to 16x16 for the model and back afterwards" in r.stderr
+        assert Image.open(files / f"{args[0]}-out.png").size == (40, 16)
+
+
+@pytest.mark.parametrize("edit", ["inpaint-restore", "inpaint-renoise", "vary"])
+def test_reference_sampler_edit_alone_equals_in_a_batch(tiny_pipe, photo, painted, edit):
+    """Image i of a batch (seed S + i) is the image made alone with seed S + i, start draw and re-noising included."""
+
+    def run(options: GenerateOptions):
+        if edit == "vary":
+            return tiny_pipe.vary(photo, "a red ball", 0.6, options)
+        known = InpaintOptions(known=edit.removeprefix("inpaint-"))
+        return tiny_pipe.inpaint(photo, painted, "a red ball", options, known)
+
+    batch = run(GenerateOptions(seed=30, num_images=3, batch_size=3, sampler="reference", steps=12))
+    assert [r.seed for r in batch] == [30, 31, 32]
+    assert not torch.equal(batch[0].tokens, batch[1].tokens) or not torch.equal(batch[1].tokens, batch[2].tokens)
+    for r in batch:
+        alone = run(GenerateOptions(seed=r.seed, sampler="reference", steps=12))[0]
+        assert torch.equal(alone.tokens, r.tokens), r.seed
+        assert (np.asarray(alone.image) == np.asarray(r.image)).all()

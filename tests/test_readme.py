@@ -55,7 +55,7 @@ def test_command_examples_run(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VQDIFF_MODEL", str(tiny.path))
     monkeypatch.setenv("VQDIFF_CONFIG", str(tmp_path / "config.toml"))
-    monkeypatch.delenv("VQDIFF_DEVICE", raising=False)
+    monkeypatch.setenv("VQDIFF_DEVICE", "cpu")  # the examples run on the CPU on any machine
     (tmp_path / "tiny").symlink_to(tiny.path)  # the README's `--model tiny` examples
     (tmp_path / "prompts.txt").write_text("# prompts for the README example\na red ball\n\na cat in a hat\n")
     paint_mask(tmp_path / "bear-mask.png")

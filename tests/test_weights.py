@@ -11,7 +11,8 @@ import torch
 from vqdiff_cli import GenerateOptions, VQDiffusion
 from vqdiff_cli.errors import WeightsError
 
-from .tiny import resave
+from .compare import HALF_LOG_P_TOLERANCE, agreement, half_log_p_error
+from .tiny import current_vq_state, resave
 
 OPTS = GenerateOptions(seed=5, guidance_scale=3.0)
 
@@ -28,6 +29,31 @@ def test_formats_and_key_names_give_identical_tokens(tiny, tmp_path, expected_to
     assert torch.equal(pipe.generate("a red ball", OPTS)[0].tokens, expected_tokens)
 
 
+def test_the_hub_layout_fixture_is_read_by_diffusers_and_transformers_themselves(tiny):
+    """The fixture's files hold the Hub's key names as diffusers and transformers read them (their own renaming on
+    load, independent of vqdiff's tables): the old VQ attention names and `text_model.`-prefixed CLIP keys load into
+    their classes with every tensor in place; the new-name copy of `resave` has exactly VQModel's keys."""
+    from diffusers import VQModel
+    from transformers import CLIPTextModel
+
+    state = torch.load(tiny.path / "vqvae" / "diffusion_pytorch_model.bin", weights_only=True)
+    assert {k.rsplit(".", 2)[-2] for k in state if ".attentions." in k} == {
+        "group_norm",
+        "query",
+        "key",
+        "value",
+        "proj_attn",
+    }
+    assert set(current_vq_state(state)) == set(tiny.vqvae.state_dict())
+    for folder, cls, reference in (("vqvae", VQModel, tiny.vqvae), ("text_encoder", CLIPTextModel, tiny.text_encoder)):
+        loaded = cls.from_pretrained(str(tiny.path / folder)).state_dict()
+        expected = reference.state_dict()
+        assert set(loaded) == set(expected), folder
+        assert all(torch.equal(loaded[k], v) for k, v in expected.items()), folder
+    text = torch.load(tiny.path / "text_encoder" / "pytorch_model.bin", weights_only=True)
+    assert all(k.startswith("text_model.") for k in text)
+
+
 def test_config_with_norm_type_loads(tiny, tmp_path, expected_tokens):
     """A config saved by today's diffusers says norm_type 'ada_norm'; the Hub's has none. Both load."""
     path = tmp_path / "copy"
@@ -42,14 +68,23 @@ def test_config_with_norm_type_loads(tiny, tmp_path, expected_tokens):
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_fp16_variant_files(tiny, tmp_path, fmt):
+def test_fp16_variant_files(tiny, tiny_pipe, tmp_path, fmt):
+    """fp16 files load as the float32 weights rounded to float16 (then to the run's dtype), and the model computes
+    what float32 computes within that rounding (tolerances and measurements: tests/compare.py)."""
     path = resave(tiny.path, tmp_path / "fp16", fmt=fmt, variant="fp16")
-    pipe = VQDiffusion.from_pretrained(path, device="cpu", dtype="bfloat16")
-    assert pipe.components.variants["transformer"] == "fp16"
-    assert pipe.components.transformer.out.weight.dtype == torch.bfloat16
-    tokens = pipe.generate("a red ball", GenerateOptions(seed=1, steps=10))[0].tokens
-    assert tokens.shape == (4, 4)
-    assert int(tokens.max()) < tiny.spec.num_codes
+    full = tiny_pipe.components.transformer.state_dict()
+    for dtype in ("float32", "bfloat16"):
+        pipe = VQDiffusion.from_pretrained(path, device="cpu", dtype=dtype)
+        assert pipe.components.variants["transformer"] == "fp16"
+        loaded = pipe.components.transformer.state_dict()
+        target = getattr(torch, dtype)
+        assert all(torch.equal(loaded[k], v.half().to(target)) for k, v in full.items())
+        # float32 on fp16 weights: only the weights' rounding (measured 0.0035); bfloat16: the bfloat16 run's
+        tolerance = HALF_LOG_P_TOLERANCE["float16" if dtype == "float32" else dtype]
+        assert half_log_p_error(pipe, tiny_pipe) < tolerance
+    options = GenerateOptions(seed=1, steps=10, num_images=2, batch_size=2)
+    got = pipe.generate("a red ball", options)
+    assert agreement([r.tokens for r in got], [r.tokens for r in tiny_pipe.generate("a red ball", options)]) >= 0.75
     # asked for fp32 files explicitly: there are none
     with pytest.raises(WeightsError, match="no weights for"):
         VQDiffusion.from_pretrained(path, device="cpu", variant="fp32")
@@ -117,20 +152,43 @@ def test_corrupt_weights_file(tiny, tmp_path):
         VQDiffusion.from_pretrained(path, device="cpu")
 
 
-def test_pickle_with_code_is_refused(tiny, tmp_path):
-    """weights_only loading: a .bin that would run code is an error, not an execution."""
+class _Payload:
+    """Pickles as a call that creates `marker`: what unrestricted unpickling would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("container", ["torch.save", "pickle.dump"])
+def test_pickle_with_code_is_refused_without_running_it(tiny, tmp_path, container):
+    """weights_only loading: a .bin that would run code is an error, and the code never runs; the message says so
+    in one short line, without torch's advice to load it unrestricted."""
     import pickle
 
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
-
+    marker = tmp_path / "payload-ran"
     path = tmp_path / "c"
     shutil.copytree(tiny.path, path)
-    with open(path / "vqvae" / "diffusion_pytorch_model.bin", "wb") as f:
-        pickle.dump({"x": Evil()}, f)
-    with pytest.raises(WeightsError, match="cannot read weights"):
+    target = path / "vqvae" / "diffusion_pytorch_model.bin"
+    state = {"encoder.conv_in.weight": torch.zeros(1), "x": _Payload(marker)}
+    if container == "torch.save":  # the zip format every .bin of the Hub has: its pickle reaches the unpickler
+        torch.save(state, target)
+    else:  # the legacy format
+        with open(target, "wb") as f:
+            pickle.dump(state, f)
+    with pytest.raises(WeightsError) as refused:
         VQDiffusion.from_pretrained(path, device="cpu")
+    assert not marker.exists(), "the pickled payload ran"
+    if container == "torch.save":
+        e = refused.value
+        said = "holds pickled objects that are not plain tensors, and vqdiff never runs such code"
+        assert e.message == f"{target} {said}"
+        assert "safetensors" in e.hint and "trust" in e.hint
+        line = f"{e.message}; {e.hint}"
+        assert "\n" not in line and len(line) - len(str(target)) < 200
+        assert "weights_only" not in line
 
 
 def test_unsupported_config_value(tiny, tmp_path):

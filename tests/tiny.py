@@ -1,11 +1,15 @@
 """Tiny random VQ-Diffusion checkpoints, built with diffusers' own classes and saved in the Hub's layout.
 
-Nothing is downloaded: the CLIP tokenizer is made from a self-written byte-level vocab and merges file.
+Nothing is downloaded: the CLIP tokenizer is made from a self-written byte-level vocab and merges file. The Hub's
+old key names are written out here (shared/reference/vq-diffusion.md section 4), not taken from vqdiff's loader, so
+that a wrong rename table in the loader cannot build a fixture that agrees with it; tests/test_weights.py checks that
+diffusers and transformers themselves read these files.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +17,33 @@ from typing import Any
 
 import torch
 
-from vqdiff_cli.checkpoint.layout import hub_names
 from vqdiff_cli.checkpoint.random import write_clip_tokenizer
 
 WORDS = ["a", "teddy", "bear", "in", "the", "pool", "red", "ball", "cat", "dog", "on", "hat"]
+
+# diffusers' current VQModel attention names -> those of the Hub's fp32 files (diffusers 0.8's AttentionBlock, 2022)
+HUB_VQ_ATTENTION = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+_CURRENT_VQ_KEY = re.compile(r"(.*\.attentions\.\d+)\.(to_q|to_k|to_v|to_out\.0)\.(weight|bias)")
+_HUB_VQ_KEY = re.compile(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)")
+
+
+def hub_vq_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A VQModel state dict with the Hub file's names: `<attn>.to_q.weight` -> `<attn>.query.weight`, ..."""
+    out = {}
+    for key, value in state.items():
+        m = _CURRENT_VQ_KEY.fullmatch(key)
+        out[f"{m[1]}.{HUB_VQ_ATTENTION[m[2]]}.{m[3]}" if m else key] = value
+    return out
+
+
+def current_vq_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `hub_vq_state`: the names today's diffusers saves."""
+    back = {old: new for new, old in HUB_VQ_ATTENTION.items()}
+    out = {}
+    for key, value in state.items():
+        m = _HUB_VQ_KEY.fullmatch(key)
+        out[f"{m[1]}.{back[m[2]]}.{m[3]}" if m else key] = value
+    return out
 
 
 def write_tokenizer(folder: Path, words: list[str] = WORDS) -> int:
@@ -168,7 +195,7 @@ def save_hub_layout(path: Path, vqvae: Any, transformer: Any, text_encoder: Any,
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
         state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
         if name == "vqvae":
-            state = hub_names("vqvae", state)
+            state = hub_vq_state(state)
         torch.save(state, folder / "diffusion_pytorch_model.bin")
     folder = path / "text_encoder"
     folder.mkdir(exist_ok=True)
@@ -197,9 +224,7 @@ def resave(
         state = torch.load(old, weights_only=True)
         old.unlink()
         if component == "vqvae" and new_vq_names:
-            from vqdiff_cli.checkpoint.layout import rename_keys
-
-            state = rename_keys("vqvae", state)
+            state = current_vq_state(state)
         if variant == "fp16":
             state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
         stem = {"text_encoder": "model" if fmt == "safetensors" else "pytorch_model"}.get(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import WeightsError
+from .errors import WeightsError, excerpt
 
 _DOWN_BLOCKS = ("DownEncoderBlock2D", "AttnDownEncoderBlock2D")
 _UP_BLOCKS = ("UpDecoderBlock2D", "AttnUpDecoderBlock2D")
@@ -63,7 +63,7 @@ class TransformerConfig:
         _require(
             _get(d, "activation_fn", w, "geglu") == "geglu-approximate",
             w,
-            f"activation_fn={d.get('activation_fn')!r} (only 'geglu-approximate')",
+            f"activation_fn={excerpt(repr(d.get('activation_fn')))} (only 'geglu-approximate')",
         )
         num_embeds_ada_norm = _get(d, "num_embeds_ada_norm", w, None)
         norm_type = _get(d, "norm_type", w, "layer_norm")
@@ -74,7 +74,7 @@ class TransformerConfig:
         _require(
             norm_type == "ada_norm" and num_embeds_ada_norm is not None,
             w,
-            f"norm_type={norm_type!r} (only adaptive LayerNorm with num_embeds_ada_norm)",
+            f"norm_type={excerpt(repr(norm_type))} (only adaptive LayerNorm with num_embeds_ada_norm)",
         )
         for flag in ("only_cross_attention", "double_self_attention", "upcast_attention", "use_linear_projection"):
             _require(not _get(d, flag, w, False), w, f"{flag}=true")
@@ -119,8 +119,8 @@ class VQVAEConfig:
     @classmethod
     def from_diffusers(cls, d: dict[str, Any]) -> VQVAEConfig:
         w = "vqvae/config.json"
-        _require(_get(d, "act_fn", w, "silu") == "silu", w, f"act_fn={d.get('act_fn')!r}")
-        _require(_get(d, "norm_type", w, "group") == "group", w, f"norm_type={d.get('norm_type')!r}")
+        _require(_get(d, "act_fn", w, "silu") == "silu", w, f"act_fn={excerpt(repr(d.get('act_fn')))}")
+        _require(_get(d, "norm_type", w, "group") == "group", w, f"norm_type={excerpt(repr(d.get('norm_type')))}")
         _require(not _get(d, "lookup_from_codebook", w, False), w, "lookup_from_codebook=true")
         down = tuple(_get(d, "down_block_types", w, ["DownEncoderBlock2D"]))
         up = tuple(_get(d, "up_block_types", w, ["UpDecoderBlock2D"]))

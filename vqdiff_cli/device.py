@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DeviceError, UsageError
+from .errors import DeviceError, UsageError, excerpt
 from .options import DEVICES, DTYPE_CHOICES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # DTYPE_CHOICES but auto
@@ -18,7 +18,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def _base(name: str) -> str:
     base = name.split(":", 1)[0]
     if base not in DEVICES:
-        raise UsageError(f"unknown device '{name}'", hint=f"use one of: {', '.join(DEVICES)}", about=("device",))
+        raise UsageError(
+            f"unknown device '{excerpt(name)}'", hint=f"use one of: {', '.join(DEVICES)}", about=("device",)
+        )
     return base
 
 
@@ -34,7 +36,7 @@ def _parse(name: str) -> torch.device:
     try:
         return torch.device(name)
     except RuntimeError:
-        raise UsageError(f"invalid device '{name}'", about=("device",)) from None
+        raise UsageError(f"invalid device '{excerpt(name)}'", about=("device",)) from None
 
 
 def device_type(name: str) -> str:
@@ -60,7 +62,7 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         count = torch.cuda.device_count()
         raise DeviceError(
-            f"device '{name}' was requested but this machine has {count} CUDA GPU{'s' if count != 1 else ''}",
+            f"device '{excerpt(name)}' was requested but this machine has {count} CUDA GPU{'s' if count != 1 else ''}",
             hint=f"use cuda:0 to cuda:{count - 1}" if count > 1 else "use --device cuda",
             about=("device",),
         )
@@ -72,7 +74,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
     if name not in DTYPES:
-        raise UsageError(f"unknown dtype '{name}'", hint=f"use one of: {', '.join(DTYPE_CHOICES)}", about=("dtype",))
+        raise UsageError(
+            f"unknown dtype '{excerpt(name)}'", hint=f"use one of: {', '.join(DTYPE_CHOICES)}", about=("dtype",)
+        )
     return DTYPES[name]
 
 
@@ -161,7 +165,9 @@ def configure_cpu_threads(threads: int | None = None) -> int:
         if omp:
             first = omp.split(",")[0].strip()  # a list sets nested levels; torch's pool is the first
             if not first.isdigit() or int(first) < 1:
-                raise UsageError(f"OMP_NUM_THREADS={omp!r} is not a thread count", hint="unset it, or give a number")
+                raise UsageError(
+                    f"OMP_NUM_THREADS={excerpt(repr(omp))} is not a thread count", hint="unset it, or give a number"
+                )
             return torch.get_num_threads()
         threads = available_cpus()
     if torch.get_num_threads() != threads:

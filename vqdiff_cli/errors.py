@@ -10,6 +10,26 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Self
 
+EXCERPT_WORDS = 12  # what a message quotes of a text: its first words, then a count of the rest
+EXCERPT_CHARS = 160  # and of anything still longer (a path, one long word): its start and end
+
+
+def excerpt(text: object, words: int = EXCERPT_WORDS, chars: int = EXCERPT_CHARS) -> str:
+    """User input (a prompt, a file name, a config value) as a message quotes it: on one line, whole when short;
+    else its first `words` words and a count of the rest, and its start and end around a count of the characters
+    left out when it is still longer than `chars`."""
+    shown = str(text)
+    if any(c in shown for c in "\n\r\t\v\f"):
+        shown = " ".join(shown.split())
+    rest = ""
+    split = shown.split()
+    if len(split) > words:
+        shown, rest = " ".join(split[:words]), f" … (+{len(split) - words} more words)"
+    if len(shown) > chars:
+        side = max(1, (chars - 20) // 2)
+        shown = f"{shown[:side]}…(+{len(shown) - 2 * side} characters)…{shown[-side:]}"
+    return shown + rest
+
 
 class ExitStatus(IntEnum):
     OK = 0

@@ -13,20 +13,26 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import OutputError, WriteError
+from .errors import OutputError, WriteError, excerpt
 
 
 def check_writable(path: Path, overwrite: bool) -> None:
     """Fail early, before any work, if `path` exists (without overwrite) or its folder cannot take a new file."""
-    if path.exists() and not overwrite:
-        raise OutputError(f"{path} already exists", hint="pass --overwrite to replace it, or choose another name")
-    if path.is_dir():
-        raise OutputError(f"{path} is a directory")
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except OSError as e:  # a name too long for the file system, say
+        raise OutputError(f"cannot write {excerpt(path)}: {e.strerror or e}") from None
+    if exists and not overwrite:
+        raise OutputError(
+            f"{excerpt(path)} already exists", hint="pass --overwrite to replace it, or choose another name"
+        )
+    if is_dir:
+        raise OutputError(f"{excerpt(path)} is a directory")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        raise OutputError(f"cannot write {path}: folder {folder} does not exist")
+        raise OutputError(f"cannot write {excerpt(path)}: folder {excerpt(folder)} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {path}: folder {folder} is not writable")
+        raise OutputError(f"cannot write {excerpt(path)}: folder {excerpt(folder)} is not writable")
 
 
 def replace_text(path: Path, text: str) -> None:
@@ -47,7 +53,7 @@ def replace_text(path: Path, text: str) -> None:
 def check_suffix(path: Path, suffix: str, what: str) -> None:
     """Refuse a name whose suffix promises another format than the one written (a PNG named .jpg, say)."""
     if path.suffix.lower() != suffix:
-        raise OutputError(f"{path}: {what} is written as {suffix}", hint=f"give it a name ending in {suffix}")
+        raise OutputError(f"{excerpt(path)}: {what} is written as {suffix}", hint=f"give it a name ending in {suffix}")
 
 
 def nearest_existing(path: Path) -> Path:
@@ -62,9 +68,9 @@ def check_folder_writable(folder: Path) -> None:
     missing folders would be made), must be a writable folder."""
     existing = nearest_existing(folder)
     if not existing.is_dir():
-        raise OutputError(f"cannot make folder {folder}: {existing} is not a folder")
+        raise OutputError(f"cannot make folder {excerpt(folder)}: {excerpt(existing)} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write in {folder}: {existing} is not writable")
+        raise OutputError(f"cannot write in {excerpt(folder)}: {excerpt(existing)} is not writable")
 
 
 def _umask() -> int:
@@ -98,10 +104,10 @@ def _link_new(tmp: Path, path: Path) -> None:
     try:
         os.link(tmp, path)  # fails if path exists: no race between check and write
     except FileExistsError:
-        raise OutputError(f"{path} already exists", hint="pass --overwrite to replace it") from None
+        raise OutputError(f"{excerpt(path)} already exists", hint="pass --overwrite to replace it") from None
     except OSError:  # file systems without hard links
         if path.exists():
-            raise OutputError(f"{path} already exists", hint="pass --overwrite to replace it") from None
+            raise OutputError(f"{excerpt(path)} already exists", hint="pass --overwrite to replace it") from None
         os.replace(tmp, path)
 
 
@@ -121,4 +127,4 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], overwrite: boo
         finally:
             tmp.unlink(missing_ok=True)  # gone after a replace; the temporary name of a link
     except OSError as e:
-        raise WriteError(f"cannot write {path}: {e.strerror or e}") from None
+        raise WriteError(f"cannot write {excerpt(path)}: {e.strerror or e}") from None

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from .errors import UsageError
+from .errors import UsageError, excerpt
 from .files import atomic_write
 
 if TYPE_CHECKING:
@@ -24,11 +24,11 @@ def _reading(path: Path, kind: str) -> Iterator[None]:
     try:
         yield
     except FileNotFoundError:
-        raise UsageError(f"{kind} not found: {path}") from None
+        raise UsageError(f"{kind} not found: {excerpt(path)}") from None
     except IsADirectoryError:
-        raise UsageError(f"{path} is a directory, not {'an' if kind[0] in 'aeiou' else 'a'} {kind}") from None
+        raise UsageError(f"{excerpt(path)} is a directory, not {'an' if kind[0] in 'aeiou' else 'a'} {kind}") from None
     except (UnidentifiedImageError, OSError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise UsageError(f"cannot read {kind} {path}: {e}") from None
+        raise UsageError(f"cannot read {kind} {excerpt(path)}: {e}") from None
 
 
 def open_image(path: Path | str) -> Image.Image:
@@ -140,7 +140,7 @@ def _not_npy(path: Path, head: bytes) -> UsageError:
         with contextlib.suppress(Exception), Image.open(path) as im:
             what = f"not a .npy file (a {im.format} image)"
             hint = "make token grids from images with `vqdiff encode`"
-    return UsageError(f"cannot read token file {path}: {what}", hint=hint)
+    return UsageError(f"cannot read token file {excerpt(path)}: {what}", hint=hint)
 
 
 def load_tokens(path: Path | str) -> np.ndarray:
@@ -160,13 +160,13 @@ def load_tokens(path: Path | str) -> np.ndarray:
         except ValueError as e:
             if "pickle" not in str(e):
                 raise
-            raise UsageError(f"{path} holds Python objects; token grids must be integers") from None
+            raise UsageError(f"{excerpt(path)} holds Python objects; token grids must be integers") from None
     if not np.issubdtype(arr.dtype, np.integer):
-        raise UsageError(f"{path} holds {arr.dtype} values; token grids must be integers")
+        raise UsageError(f"{excerpt(path)} holds {arr.dtype} values; token grids must be integers")
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3 or 0 in arr.shape:
-        raise UsageError(f"{path} has shape {arr.shape}; expected (H, W) or (N, H, W) token grids")
+        raise UsageError(f"{excerpt(path)} has shape {arr.shape}; expected (H, W) or (N, H, W) token grids")
     return arr.astype(np.int64)
 
 
@@ -175,7 +175,7 @@ def read_png_text(path: Path | str) -> dict[str, str]:
     path = Path(path)
     with _reading(path, "image"), Image.open(path) as im:
         if im.format != "PNG":
-            raise UsageError(f"{path} is a {im.format} image; metadata is read from PNG files")
+            raise UsageError(f"{excerpt(path)} is a {im.format} image; metadata is read from PNG files")
         im.load()  # text chunks after the image data are read on load
         return {str(k): str(v) for k, v in getattr(im, "text", {}).items()}
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import UsageError
+from .errors import UsageError, excerpt
 from .images import INT16_MODES, float_scale, open_image
 from .options import MASK_MODES, InpaintOptions
 
@@ -83,7 +83,7 @@ def tokens_to_regenerate(coverage: np.ndarray, mode: str = "any", grow: int = 0)
     elif mode == "all":
         marked = coverage >= 1 - eps
     else:
-        raise UsageError(f"unknown mask mode '{mode}'", hint=f"use one of: {', '.join(MASK_MODES)}")
+        raise UsageError(f"unknown mask mode '{excerpt(mode)}'", hint=f"use one of: {', '.join(MASK_MODES)}")
     if grow < 0:
         raise UsageError(f"--grow must be >= 0, got {grow}")
     return dilate(marked, grow) if grow else marked

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .errors import UsageError
+from .errors import UsageError, excerpt
 from .version import __version__
 
 JSON_KEY = "vqdiff"
@@ -94,19 +94,21 @@ def parse(text: dict[str, str], where: str) -> dict[str, Any]:
     if raw is None:
         found = ", ".join(sorted(text)) or "none"
         raise UsageError(
-            f"{where} has no vqdiff metadata (text chunks: {found})",
+            f"{excerpt(where)} has no vqdiff metadata (text chunks: {excerpt(found)})",
             hint="only PNGs written by vqdiff without --no-metadata can be re-run",
         )
     try:
         record = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise UsageError(f"{where}: the vqdiff metadata is not valid JSON ({e})") from None
+        raise UsageError(f"{excerpt(where)}: the vqdiff metadata is not valid JSON ({e})") from None
     if not isinstance(record, dict) or "prompt" not in record or "seed" not in record:
-        raise UsageError(f"{where}: the vqdiff metadata lacks a prompt or seed")
+        raise UsageError(f"{excerpt(where)}: the vqdiff metadata lacks a prompt or seed")
     if not isinstance(record["prompt"], str):
-        raise UsageError(f"{where}: the vqdiff metadata's prompt is not text")
+        raise UsageError(f"{excerpt(where)}: the vqdiff metadata's prompt is not text")
     if not isinstance(record["seed"], int) or isinstance(record["seed"], bool):
-        raise UsageError(f"{where}: the vqdiff metadata's seed is not a whole number, got {record['seed']!r}")
+        raise UsageError(
+            f"{excerpt(where)}: the vqdiff metadata's seed is not a whole number, got {excerpt(repr(record['seed']))}"
+        )
     return record
 
 

@@ -7,7 +7,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import UsageError
+from .errors import UsageError, excerpt
 
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 1000.0  # far beyond any useful scale (3 to 10); keeps the guided scores finite in float16
@@ -119,7 +119,7 @@ class GenerateOptions:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}", about=("batch_size",))
         if self.sampler not in SAMPLERS:
             hint = f"use one of: {', '.join(SAMPLERS)}"
-            raise UsageError(f"unknown sampler '{self.sampler}'", hint=hint, about=("sampler",))
+            raise UsageError(f"unknown sampler '{excerpt(self.sampler)}'", hint=hint, about=("sampler",))
 
     @property
     def guided(self) -> bool:
@@ -156,11 +156,13 @@ class InpaintOptions:
 
     def __post_init__(self) -> None:
         if self.mask_mode not in MASK_MODES:
-            raise UsageError(f"unknown --mask-mode '{self.mask_mode}'", hint=f"use one of: {', '.join(MASK_MODES)}")
+            raise UsageError(
+                f"unknown --mask-mode '{excerpt(self.mask_mode)}'", hint=f"use one of: {', '.join(MASK_MODES)}"
+            )
         if self.grow < 0:
             raise UsageError(f"--grow must be >= 0, got {self.grow}")
         if self.known not in KNOWN_MODES:
-            raise UsageError(f"unknown --known '{self.known}'", hint=f"use one of: {', '.join(KNOWN_MODES)}")
+            raise UsageError(f"unknown --known '{excerpt(self.known)}'", hint=f"use one of: {', '.join(KNOWN_MODES)}")
         if self.feather < 0:
             raise UsageError(f"--feather must be >= 0, got {self.feather}")
         if self.start_step is not None and self.start_step < 0:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import UsageError, excerpt
 from ..options import DTYPE_CHOICES, GenerateOptions
 
 SCHEMA = "vqdiff.bench/1"
@@ -42,10 +42,10 @@ class BenchSettings:
             raise UsageError("--steps and --batch need positive values")
         for dt in (*self.dtypes, *self.diffusers_dtypes):
             if dt not in DTYPE_CHOICES or dt == "auto":
-                raise UsageError(f"unknown dtype '{dt}'", hint=f"use one of: {', '.join(DTYPE_CHOICES[1:])}")
+                raise UsageError(f"unknown dtype '{excerpt(dt)}'", hint=f"use one of: {', '.join(DTYPE_CHOICES[1:])}")
         for s in self.samplers:
             if s not in ("reference", "fast"):
-                raise UsageError(f"unknown sampler '{s}'", hint="use reference or fast")
+                raise UsageError(f"unknown sampler '{excerpt(s)}'", hint="use reference or fast")
         # the run's sampling settings, checked as a generation checks them
         GenerateOptions(guidance_scale=self.guidance_scale, truncation_rate=self.truncation_rate)
         if not self.max_run_seconds >= 0:

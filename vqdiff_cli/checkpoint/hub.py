@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DownloadError
+from ..errors import DownloadError, excerpt
 from ..files import replace_text
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -86,7 +86,9 @@ class Hub:
         with self._errors(repo_id, revision):
             info = HfApi(endpoint=self.endpoint).model_info(repo_id, revision=revision, files_metadata=True)
         if not info.sha:
-            raise DownloadError(f"{self.endpoint} did not say which commit '{revision}' of {repo_id} is")
+            raise DownloadError(
+                f"{self.endpoint} did not say which commit '{excerpt(revision)}' of {excerpt(repo_id)} is"
+            )
         sizes = {s.rfilename: s.lfs.size if s.lfs is not None else s.size for s in info.siblings or []}
         return RepoListing(repo_id, info.sha, sizes)
 
@@ -196,19 +198,21 @@ class Hub:
             yield
         except hf.GatedRepoError:
             raise DownloadError(
-                f"{repo_id} is a gated repository on {self.endpoint}",
+                f"{excerpt(repo_id)} is a gated repository on {self.endpoint}",
                 hint="accept its terms on the Hub and set HF_TOKEN to a token of that account",
             ) from None
         except hf.RepositoryNotFoundError:
             raise DownloadError(
-                f"model '{repo_id}' is neither a local folder nor a repository on {self.endpoint}",
+                f"model '{excerpt(repo_id)}' is neither a local folder nor a repository on {self.endpoint}",
                 hint="check the name; for a private repository set HF_TOKEN",
             ) from None
         except hf.RevisionNotFoundError:
-            raise DownloadError(f"{repo_id} has no revision '{revision}' on {self.endpoint}") from None
+            raise DownloadError(
+                f"{excerpt(repo_id)} has no revision '{excerpt(revision)}' on {self.endpoint}"
+            ) from None
         except hf.RemoteEntryNotFoundError:
             raise DownloadError(
-                f"{path} is missing from {repo_id} at {revision[:12]} on {self.endpoint}",
+                f"{path} is missing from {excerpt(repo_id)} at {revision[:12]} on {self.endpoint}",
                 hint="the repository lists the file but the server does not have it; try again later",
             ) from None
         except (hf.OfflineModeIsEnabled, hf.LocalEntryNotFoundError):

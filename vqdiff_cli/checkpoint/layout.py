@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig, VQVAEConfig
-from ..errors import UnreadableFileError, WeightsError
+from ..errors import UnreadableFileError, WeightsError, excerpt
 
 COMPONENTS = (
     "vqvae",
@@ -44,11 +44,11 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise WeightsError(f"missing file: {path}") from None
+        raise WeightsError(f"missing file: {excerpt(path)}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UnreadableFileError(f"cannot read {path}: {e}", path) from None
+        raise UnreadableFileError(f"cannot read {excerpt(path)}: {e}", path) from None
     if not isinstance(data, dict):
-        raise WeightsError(f"{path} is not a JSON object")
+        raise WeightsError(f"{excerpt(path)} is not a JSON object")
     return data
 
 
@@ -109,13 +109,13 @@ def check_model_index(root: Path) -> dict[str, Any]:
     index_path = root / "model_index.json"
     if not index_path.is_file():
         raise WeightsError(
-            f"{root} is not a diffusers VQ-Diffusion checkpoint: it has no model_index.json",
+            f"{excerpt(root)} is not a diffusers VQ-Diffusion checkpoint: it has no model_index.json",
             hint="pass a folder saved in diffusers' format, or a Hub repo id such as microsoft/vq-diffusion-ithq",
         )
     index = read_json(index_path)
     name = index.get("_class_name")
     if name not in (None, "VQDiffusionPipeline"):
-        raise WeightsError(f"{root} holds a {name}, not a VQDiffusionPipeline")
+        raise WeightsError(f"{excerpt(root)} holds a {name}, not a VQDiffusionPipeline")
     missing = [c for c in COMPONENTS if c not in index]
     if missing:
         hint = None
@@ -124,7 +124,7 @@ def check_model_index(root: Path) -> dict[str, Any]:
                 "the Hub's old 'fp16' branch lacks the learned null embeddings; use revision 'main' with "
                 "--variant fp16 instead"
             )
-        raise WeightsError(f"{root}/model_index.json lists no {', '.join(missing)} component", hint=hint)
+        raise WeightsError(f"{excerpt(root)}/model_index.json lists no {', '.join(missing)} component", hint=hint)
     return index
 
 

@@ -7,6 +7,7 @@ converted copy of a folder that the cache keeps.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import PipelineConfig
-from ..errors import UnreadableFileError, WeightsError
+from ..errors import UnreadableFileError, WeightsError, excerpt
 from .layout import read_pipeline_config, rename_keys
 from .select import WeightFiles, find_weight_files
 
@@ -36,11 +37,16 @@ def read_state_dict(files: WeightFiles) -> dict[str, torch.Tensor]:
                 part = load_file(str(path), device="cpu")
             else:
                 part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:  # torch's restricted unpickler refused an object (its advice: run it anyway)
+            raise WeightsError(
+                f"{excerpt(path)} holds pickled objects that are not plain tensors, and vqdiff never runs such code",
+                hint="get the weights as .safetensors, or a copy saved as plain tensors from a source you trust",
+            ) from None
         except Exception as e:  # corrupt, truncated or not a weights file: one clear message
-            message = f"cannot read weights from {path}: {type(e).__name__}: {e}".splitlines()[0]
+            message = f"cannot read weights from {excerpt(path)}: {type(e).__name__}: {e}".splitlines()[0]
             raise UnreadableFileError(message, path) from None
         if not isinstance(part, Mapping) or not all(isinstance(v, torch.Tensor) for v in part.values()):
-            raise WeightsError(f"{path} does not hold a flat state dict of tensors")
+            raise WeightsError(f"{excerpt(path)} does not hold a flat state dict of tensors")
         state.update(part)
     return state
 
@@ -102,11 +108,11 @@ def _load_tokenizer(folder: Path) -> Any:
     from transformers import CLIPTokenizer
 
     if not folder.is_dir():
-        raise WeightsError(f"missing tokenizer folder: {folder}")
+        raise WeightsError(f"missing tokenizer folder: {excerpt(folder)}")
     try:
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:
-        raise WeightsError(f"cannot load the CLIP tokenizer from {folder}: {e}".splitlines()[0]) from None
+        raise WeightsError(f"cannot load the CLIP tokenizer from {excerpt(folder)}: {e}".splitlines()[0]) from None
 
 
 def load_components(root: Path, device: torch.device, dtype: torch.dtype, variant: str = "auto") -> Components:

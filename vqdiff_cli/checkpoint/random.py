@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from ..config import PipelineConfig
-from ..errors import UsageError
+from ..errors import UsageError, excerpt
 from ..options import DEFAULT_ARCHITECTURE
 from .layout import CONFIG_FILES, hub_names, pipeline_config, weight_file_name
 
@@ -45,7 +45,7 @@ def configs_from_folder(folder: Path) -> dict[str, dict[str, Any]]:
         try:
             out[component] = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise UsageError(f"cannot read the architecture config {path}: {e}".splitlines()[0]) from None
+            raise UsageError(f"cannot read the architecture config {excerpt(path)}: {e}".splitlines()[0]) from None
     return out
 
 
@@ -58,7 +58,8 @@ def architecture_configs(name_or_folder: str) -> dict[str, dict[str, Any]]:
     names = sorted(p.name for p in shipped.iterdir() if p.is_dir())
     if name_or_folder not in names:
         raise UsageError(
-            f"unknown architecture '{name_or_folder}'", hint=f"use one of: {', '.join(names)}, or a folder of configs"
+            f"unknown architecture '{excerpt(name_or_folder)}'",
+            hint=f"use one of: {', '.join(names)}, or a folder of configs",
         )
     return shipped_configs(name_or_folder)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..config import PipelineConfig
-from ..errors import MissingFilesError, UsageError, WeightsError
+from ..errors import MissingFilesError, UsageError, WeightsError, excerpt
 from ..options import VARIANTS
 from .layout import CONFIG_FILES, WEIGHT_COMPONENTS, candidates, check_model_index, read_json, read_pipeline_config
 
@@ -33,7 +33,9 @@ def variant_order(variant: str, dtype: torch.dtype | None = None) -> tuple[str, 
     if variant == "fp16":
         return ("fp16",)
     if variant != "auto":
-        raise UsageError(f"unknown variant '{variant}'", hint=f"use one of: {', '.join(VARIANTS)}", about=("variant",))
+        raise UsageError(
+            f"unknown variant '{excerpt(variant)}'", hint=f"use one of: {', '.join(VARIANTS)}", about=("variant",)
+        )
     half = dtype in (torch.float16, torch.bfloat16)
     return ("fp16", "fp32") if half else ("fp32", "fp16")
 
@@ -57,14 +59,14 @@ def find_weight_files(root: Path, component: str, variant: str, dtype: torch.dty
     the other."""
     chosen = _choose(component, variant, dtype, lambda path: (root / path).is_file())
     if isinstance(chosen, str):
-        raise WeightsError(f"no weights for {component} in {root / component} (looked for {chosen})")
+        raise WeightsError(f"no weights for {component} in {excerpt(root / component)} (looked for {chosen})")
     path, v, fmt = chosen
     if not path.endswith(".index.json"):
         return WeightFiles((root / path,), v, fmt)
     paths = tuple(root / s for s in shard_files(root / path, component))
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
-        raise WeightsError(f"{root / path} names missing shard(s): {', '.join(missing)}")
+        raise WeightsError(f"{excerpt(root / path)} names missing shard(s): {', '.join(missing)}")
     return WeightFiles(paths, v, fmt)
 
 

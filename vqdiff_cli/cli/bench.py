@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ..bench.report import BenchSettings
-from ..errors import UsageError
+from ..errors import UsageError, excerpt
 from ..options import DEFAULT_ARCHITECTURE
 from .console import Output
 from .options import CompileOpt, CudaGraphsOpt, DeviceOpt, OverwriteOpt, QuietOpt, ThreadsOpt
@@ -31,7 +31,7 @@ def _ints(flag: str, text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise UsageError(f"{flag} takes comma-separated integers, got '{text}'") from None
+        raise UsageError(f"{flag} takes comma-separated integers, got '{excerpt(text)}'") from None
     if not values:
         raise UsageError(f"{flag} needs at least one value")
     return values
@@ -142,7 +142,7 @@ def bench(
     if not 0 < truncation <= 1:
         raise UsageError(f"--truncation must be in (0, 1], got {truncation}")
     if model is not None and not model.is_dir():
-        raise UsageError(f"--model {model} is not a checkpoint folder")
+        raise UsageError(f"--model {excerpt(model)} is not a checkpoint folder")
     if output is not None:
         check_writable(output, overwrite)  # before minutes of measuring, not after
     configure_cpu_threads(threads)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import excerpt
 from .console import LoadReporter, Output
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ def load_model(
     from ..pipeline.pipeline import VQDiffusion
 
     configure_cpu_threads(threads)
-    out.info(f"loading {model}" + (f" ({revision})" if revision else ""))
+    out.info(f"loading {excerpt(model)}" + (f" ({excerpt(revision)})" if revision else ""))
     with LoadReporter(out) as report:
         pipe = VQDiffusion.from_pretrained(
             model,

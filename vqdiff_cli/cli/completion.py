@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import UsageError
+from ..errors import UsageError, excerpt
 from ..options import DEVICES, DTYPE_CHOICES, KNOWN_MODES, MASK_MODES, SAMPLERS, VARIANTS
 from .console import Output
 
@@ -304,5 +304,5 @@ def completion(
 ) -> None:
     """Print the completion script for a shell (see the README for where to put it)."""
     if shell not in SHELLS:
-        raise UsageError(f"unknown shell '{shell}'", hint=f"use one of: {', '.join(SHELLS)}")
+        raise UsageError(f"unknown shell '{excerpt(shell)}'", hint=f"use one of: {', '.join(SHELLS)}")
     Output().result(script(shell, command_tree(ctx.find_root().command)).rstrip("\n"))

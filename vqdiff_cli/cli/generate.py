@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import UsageError
+from ..errors import UsageError, excerpt
 from ..options import GenerateOptions
 from .console import Output
 from .options import (
@@ -109,7 +109,7 @@ def generate(
     record = metadata.parse(read_png_text(from_image), str(from_image)) if from_image else None
     if record is not None and record.get("mode", "generate") != "generate":
         raise UsageError(
-            f"{from_image} was made by `vqdiff {record['mode']}`; --from-image re-runs generated images",
+            f"{excerpt(from_image)} was made by `vqdiff {record['mode']}`; --from-image re-runs generated images",
             hint="see its settings with `vqdiff info`",
         )
     # 2. the prompts: arguments, then the prompts file, else the image's

@@ -72,9 +72,11 @@ def _matching(cache: ModelCache, model: str, revision: str | None, dtype: str | 
 
 
 def _none_cached(model: str, cache: ModelCache) -> Exception:
-    from ..errors import WeightsError
+    from ..errors import WeightsError, excerpt
 
-    return WeightsError(f"no cached copy of {model} in {cache.root}", hint=f"run `vqdiff download {model}`")
+    return WeightsError(
+        f"no cached copy of {excerpt(model)} in {cache.root}", hint=f"run `vqdiff download {excerpt(model)}`"
+    )
 
 
 def _interactive() -> bool:
@@ -98,7 +100,7 @@ def download(
     """Fetch a model from the Hub and convert it, so that later runs start fast and work offline."""
     from ..checkpoint.cache import ModelCache
     from ..checkpoint.resolve import prepare
-    from ..errors import DeviceError, UsageError
+    from ..errors import DeviceError, UsageError, excerpt
     from .settings import with_origin
 
     out = Output(quiet=quiet, json_mode=json_out)
@@ -107,8 +109,10 @@ def download(
     )
     model, revision, cache_dir = s["model"], s["revision"], cache_dir_of(s)
     if Path(model).expanduser().exists():
-        raise UsageError(f"'{model}' is a local folder: there is nothing to download", hint="pass a Hub repo id")
-    out.info(f"preparing {model}" + (f" ({revision})" if revision else ""))
+        raise UsageError(
+            f"'{excerpt(model)}' is a local folder: there is nothing to download", hint="pass a Hub repo id"
+        )
+    out.info(f"preparing {excerpt(model)}" + (f" ({excerpt(revision)})" if revision else ""))
     try:
         with LoadReporter(out) as report:
             prepared = prepare(
@@ -183,7 +187,7 @@ def remove_model(
 ) -> None:
     """Delete a model's converted copies from vqdiff's cache (the Hub cache's downloads are left alone)."""
     from ..checkpoint.cache import ModelCache
-    from ..errors import UsageError
+    from ..errors import UsageError, excerpt
 
     out = Output(json_mode=json_out)
     cache = ModelCache(cache_dir_of(model_settings(SettingFlags(cache_dir=cache_dir))))
@@ -194,7 +198,7 @@ def remove_model(
     if not yes:
         if not _interactive():
             raise UsageError(
-                f"not removing {len(entries)} cached cop{'y' if len(entries) == 1 else 'ies'} of {model} "
+                f"not removing {len(entries)} cached cop{'y' if len(entries) == 1 else 'ies'} of {excerpt(model)} "
                 "without confirmation",
                 hint="pass --yes to remove without asking",
             )

@@ -10,7 +10,7 @@ import re
 import string
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import UsageError, excerpt
 from ..options import Job
 
 FIELDS = ("prompt", "seed", "index", "step")
@@ -41,11 +41,11 @@ def check_template(template: str) -> None:
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as e:
-        raise UsageError(f"bad output template '{template}': {e}") from None
+        raise UsageError(f"bad output template '{excerpt(template)}': {e}") from None
     for name in names:
         if name not in FIELDS:
             raise UsageError(
-                f"unknown placeholder {{{name}}} in '{template}'",
+                f"unknown placeholder {{{excerpt(name)}}} in '{excerpt(template)}'",
                 hint=f"use {', '.join('{' + f + '}' for f in FIELDS)}",
             )
 
@@ -55,7 +55,7 @@ def render(template: str, job: Job, step: int | _AnyStep = 0) -> str:
     try:
         return template.format(prompt=slugify(job.prompt), seed=job.seed, index=job.index, step=step)
     except (ValueError, IndexError, KeyError) as e:
-        raise UsageError(f"bad output template '{template}': {e}") from None
+        raise UsageError(f"bad output template '{excerpt(template)}': {e}") from None
 
 
 def _numbered(path: Path, index: int) -> Path:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UsageError
+from ..errors import UsageError, excerpt
 from ..files import check_folder_writable, check_suffix, check_writable
 from ..options import GenerateOptions, Job, plan_jobs, random_seed
 from . import naming
@@ -34,13 +34,13 @@ def read_prompts_file(path: Path) -> list[str]:
     try:
         text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8-sig")  # -sig: drop a BOM
     except FileNotFoundError:
-        raise UsageError(f"prompts file not found: {path}") from None
+        raise UsageError(f"prompts file not found: {excerpt(path)}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read prompts file {path}: {e}") from None
+        raise UsageError(f"cannot read prompts file {excerpt(path)}: {e}") from None
     prompts = [line.strip() for line in text.removeprefix("\ufeff").splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
-        raise UsageError(f"prompts file {path} has no prompts (blank lines and # comments are skipped)")
+        raise UsageError(f"prompts file {excerpt(path)} has no prompts (blank lines and # comments are skipped)")
     return prompts
 
 
@@ -156,13 +156,13 @@ class RunPlan:
         seen: set[Path] = set()
         for path in paths:
             if path in seen:
-                raise UsageError(f"two outputs of this run are both named {naming.shown(path)}")
+                raise UsageError(f"two outputs of this run are both named {excerpt(naming.shown(path))}")
             seen.add(path)
             if naming.names_a_step(path.parent):
-                raise UsageError(f"{{step}} names files, not folders: {naming.shown(path)}")
+                raise UsageError(f"{{step}} names files, not folders: {excerpt(naming.shown(path))}")
+            check_writable(path, overwrite=True)  # the folder, and a name the file system can take
             for existing in naming.existing_matches(path):
                 check_writable(existing, self.request.overwrite)
-            check_writable(path, overwrite=True)  # the folder
         steps = self.request.save_steps
         if steps is None:
             return
@@ -304,9 +304,8 @@ class _Writer:
             save_png(result.image, path, text, overwrite=plan.request.overwrite)
             path_text = str(path)
         if result.truncated_prompt:
-            out.warn(
-                f"prompt longer than the text encoder's {self.max_tokens} tokens; dropped: {result.truncated_prompt!r}"
-            )
+            dropped = excerpt(result.truncated_prompt)
+            out.warn(f"prompt longer than the text encoder's {self.max_tokens} tokens; dropped: '{dropped}'")
         _write_visuals(plan, self.pipe, result)
         elapsed = time.perf_counter() - self.batch_started
         if out.json_mode:

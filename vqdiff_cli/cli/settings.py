@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError, VqdiffError
+from ..errors import UsageError, VqdiffError, excerpt
 from ..options import DEFAULT_MODEL, GenerateOptions
 
 DEFAULT_OUTPUT = "{prompt}-{seed}.png"
@@ -100,7 +100,7 @@ def _coerce(setting: Setting, value: Any, where: str) -> Any:
             return kind(value)
     except ValueError:
         pass
-    raise UsageError(f"{where}: '{setting.key}' must be {kind.__name__}, got {value!r}")
+    raise UsageError(f"{excerpt(where)}: '{setting.key}' must be {kind.__name__}, got {excerpt(repr(value))}")
 
 
 def read_config(path: Path | None = None) -> tuple[dict[str, Any], Path]:
@@ -108,18 +108,19 @@ def read_config(path: Path | None = None) -> tuple[dict[str, Any], Path]:
     path = path or config_path()
     if not path.is_file():
         if path.exists():
-            raise UsageError(f"config path {path} is not a file")
+            raise UsageError(f"config path {excerpt(path)} is not a file")
         return {}, path
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read config file {path}: {e}") from None
+        raise UsageError(f"cannot read config file {excerpt(path)}: {e}") from None
     except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+        raise UsageError(f"config file {excerpt(path)} is not valid TOML: {e}") from None
     unknown = sorted(set(data) - set(SETTINGS))
     if unknown:
         raise UsageError(
-            f"config file {path}: unknown key(s) {', '.join(unknown)}", hint=f"known keys: {', '.join(SETTINGS)}"
+            f"config file {excerpt(path)}: unknown key(s) {excerpt(', '.join(unknown))}",
+            hint=f"known keys: {', '.join(SETTINGS)}",
         )
     return {k: _coerce(SETTINGS[k], v, str(path)) for k, v in data.items()}, path
 

@@ -18,7 +18,7 @@ from ..config import PipelineConfig
 from ..device import dtype_name, resolve_device
 from ..diffusion.sampler import TextContext
 from ..diffusion.schedule import MaskAndReplaceSchedule
-from ..errors import UsageError
+from ..errors import UsageError, excerpt
 from ..options import VARIANTS
 from .fastpath import Acceleration, FastKernels, FastSessions
 from .outputs import ModelSource
@@ -68,7 +68,7 @@ class LoadedModel:
         """
         if variant not in VARIANTS:
             raise UsageError(
-                f"unknown variant '{variant}'", hint=f"use one of: {', '.join(VARIANTS)}", about=("variant",)
+                f"unknown variant '{excerpt(variant)}'", hint=f"use one of: {', '.join(VARIANTS)}", about=("variant",)
             )
         dev = resolve_device(device)  # before any download: the model runs here
         prepared = prepare(
