@@ -21,7 +21,7 @@ import typer.core
 
 from ..errors import ExitStatus, VqdiffError
 from ..version import __version__
-from . import bench, completion, edit, generate, info, models, tokens
+from . import bench, completion, dataset, edit, generate, info, models, tokens
 from .console import Output
 
 # Typer 0.29 carries its own copy of click; earlier versions use click itself
@@ -173,6 +173,10 @@ def _register() -> None:
     _command(config_app, info.config_path_cmd, "path")
     _command(config_app, info.config_show, "show")
     app.add_typer(config_app, name="config")
+    dataset_app = typer.Typer(help="Make synthetic training data.", no_args_is_help=True)
+    _command(dataset_app, dataset.shapes, "shapes")
+    _command(dataset_app, dataset.heldout, "heldout")
+    app.add_typer(dataset_app, name="dataset")
 
 
 _register()

@@ -20,10 +20,12 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-
-from PIL import Image, ImageDraw
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
@@ -106,6 +108,7 @@ def heldout_combinations() -> tuple[tuple[str, str, str], ...]:
     return tuple(sorted(sorted(every, key=_rank)[:count]))
 
 
+@cache
 def combinations(split: str) -> tuple[tuple[str, str, str], ...]:
     """The (shape, colour, background) triples a split draws from."""
     if split not in SPLITS:
@@ -211,6 +214,8 @@ def example(seed: int, index: int, split: str = "train", omit_rate: float = DEFA
 
 def draw(item: Example, resolution: int = DEFAULT_RESOLUTION) -> Image.Image:
     """The picture of an example, `resolution` pixels square, antialiased (drawn large and box-filtered down)."""
+    from PIL import Image, ImageDraw  # here: the CLI reads this module's names at start-up
+
     if resolution < 8:
         raise UsageError(f"--resolution must be at least 8, got {resolution}")
     side = resolution * SUPERSAMPLE
