@@ -21,7 +21,7 @@ import typer.core
 
 from ..errors import ExitStatus, VqdiffError
 from ..version import __version__
-from . import bench, completion, dataset, edit, generate, info, models, tokens
+from . import bench, completion, dataset, edit, evaluate, generate, info, models, tokens
 from .console import Output
 
 # Typer 0.29 carries its own copy of click; earlier versions use click itself
@@ -154,11 +154,12 @@ def _register() -> None:
         tokens.decode,
         models.download,
         bench.bench,
+        evaluate.evaluate,
         info.info,
         completion.completion,
     )
     for func in commands:
-        _command(app, func)
+        _command(app, func, "eval" if func is evaluate.evaluate else None)
     models_app = typer.Typer(
         name="models",
         help="List, locate and remove the models in vqdiff's cache.",

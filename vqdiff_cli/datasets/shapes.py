@@ -195,15 +195,22 @@ def _box(attributes: Attributes, draws: _Draws) -> tuple[float, float, float, fl
     return cx - extent / 2, cy - extent / 2, cx + extent / 2, cy + extent / 2
 
 
-def example(seed: int, index: int, split: str = "train", omit_rate: float = DEFAULT_OMIT_RATE) -> Example:
-    """Picture `index` of the dataset drawn from `seed`: attributes from the split's combinations, a caption that
-    leaves out each attribute with probability `omit_rate`, and its geometry and colours."""
+def example(
+    seed: int,
+    index: int,
+    split: str = "train",
+    omit_rate: float = DEFAULT_OMIT_RATE,
+    attributes: Attributes | None = None,
+) -> Example:
+    """Picture `index` of the dataset drawn from `seed`: attributes from the split's combinations (or `attributes`,
+    as given), a caption that leaves out each attribute with probability `omit_rate`, and its geometry and colours."""
     if not 0 <= omit_rate < 1:
         raise UsageError(f"--omit-rate must be in [0, 1), got {omit_rate}")
     draws = _Draws(seed, index)
     pool = combinations(split)
     shape, color, background = pool[draws.pick(len(pool))]
-    attributes = Attributes(shape, SIZES[draws.pick(2)], POSITIONS[draws.pick(9)], color, background)
+    size, position = SIZES[draws.pick(2)], POSITIONS[draws.pick(9)]
+    attributes = attributes or Attributes(shape, size, position, color, background)
     named = tuple(name for name in ATTRIBUTES if not draws.chance(omit_rate))
     text = caption(attributes, named, draws.pick)
     box = _box(attributes, draws)
