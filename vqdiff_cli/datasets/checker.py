@@ -18,12 +18,14 @@ The method, step by step:
 `features` is the vector the quality meter's Frechet distance compares: the share of pixels nearest to each palette
 entry (9), the background and object RGB (6), the mask's area, centroid, soft width and height, fill ratio,
 normalised second moments, vertical skew and x-y spread ratio (10), and how badly a two-colour picture explains the
-pixels (2).
+pixels (2). `feature_scale` is each feature's spread over dataset pictures: the distance divides by it, so that
+every feature counts alike whatever its unit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 from PIL import Image
@@ -39,6 +41,9 @@ SQUARE_SPREAD = 0.83  # E[x^2 y^2] / (E[x^2] E[y^2]) above it: a square (1.0), e
 RESIDUAL_LIMIT = 30.0  # a pixel this far from the two-colour model of the picture is "unexplained"
 NOTHING = "none"  # the attributes of an object the checker cannot find
 FEATURES = 27
+SCALE_PICTURES = 400  # dataset pictures (the `all` split, 32 px, seed SCALE_SEED) that set the features' scale
+SCALE_SEED = 0
+SCALE_FLOOR = 0.02  # no feature's scale below it: the residuals, ~0 on dataset pictures, would swamp the rest
 
 _PALETTE = np.array([PALETTE[c] for c in COLORS], dtype=np.float64)  # (9, 3)
 
@@ -161,3 +166,18 @@ def _nothing(background: str, histogram: np.ndarray, b: np.ndarray, px: np.ndarr
     clean = [float(residual.mean()) / 255, float((residual > RESIDUAL_LIMIT).mean())]
     features = np.array([*histogram, *(b / 255), *(b / 255), *([0.0] * 10), *clean], dtype=np.float64)
     return Measurement(Attributes(NOTHING, NOTHING, NOTHING, NOTHING, background), features, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+@cache
+def feature_scale() -> np.ndarray:
+    """(FEATURES,) each feature's standard deviation over SCALE_PICTURES dataset pictures, at least SCALE_FLOOR."""
+    from .shapes import draw, example
+
+    pictures = (draw(example(SCALE_SEED, i, "all"), 32) for i in range(SCALE_PICTURES))
+    features = np.stack([measure(p).features for p in pictures])
+    return np.asarray(np.maximum(features.std(0), SCALE_FLOOR))
+
+
+def scaled_features(features: np.ndarray) -> np.ndarray:
+    """(N, FEATURES) features in units of `feature_scale`: what the Frechet distance compares."""
+    return np.asarray(features / feature_scale())

@@ -3,10 +3,11 @@
 For each engine (vqdiff with its sampler, and diffusers' pipeline on the same weights) it reports:
 * prompt accuracy per attribute: the share of pictures whose measured attribute (checker.py) is the one the caption
   names, over the captions that name it, and the share with every named attribute right;
-* FID on the checker's features: the Frechet distance between Gaussians fitted to the feature vectors
-  (`checker.features`: palette histogram, colours, mask moments, two-colour residual; no Inception network, whose
-  weights cannot be fetched here) of the generated pictures and of dataset pictures of the same captions. The
-  report also gives the floor: the distance between those dataset pictures and a second drawing of them;
+* FID on the checker's features: the Frechet distance between Gaussians fitted to the feature vectors of the
+  generated pictures and of dataset pictures of the same captions (`checker.measure(...).features`: palette
+  histogram, colours, mask moments, two-colour residual, each in units of its spread over dataset pictures; not
+  Inception features, whose weights cannot be fetched here). The report also gives the floor: the distance between
+  those dataset pictures and a second drawing of them (it shrinks as the number of pictures grows);
 * codebook usage of the generated token grids: distinct codes, their share of the codebook and the perplexity;
 * network calls (transformer forwards, each over both guidance rows) and wall time per picture (after one untimed
   picture).
@@ -156,7 +157,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     if len(a) < 2 or len(b) < 2:
         raise ValueError("the Frechet distance needs at least two samples on each side")
     mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    s_a, s_b = (np.atleast_2d(np.cov(x, rowvar=False)) for x in (a, b))
     w, v = np.linalg.eigh(s_a)
     root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     middle = root_a @ s_b @ root_a
@@ -253,7 +254,7 @@ class EvalReport:
 def _fid(features: np.ndarray, reference: np.ndarray | None) -> float | None:
     if reference is None or len(features) < 2 or len(reference) < 2:
         return None
-    return frechet_distance(features, reference)
+    return frechet_distance(checker.scaled_features(features), checker.scaled_features(reference))
 
 
 def _reference(
