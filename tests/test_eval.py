@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from vqdiff_cli.cli import app
@@ -90,11 +91,17 @@ def test_eval_runs_end_to_end_on_a_tiny_checkpoint(tiny, tmp_path):
     assert [i["seed"] for i in engine["images"]] == [5, 6, 7]
 
 
-def test_eval_takes_the_sampler_and_stride(tiny):
-    report = _eval(tiny, "--count", "2", "--stride", "40", "--sampler", "fast", "-b", "2")
+def test_eval_samples_as_generate_does_with_the_same_flags(tiny, tmp_path):
+    flags = ["--stride", "40", "--sampler", "fast", "-g", "2.5", "-t", "0.8", "--seed", "3"]
+    report = _eval(tiny, "--count", "2", *flags, "-b", "2", "--save-images", str(tmp_path))
     assert report["engines"][0]["engine"] == "vqdiff-fast"
     assert report["settings"]["timesteps"] == [99, 59, 19, 0] and report["engines"][0]["calls_per_image"] == 4
     assert report["settings"]["batch_size"] == 2
+    first = report["engines"][0]["images"][0]["caption"]
+    args = ["generate", first, "--model", str(tiny.path), "--device", "cpu", *flags, "-o", str(tmp_path / "g.png")]
+    assert runner.invoke(app, args).exit_code == 0
+    made, generated = (np.asarray(Image.open(tmp_path / n)) for n in ("vqdiff-fast-0000.png", "g.png"))
+    assert np.array_equal(made, generated)
 
 
 def test_diffusers_on_the_full_chain_makes_the_same_pictures(tiny, tmp_path):
