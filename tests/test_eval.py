@@ -37,7 +37,7 @@ def test_dataset_pictures_score_full_marks_and_wrong_colours_none():
     cases = _cases(60)
     right = score([c.reference for c in cases], cases)
     assert right.accuracy == {**dict.fromkeys(ATTRIBUTES, 1.0), "all": 1.0}
-    examples = [shapes.example(13, i, "heldout", omit_rate=0.0) for i in range(60)]
+    examples = [shapes.example(shapes.EVAL_SEED, i, "heldout", omit_rate=0.0) for i in range(60)]
     assert [e.caption for e in examples] == [c.caption for c in cases]  # the list is these examples
     recoloured = []
     for e in examples:

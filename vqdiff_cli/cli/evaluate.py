@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ..datasets.shapes import EVAL_COUNT
 from ..errors import UsageError
 from ..files import check_folder_writable, check_writable
 from ..options import GenerateOptions
@@ -39,7 +40,6 @@ from .settings import SettingFlags, load, with_origin
 if TYPE_CHECKING:
     from ..datasets.evaluate import EvalReport
 
-DEFAULT_COUNT = 100  # datasets.evaluate.DEFAULT_COUNT (not imported here: it pulls in torch)
 ATTRIBUTE_COLUMNS = ("background", "color", "shape", "position", "size", "all")
 
 
@@ -58,7 +58,7 @@ def evaluate(
         typer.Option(
             "--count",
             "-n",
-            help=f"Pictures: the first N captions. [default: {DEFAULT_COUNT}; every row of --captions]",
+            help=f"Pictures: the first N captions. [default: {EVAL_COUNT}; every row of --captions]",
             show_default=False,
         ),
     ] = None,
@@ -153,7 +153,7 @@ def evaluate(
     pipe = load_resolved(out, settings, offline=offline, compile=compile, cuda_graphs=cuda_graphs, threads=threads)
     resolution = pipe.config.image_size
     if rows is None:
-        cases = heldout_cases(count or DEFAULT_COUNT, seed, resolution)
+        cases = heldout_cases(count or EVAL_COUNT, seed, resolution)
     else:
         cases = caption_cases(rows, seed, resolution)
     try:

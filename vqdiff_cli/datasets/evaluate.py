@@ -32,10 +32,8 @@ from ..options import GenerateOptions, Job
 from ..pipeline.pipeline import VQDiffusion
 from . import checker, shapes
 from .folder import LabelledCaption
-from .shapes import ATTRIBUTES, Attributes
+from .shapes import ATTRIBUTES, EVAL_COUNT, EVAL_SEED, Attributes
 
-EVAL_SEED = 13  # the seed of the default held-out caption list (fixed: results stay comparable)
-DEFAULT_COUNT = 100
 FLOOR_SEED = EVAL_SEED + 1  # the second drawing of the reference pictures
 
 
@@ -51,7 +49,7 @@ class EvalCase:
     reference: Image.Image | None = field(default=None, compare=False, repr=False)
 
 
-def heldout_cases(count: int = DEFAULT_COUNT, seed: int = 0, resolution: int = 64) -> list[EvalCase]:
+def heldout_cases(count: int = EVAL_COUNT, seed: int = 0, resolution: int = 64) -> list[EvalCase]:
     """The default list: captions naming every attribute, drawn from the held-out combinations (always the same
     list; `count` takes its first pictures); picture i has seed `seed + i`."""
     cases = []

@@ -47,6 +47,10 @@ SPLITS = ("train", "heldout", "all")
 HELDOUT_SHARE = 0.10
 DEFAULT_RESOLUTION = 64
 DEFAULT_OMIT_RATE = 0.15  # the chance that a caption leaves out any one attribute
+# The quality meter's default captions: the first pictures of the held-out split drawn from this seed, every
+# attribute named (a fixed list, so that results stay comparable)
+EVAL_SEED = 13
+EVAL_COUNT = 100
 JITTER = 4  # colour jitter, units per channel either way
 # Geometry, as fractions of the side: the object's extent (the larger side of its bounding box) by size, and how far
 # its centre may stray from its cell's centre. The box stays MARGIN inside the picture (the border is background).
