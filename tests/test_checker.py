@@ -58,6 +58,14 @@ def test_a_picture_that_contradicts_its_caption_fails_only_that_attribute(attrib
         assert matches == (0.0 if name == attribute else 1.0), (name, matches)
 
 
+def test_stray_specks_do_not_move_the_object():
+    examples = [e for e in (shapes.example(14, i, "all") for i in range(200)) if e.attributes.position == "top left"]
+    for e in examples[:10]:
+        picture = np.array(shapes.draw(e, 32))
+        picture[26:30, 26:30] = e.object_rgb  # a speck of the object's colour in the far corner
+        assert checker.measure(picture).attributes == e.attributes
+
+
 def test_a_plain_picture_has_no_object():
     blank = np.full((32, 32, 3), shapes.PALETTE["green"], dtype=np.uint8)
     m = checker.measure(blank)

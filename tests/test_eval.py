@@ -112,6 +112,8 @@ def test_diffusers_on_the_full_chain_makes_the_same_pictures(tiny, tmp_path):
     assert ours["calls_per_image"] == theirs["calls_per_image"] == 100
     for i in range(2):
         assert (folder / f"vqdiff-reference-000{i}.png").read_bytes() == (folder / f"diffusers-000{i}.png").read_bytes()
+    again = runner.invoke(app, ["eval", "--model", str(tiny.path), "--count", "1", "--save-images", str(folder)])
+    assert again.exit_code == 2 and "already exists" in again.output
     assert ours["images"] == theirs["images"] and ours["codebook"] == theirs["codebook"]
     assert ours["fid"] == pytest.approx(theirs["fid"])
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -38,7 +38,7 @@ from .options import (
 from .settings import SettingFlags, load, with_origin
 
 if TYPE_CHECKING:
-    from ..datasets.evaluate import EvalReport
+    from ..datasets.evaluate import EvalReport, Made
 
 ATTRIBUTE_COLUMNS = ("background", "color", "shape", "position", "size", "all")
 
@@ -170,13 +170,19 @@ def evaluate(
         engines.append(DiffusersEngine(theirs, ours.calls_per_image, options.guidance_scale, options.truncation_rate))
         notes += [note] if note else []
 
-    # 3. make and score, saving pictures as each engine finishes
-    def save(engine: str, index: int, made: Any) -> None:
-        from ..images import save_png
+    if save_images is not None and save_images.is_dir():  # every picture's name is free (or --overwrite)
+        for engine in engines:
+            for index in range(len(cases)):
+                check_writable(save_images / f"{engine.name}-{index:04d}.png", overwrite)
 
-        assert save_images is not None
-        save_images.mkdir(parents=True, exist_ok=True)
-        save_png(made.image, save_images / f"{engine}-{index:04d}.png", overwrite=overwrite)
+    # 3. make and score, saving each picture as it is made (Ctrl-C keeps those)
+    def made(engine: str, index: int, picture: Made) -> None:
+        bar.update(detail=engine)
+        if save_images is not None:
+            from ..images import save_png
+
+            save_images.mkdir(parents=True, exist_ok=True)
+            save_png(picture.image, save_images / f"{engine}-{index:04d}.png", overwrite=overwrite)
 
     out.info(f"{len(cases)} pictures per engine ({', '.join(e.name for e in engines)}), {resolution} px")
     with out.progress(len(cases) * len(engines), "generating") as bar:
@@ -186,8 +192,7 @@ def evaluate(
             resolution=resolution,
             codebook_size=pipe.config.vqvae.num_vq_embeddings,
             encode=pipe.encode,
-            on_progress=lambda engine, done, total: bar.update(detail=engine),
-            on_made=save if save_images is not None else None,
+            on_made=made,
         )
     report.model = {"name": pipe.source.name, "path": str(pipe.source.path), "revision": pipe.source.revision}
     report.settings = {

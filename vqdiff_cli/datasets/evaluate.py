@@ -88,7 +88,7 @@ class Engine(Protocol):
     name: str
     calls_per_image: int  # transformer forwards per picture
 
-    def make(self, cases: Sequence[EvalCase], on_image: Callable[[], None]) -> list[Made]: ...
+    def make(self, cases: Sequence[EvalCase], on_image: Callable[[Made], None]) -> list[Made]: ...
 
 
 class VqdiffEngine:
@@ -99,12 +99,12 @@ class VqdiffEngine:
         self.name = "vqdiff-fast" if pipe.uses_fast_sampler(options) else "vqdiff-reference"
         self.calls_per_image = len(options.timesteps(pipe.num_train_timesteps))
 
-    def make(self, cases: Sequence[EvalCase], on_image: Callable[[], None]) -> list[Made]:
+    def make(self, cases: Sequence[EvalCase], on_image: Callable[[Made], None]) -> list[Made]:
         jobs = [Job(case.caption, case.seed, i) for i, case in enumerate(cases)]
         made = []
         for result in self.pipe.generate_iter(jobs, self.options):
             made.append(Made(result.image, result.tokens))
-            on_image()
+            on_image(made[-1])
         return made
 
 
@@ -119,7 +119,7 @@ class DiffusersEngine:
         self.pipeline, self.calls_per_image = pipeline, steps
         self.guidance_scale, self.truncation_rate = guidance_scale, truncation_rate
 
-    def make(self, cases: Sequence[EvalCase], on_image: Callable[[], None]) -> list[Made]:
+    def make(self, cases: Sequence[EvalCase], on_image: Callable[[Made], None]) -> list[Made]:
         device = self.pipeline.transformer.device
         made = []
         side = self.pipeline.transformer.height
@@ -140,7 +140,7 @@ class DiffusersEngine:
                     callback=keep,
                 ).images
             made.append(Made(images[0], final[-1][0].view(side, side).cpu() if final else None))
-            on_image()
+            on_image(made[-1])
         return made
 
 
@@ -282,30 +282,26 @@ def evaluate(
     resolution: int,
     codebook_size: int,
     encode: Callable[[list[Image.Image]], Any] | None = None,
-    on_progress: Callable[[str, int, int], None] | None = None,
     on_made: Callable[[str, int, Made], None] | None = None,
 ) -> EvalReport:
     """Make a picture per case with each engine and score it. `encode` (images -> token grids) gives the codebook
-    usage of the reference pictures; `on_progress(engine, done, total)` follows the making, and `on_made(engine, i,
-    made)` receives each picture once an engine is done (to save it)."""
+    usage of the reference pictures; `on_made(engine, i, made)` receives each picture as it is made (to save it,
+    or to follow progress)."""
     reference, reference_features = _reference(cases, resolution, codebook_size, encode)
     results = []
     for engine in engines:
         done = 0
 
-        def advance(name: str = engine.name) -> None:
+        def advance(made: Made, name: str = engine.name) -> None:
             nonlocal done
+            if on_made is not None:
+                on_made(name, done, made)
             done += 1
-            if on_progress is not None:
-                on_progress(name, done, len(cases))
 
-        engine.make(cases[:1], lambda: None)  # untimed: first calls pay for lazy set-up (kernels, allocations)
+        engine.make(cases[:1], lambda made: None)  # untimed: first calls pay for lazy set-up (kernels, allocations)
         started = time.perf_counter()
         made = engine.make(cases, advance)
         seconds = time.perf_counter() - started
-        for i, m in enumerate(made):
-            if on_made is not None:
-                on_made(engine.name, i, m)
         scored = score([m.image for m in made], cases)
         grids = [m.tokens for m in made if m.tokens is not None]
         results.append(
