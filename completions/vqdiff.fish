@@ -56,7 +56,7 @@ complete -c vqdiff -n '__fish_seen_subcommand_from dataset ; and __fish_seen_sub
 complete -c vqdiff -n '__fish_seen_subcommand_from dataset ; and __fish_seen_subcommand_from shapes' -l resolution -s r -x -d 'Side in pixels'
 complete -c vqdiff -n '__fish_seen_subcommand_from dataset ; and __fish_seen_subcommand_from shapes' -l split -x -d 'train, heldout, all: train never draws the held-out combinations, heldout only t'
 complete -c vqdiff -n '__fish_seen_subcommand_from dataset ; and __fish_seen_subcommand_from shapes' -l omit-rate -x -d 'Chance that a caption leaves out each attribute (any value then)'
-complete -c vqdiff -n '__fish_seen_subcommand_from dataset ; and __fish_seen_subcommand_from shapes' -l overwrite -d 'Replace existing output files'
+complete -c vqdiff -n '__fish_seen_subcommand_from dataset ; and __fish_seen_subcommand_from shapes' -l overwrite -d 'Replace the dataset in a non-empty OUT (other files stay)'
 complete -c vqdiff -n '__fish_seen_subcommand_from dataset ; and __fish_seen_subcommand_from shapes' -l json -d 'Print one JSON object per result on stdout'
 complete -c vqdiff -n '__fish_seen_subcommand_from dataset ; and __fish_seen_subcommand_from shapes' -l quiet -s q -d 'No progress or messages on stderr; warnings and errors still print'
 complete -c vqdiff -n '__fish_seen_subcommand_from dataset ; and __fish_seen_subcommand_from shapes' -l help -s h -d 'Show help and exit'

@@ -13,7 +13,7 @@ import typer
 
 from ..datasets.shapes import DEFAULT_OMIT_RATE, DEFAULT_RESOLUTION, SPLITS
 from .console import Output
-from .options import JsonOpt, OverwriteOpt, QuietOpt
+from .options import JsonOpt, QuietOpt
 
 if TYPE_CHECKING:
     from ..datasets.folder import Shard
@@ -51,7 +51,9 @@ def shapes(
     omit_rate: Annotated[
         float, typer.Option("--omit-rate", help="Chance that a caption leaves out each attribute (any value then).")
     ] = DEFAULT_OMIT_RATE,
-    overwrite: OverwriteOpt = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the dataset in a non-empty OUT (other files stay).")
+    ] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
