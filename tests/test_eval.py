@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from vqdiff_cli.cli import app
 from vqdiff_cli.datasets import shapes
-from vqdiff_cli.datasets.evaluate import EvalCase, codebook_usage, heldout_cases, score
+from vqdiff_cli.datasets.evaluate import EvalCase, Made, codebook_usage, evaluate, heldout_cases, score
 from vqdiff_cli.datasets.shapes import ATTRIBUTES
 
 runner = CliRunner()
@@ -54,6 +54,31 @@ def test_only_the_named_attributes_are_scored():
     partial = EvalCase("a red thing", 0, {"color": case.asked["color"]}, case.truth, case.reference)
     result = score([case.reference], [partial])
     assert result.accuracy["color"] == 1.0 and result.accuracy["shape"] is None
+
+
+class Oracle:
+    """An engine that returns the dataset picture of each caption: perfect marks, and no distance to the reference."""
+
+    name = "oracle"
+    calls_per_image = 0
+
+    def make(self, cases, on_image):
+        made = [Made(c.reference, None) for c in cases]
+        for m in made:
+            on_image(m)
+        return made
+
+
+def test_an_engine_that_returns_dataset_pictures_scores_perfectly():
+    cases = _cases(30)
+    saved = []
+    report = evaluate(cases, [Oracle()], resolution=32, codebook_size=16, on_made=lambda e, i, m: saved.append(i))
+    (oracle,) = report.engines
+    assert oracle.accuracy == {**dict.fromkeys(ATTRIBUTES, 1.0), "all": 1.0}
+    assert oracle.fid == pytest.approx(0, abs=1e-9) and oracle.codebook is None
+    assert report.reference["checker_accuracy"]["all"] == 1.0 and report.reference["fid_floor"] > 0.1
+    assert saved == list(range(30))
+    assert json.loads(json.dumps(report.to_json()))["engines"][0]["engine"] == "oracle"
 
 
 def test_codebook_usage():
