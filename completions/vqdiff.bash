@@ -38,9 +38,13 @@ _vqdiff_opts() {
         "config") echo "--help -h" ;;
         "config path") echo "--help -h" ;;
         "config show") echo "--json --help -h" ;;
+        "dataset") echo "--help -h" ;;
+        "dataset heldout") echo "--json --help -h" ;;
+        "dataset shapes") echo "--count -n --seed -s --resolution -r --split --omit-rate --overwrite --json --quiet -q --help -h" ;;
         "decode") echo "--output -o --model -m --revision --offline --cache-dir --variant --device --dtype --overwrite --quiet -q --help -h" ;;
         "download") echo "--revision --variant --dtype --device --offline --cache-dir --json --quiet -q --help -h" ;;
         "encode") echo "--output -o --keep-size --model -m --revision --offline --cache-dir --variant --device --dtype --overwrite --quiet -q --help -h" ;;
+        "eval") echo "--captions --count -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --vs-diffusers --save-images --output -o --overwrite --json --quiet -q --help -h" ;;
         "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --from-image --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
         "info") echo "--json --help -h" ;;
         "inpaint") echo "--mask -M --prompt -p --mask-mode --grow --start-step --known --feather --no-composite --save-token-mask --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --output -o --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
@@ -59,9 +63,13 @@ _vqdiff_valued() {
         "config") echo "" ;;
         "config path") echo "" ;;
         "config show") echo "" ;;
+        "dataset") echo "" ;;
+        "dataset heldout") echo "" ;;
+        "dataset shapes") echo "--count -n --seed -s --resolution -r --split --omit-rate" ;;
         "decode") echo "--output -o --model -m --revision --cache-dir --variant --device --dtype" ;;
         "download") echo "--revision --variant --dtype --device --cache-dir" ;;
         "encode") echo "--output -o --model -m --revision --cache-dir --variant --device --dtype" ;;
+        "eval") echo "--captions --count -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --model -m --revision --cache-dir --variant --device --dtype --threads --save-images --output -o" ;;
         "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --model -m --revision --cache-dir --variant --device --dtype --threads --from-image --save-tokens --trajectory --animate --save-steps" ;;
         "info") echo "" ;;
         "inpaint") echo "--mask -M --prompt -p --mask-mode --grow --start-step --known --feather --save-token-mask --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --output -o --model -m --revision --cache-dir --variant --device --dtype --threads --save-tokens --trajectory --animate --save-steps" ;;
@@ -80,9 +88,13 @@ _vqdiff_paths() {
         "config") echo "" ;;
         "config path") echo "" ;;
         "config show") echo "" ;;
+        "dataset") echo "" ;;
+        "dataset heldout") echo "" ;;
+        "dataset shapes") echo "" ;;
         "decode") echo "--output -o --cache-dir" ;;
         "download") echo "--cache-dir" ;;
         "encode") echo "--output -o --cache-dir" ;;
+        "eval") echo "--captions --cache-dir --save-images --output -o" ;;
         "generate") echo "--prompts-file -f --output -o --cache-dir --from-image --save-tokens --trajectory --animate --save-steps" ;;
         "info") echo "" ;;
         "inpaint") echo "--mask -M --save-token-mask --output -o --cache-dir --save-tokens --trajectory --animate --save-steps" ;;
@@ -95,15 +107,19 @@ _vqdiff_paths() {
 }
 _vqdiff_subs() {
     case "$1" in
-        "") echo "bench completion config decode download encode generate info inpaint models vary" ;;
+        "") echo "bench completion config dataset decode download encode eval generate info inpaint models vary" ;;
         "bench") echo "" ;;
         "completion") echo "" ;;
         "config") echo "path show" ;;
         "config path") echo "" ;;
         "config show") echo "" ;;
+        "dataset") echo "heldout shapes" ;;
+        "dataset heldout") echo "" ;;
+        "dataset shapes") echo "" ;;
         "decode") echo "" ;;
         "download") echo "" ;;
         "encode") echo "" ;;
+        "eval") echo "" ;;
         "generate") echo "" ;;
         "info") echo "" ;;
         "inpaint") echo "" ;;
@@ -122,9 +138,13 @@ _vqdiff_args() {
         "config") echo "" ;;
         "config path") echo "" ;;
         "config show") echo "" ;;
+        "dataset") echo "" ;;
+        "dataset heldout") echo "" ;;
+        "dataset shapes") echo "" ;;
         "decode") echo "" ;;
         "download") echo "" ;;
         "encode") echo "" ;;
+        "eval") echo "" ;;
         "generate") echo "" ;;
         "info") echo "" ;;
         "inpaint") echo "" ;;

@@ -21,7 +21,7 @@ import typer.core
 
 from ..errors import ExitStatus, VqdiffError
 from ..version import __version__
-from . import bench, completion, edit, generate, info, models, tokens
+from . import bench, completion, dataset, edit, evaluate, generate, info, models, tokens
 from .console import Output
 
 # Typer 0.29 carries its own copy of click; earlier versions use click itself
@@ -154,11 +154,12 @@ def _register() -> None:
         tokens.decode,
         models.download,
         bench.bench,
+        evaluate.evaluate,
         info.info,
         completion.completion,
     )
     for func in commands:
-        _command(app, func)
+        _command(app, func, "eval" if func is evaluate.evaluate else None)
     models_app = typer.Typer(
         name="models",
         help="List, locate and remove the models in vqdiff's cache.",
@@ -173,6 +174,10 @@ def _register() -> None:
     _command(config_app, info.config_path_cmd, "path")
     _command(config_app, info.config_show, "show")
     app.add_typer(config_app, name="config")
+    dataset_app = typer.Typer(help="Make synthetic training data.", no_args_is_help=True)
+    _command(dataset_app, dataset.shapes, "shapes")
+    _command(dataset_app, dataset.heldout, "heldout")
+    app.add_typer(dataset_app, name="dataset")
 
 
 _register()

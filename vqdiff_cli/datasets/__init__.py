@@ -1,0 +1,1 @@
+"""Synthetic captioned data and the quality meter that scores generated pictures against it."""
