@@ -24,7 +24,7 @@ LAYERS = (
     ("models", "diffusion"),
     ("checkpoint",),
     ("pipeline",),
-    ("bench",),
+    ("bench", "datasets", "train"),
     ("cli",),
     ("__init__", "__main__"),
 )
