@@ -144,6 +144,7 @@ COMMAND_MODULES = (
     "tokens",
     "models",
     "bench",
+    "train",
     "info",
     "shell",
 )  # in the order `vqdiff --help` lists them
