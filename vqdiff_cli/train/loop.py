@@ -577,7 +577,7 @@ def train(
                 rate = record["images_per_s"]
             if on_progress is not None and run.is_main:
                 on_progress(Progress(run.step, options.steps, result.terms.get("loss", math.nan), rate))
-            if options.validate_every and run.step % options.validate_every == 0:
+            if (options.validate_every and run.step % options.validate_every == 0) or run.step == options.steps:
                 if run.is_main:
                     with_ema(lambda: task.validate(run, run.step))
                     write_loss_curve(read_log(output), output / LOSS_CURVE)
