@@ -155,7 +155,7 @@ def test_export_loads_in_vqdiff_and_diffusers_with_the_same_tokens(
             num_inference_steps=12,
             generator=torch.Generator("cpu").manual_seed(seed),
             output_type="np",
-            callback=lambda i, t, s: seen.append(s.clone()),
+            callback=lambda i, t, s, seen=seen: seen.append(s.clone()),
         )
         got = ours.generate(prompt, GenerateOptions(seed=seed, sampler="reference"))[0]
         assert torch.equal(got.tokens.flatten(), seen[-1][0]), (prompt, seed)
