@@ -74,11 +74,105 @@ def _loop_options(**kw: object) -> LoopOptions:
 def _report(out: Output, result: TrainResult, output: Path, what: str) -> None:
     if result.resumed_from is not None:
         out.info(f"resumed at step {result.resumed_from}")
-    last = result.log[-1] if result.log else {}
-    summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k in ("loss", "rec", "psnr") and v == v)
-    out.info(f"{result.steps} steps" + (f"; {summary}" if summary else ""))
+    latest: dict[str, float] = {}
+    for row in result.log:
+        latest.update({k: v for k, v in row.items() if k in ("loss", "rec", "psnr")})
+    parts = [f"{k} {v:.4g}" + (" dB on held-out images" if k == "psnr" else "") for k, v in latest.items()]
+    out.info(f"{result.steps} steps" + (f"; last {', '.join(parts)}" if parts else ""))
     out.result(str(output))
     out.info(what)
+
+
+@train_app.command("vqvae")
+@report_errors
+def vqvae(
+    data: DataArg,
+    output: OutputDirOpt,
+    resolution: Annotated[int, typer.Option("--resolution", help="Image side in pixels (resize + centre crop).")] = 256,
+    downsample: Annotated[
+        int, typer.Option("--downsample", help="Downsampling factor F: token grid = resolution / F.")
+    ] = 8,
+    codebook_size: Annotated[int, typer.Option("--codebook-size", help="Codebook entries K.")] = 1024,
+    embed_dim: Annotated[int, typer.Option("--embed-dim", help="Width of a codebook entry.")] = 64,
+    channels: Annotated[int, typer.Option("--channels", help="Base width (doubled per level, at most 4x).")] = 64,
+    layers_per_block: Annotated[int, typer.Option("--layers-per-block", help="Resnet blocks per level.")] = 2,
+    norm_groups: Annotated[
+        int,
+        typer.Option("--norm-groups", help="Groups of every GroupNorm (divides --channels; few keep flat colours)."),
+    ] = 32,
+    disc_start: Annotated[int, typer.Option("--disc-start", help="Step from which the discriminator trains.")] = 2000,
+    no_disc: Annotated[bool, typer.Option("--no-disc", help="No discriminator: L1 and codebook losses only.")] = False,
+    disc_weight: Annotated[float, typer.Option("--disc-weight", help="Factor on VQGAN's adaptive weight.")] = 0.8,
+    revive_every: Annotated[
+        int, typer.Option("--revive-every", help="Steps between re-initialising unused codes (0: never).")
+    ] = 100,
+    strict: StrictOpt = False,
+    steps: StepsOpt = 10000,
+    batch_size: BatchOpt = 8,
+    grad_accum: GradAccumOpt = 1,
+    lr: Annotated[float, typer.Option("--lr", help="Learning rate (Adam, betas 0.5 and 0.9).")] = 2e-4,
+    warmup: WarmupOpt = 0,
+    weight_decay: WeightDecayOpt = 0.0,
+    clip_grad: ClipOpt = 1.0,
+    ema: EmaOpt = None,
+    mixed_precision: PrecisionOpt = "no",
+    checkpoint_every: CheckpointOpt = 1000,
+    keep: KeepOpt = 3,
+    log_every: LogOpt = 10,
+    validate_every: ValidateOpt = None,
+    seed: SeedOpt = 0,
+    device: TrainDeviceOpt = "auto",
+    report_to: ReportOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a VQ-VAE (diffusers' VQModel) from scratch: the token grids the transformer stage learns."""
+    from ..train import require_train_extra
+
+    require_train_extra()
+    from ..train.vqvae import VQVAEStageOptions, train_vqvae
+
+    out = Output(quiet=quiet)
+    stage = VQVAEStageOptions(
+        data=data,
+        resolution=resolution,
+        downsample=downsample,
+        codebook_size=codebook_size,
+        embed_dim=embed_dim,
+        channels=channels,
+        layers_per_block=layers_per_block,
+        norm_groups=norm_groups,
+        disc=not no_disc,
+        disc_start=disc_start,
+        disc_weight=disc_weight,
+        revive_every=revive_every,
+        strict=strict,
+    )
+    loop = _loop_options(
+        steps=steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        warmup=warmup,
+        weight_decay=weight_decay,
+        beta1=0.5,
+        beta2=0.9,
+        clip_grad=clip_grad,
+        ema=ema,
+        mixed_precision=mixed_precision,
+        checkpoint_every=checkpoint_every,
+        keep=keep,
+        log_every=log_every,
+        validate_every=validate_every,
+        seed=seed,
+        device=device,
+        report_to=report_to,
+    )
+    result = _run(
+        out, loop, lambda hooks: train_vqvae(stage, loop, output, resume=resume, overwrite=overwrite, **hooks)
+    )
+    _report(out, result, output, f"VQ-VAE: vqdiff train transformer DATA --vqvae {output} ...")
 
 
 @train_app.command("transformer")

@@ -520,6 +520,7 @@ def train(
 
     last_checkpoint = found[-1][1] if resumed_from is not None else None
     sums: dict[str, float] = {}
+    latest: dict[str, float] = {}
     images = 0
     count = 0
     rate = math.nan  # images per second over the last log window
@@ -558,14 +559,14 @@ def train(
                 ema.update(run.unwrapped(name), options.ema_decay(step))
             run.step += 1
             count += 1
-            for key, value in extra.items():
-                sums[key] = sums.get(key, 0.0) + value
+            latest.update(extra)  # occasional numbers (e.g. codes revived): their latest value, not a mean
             if run.step % options.log_every == 0 or run.step == options.steps:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 means = torch.tensor([sums[k] / count for k in sorted(sums)], device=accelerator.device)
                 means = accelerator.reduce(means, reduction="mean") if run.world_size > 1 else means
                 record: dict[str, Any] = {"step": run.step}
                 record.update({k: float(v) for k, v in zip(sorted(sums), means.tolist(), strict=True)})
+                record.update(latest)
                 record["lr"] = lr
                 record.update({f"grad_norm_{n}" if len(names) > 1 else "grad_norm": v for n, v in norms.items()})
                 record["images_per_s"] = images / elapsed
@@ -573,7 +574,7 @@ def train(
                     _log_line(output / LOG_FILE, record)
                 if options.report_to:
                     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=run.step)
-                sums, images, count, window_start = {}, 0, 0, time.perf_counter()
+                sums, latest, images, count, window_start = {}, {}, 0, 0, time.perf_counter()
                 rate = record["images_per_s"]
             if on_progress is not None and run.is_main:
                 on_progress(Progress(run.step, options.steps, result.terms.get("loss", math.nan), rate))
