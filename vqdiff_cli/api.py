@@ -37,6 +37,7 @@ from .generation import Job, plan_jobs, random_seed
 from .generation import ModelSource as ModelSource
 from .generation import StepCallback as StepCallback
 from .generation import StepEvent as StepEvent
+from .lora import merge_lora, read_adapter
 from .store import LoadCallback, prepare
 from .weights import VARIANTS, Components, load_components
 
@@ -63,6 +64,7 @@ class VQDiffusion:
         self.source = source
         self.schedule = MaskAndReplaceSchedule.from_config(components.config.scheduler)
         self.fast_sessions = FastSessions(acceleration or Acceleration())
+        self.lora: tuple[Path, float] | None = None  # the LoRA adapter merged into the transformer, and its scale
 
     @classmethod
     def from_pretrained(
@@ -78,6 +80,8 @@ class VQDiffusion:
         on_progress: LoadCallback | None = None,
         compile: bool | None = None,
         cuda_graphs: bool | None = None,
+        lora: str | Path | None = None,
+        lora_scale: float = 1.0,
     ) -> VQDiffusion:
         """Load a local diffusers-format folder, or a Hub repo id (e.g. microsoft/vq-diffusion-ithq).
 
@@ -87,6 +91,8 @@ class VQDiffusion:
         `on_progress` receives download and conversion events.
         `compile` (torch.compile, default off) and `cuda_graphs` (default on for CUDA) speed up the fast sampler;
         either falls back to plain execution when unavailable, noted in `acceleration_notes`.
+        `lora` names a LoRA adapter folder (from `vqdiff train transformer --lora`), merged into the transformer's
+        weights with `lora_scale` (1: as trained, 0: no effect).
         """
         if variant not in VARIANTS:
             raise UsageError(f"unknown variant '{variant}'", hint=f"use one of: {', '.join(VARIANTS)}")
@@ -101,9 +107,14 @@ class VQDiffusion:
             cache_dir=Path(cache_dir) if cache_dir is not None else None,
             on_event=on_progress,
         )
+        adapter = read_adapter(lora) if lora is not None else None  # checked before the (slow) model load
         components = load_components(prepared.folder, dev, dt, variant)
+        if adapter is not None:
+            merge_lora(components.transformer, adapter, lora_scale)
         source = ModelSource(prepared.name, prepared.folder, prepared.commit)
-        return cls(components, dev, dt, source, Acceleration(compile, cuda_graphs))
+        pipe = cls(components, dev, dt, source, Acceleration(compile, cuda_graphs))
+        pipe.lora = (adapter.folder, lora_scale) if adapter is not None else None
+        return pipe
 
     # -- properties -------------------------------------------------------------------------------------------
 

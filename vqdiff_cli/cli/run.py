@@ -60,7 +60,7 @@ class RunPlan:
     animate: str | None = None  # the template of `animations`
     save_steps: Path | None = None
     offline: bool = False
-    acceleration: dict[str, Any] = field(default_factory=dict)  # compile, cuda_graphs, threads for load_resolved
+    acceleration: dict[str, Any] = field(default_factory=dict)  # compile, cuda_graphs, threads, lora for loading
     extra_metadata: dict[str, Any] = field(default_factory=dict)
     extra_files: list[Path] = field(default_factory=list)  # written by the command itself (e.g. a token mask)
     _rendered: dict[tuple[str, int], list[Path]] = field(default_factory=dict, repr=False)  # names with a {step}
@@ -130,7 +130,7 @@ class RunPlan:
             animate=animate,
             save_steps=params.get("save_steps"),
             offline=bool(params.get("offline", False)),
-            acceleration={k: params.get(k) for k in ("compile", "cuda_graphs", "threads")},
+            acceleration={k: params.get(k) for k in ("compile", "cuda_graphs", "threads", "lora", "lora_scale")},
             extra_files=list(extra_files),
         )
         plan.check_outputs()
@@ -251,6 +251,7 @@ def execute(out: Output, plan: RunPlan, sample: Sampler) -> None:
     if plan.seed_was_random:
         out.info(f"seed {plan.items[0].seed} (random)")
     meta_settings = _settings_for_metadata(plan, pipe)
+    extra = {**plan.extra_metadata, **({"lora": str(pipe.lora[0]), "lora_scale": pipe.lora[1]} if pipe.lora else {})}
     done = 0
     token_grids: list[np.ndarray] = []  # for --save-tokens
     trajectories: list[np.ndarray] = []  # for --trajectory
@@ -278,7 +279,7 @@ def execute(out: Output, plan: RunPlan, sample: Sampler) -> None:
                 timesteps=result.timesteps,
                 size=result.image.size,
                 mode=plan.mode,
-                extra=plan.extra_metadata,
+                extra=extra,
             )
             text = metadata.png_text(record) if plan.metadata else None
             if plan.outputs is None:

@@ -9,6 +9,7 @@ The result is a diffusers-format pipeline folder (or, with LoRA, an adapter fold
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -390,7 +391,10 @@ def _init_lora(transformer: DiffusionTransformer, rank: int, alpha: int, seed: i
             p.requires_grad_("lora_" in name)
     config: dict[str, Any] = lora.to_dict()  # type: ignore[no-untyped-call]
     config["target_modules"] = LORA_TARGETS
-    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    plain: dict[str, Any] = json.loads(
+        json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v))
+    )
+    return plain  # JSON types only: it goes into adapter_config.json and every checkpoint
 
 
 def build_transformer_task(
