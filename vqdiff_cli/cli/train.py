@@ -64,6 +64,13 @@ ReportOpt = Annotated[
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run folder.")]
 
 
+def _output(quiet: bool) -> Output:
+    """Messages from the main process only: under torchrun or accelerate launch every rank runs this command."""
+    import os
+
+    return Output(quiet=quiet or int(os.environ.get("RANK", "0")) != 0)
+
+
 def _loop_options(**kw: object) -> LoopOptions:
     from ..train.loop import LoopOptions
 
@@ -79,7 +86,8 @@ def _report(out: Output, result: TrainResult, output: Path, what: str) -> None:
         latest.update({k: v for k, v in row.items() if k in ("loss", "rec", "psnr")})
     parts = [f"{k} {v:.4g}" + (" dB on held-out images" if k == "psnr" else "") for k, v in latest.items()]
     out.info(f"{result.steps} steps" + (f"; last {', '.join(parts)}" if parts else ""))
-    out.result(str(output))
+    if not out.quiet:  # the main process (on the others, _output made it quiet)
+        out.result(str(output))
     out.info(what)
 
 
@@ -133,7 +141,7 @@ def vqvae(
     require_train_extra()
     from ..train.vqvae import VQVAEStageOptions, train_vqvae
 
-    out = Output(quiet=quiet)
+    out = _output(quiet)
     stage = VQVAEStageOptions(
         data=data,
         resolution=resolution,
@@ -249,7 +257,7 @@ def transformer(
     require_train_extra(lora=lora is not None)
     from ..train.transformer import TransformerStageOptions, train_transformer
 
-    out = Output(quiet=quiet)
+    out = _output(quiet)
     stage = TransformerStageOptions(
         data=data,
         vqvae=vqvae,

@@ -356,9 +356,12 @@ class StopFlag:
 RUN_ENTRIES = (CHECKPOINTS, LOG_FILE, CONFIG_FILE, LOSS_CURVE, "validation", "tensorboard")
 
 
-def prepare_output(output: Path, *, resume: bool, overwrite: bool, written: tuple[str, ...] = ()) -> None:
+def prepare_output(
+    output: Path, *, resume: bool, overwrite: bool, written: tuple[str, ...] = (), clear: bool = True
+) -> None:
     """Check the run folder before any work: new or empty, or a run to `resume`; `overwrite` clears what an earlier
-    run wrote there (its checkpoints, logs and the `written` result entries), leaving other files alone."""
+    run wrote there (its checkpoints, logs and the `written` result entries), leaving other files alone. With
+    `clear=False` it only checks (data-parallel ranks check; the main process then clears)."""
     from ..errors import OutputError
     from ..files import check_folder_writable
 
@@ -377,12 +380,25 @@ def prepare_output(output: Path, *, resume: bool, overwrite: bool, written: tupl
         raise OutputError(
             f"{output} is not empty", hint=hint or "choose a new folder, or pass --overwrite to clear an earlier run"
         )
-    for name in (*RUN_ENTRIES, *written):
+    for name in (*RUN_ENTRIES, *written) if clear else ():
         path = output / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
+
+
+def start_run(
+    options: LoopOptions, output: Path, *, resume: bool, overwrite: bool, written: tuple[str, ...]
+) -> Accelerator:
+    """The accelerator of a run whose folder every rank has checked and the main process has cleared."""
+    accelerator = make_accelerator(options, output)
+    prepare_output(output, resume=resume, overwrite=overwrite, written=written, clear=False)
+    accelerator.wait_for_everyone()  # every rank has seen the folder as it was before the main process clears it
+    if accelerator.is_main_process:
+        prepare_output(output, resume=resume, overwrite=overwrite, written=written)
+    accelerator.wait_for_everyone()
+    return accelerator
 
 
 # -- the loop ------------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from ..synthetic import random_modules, write_clip_tokenizer
 from ..weights import find_weight_files, load_strict, read_json, read_state_dict, rename_keys
 from . import data, require_train_extra
 from .export import export_lora, export_pipeline
-from .loop import LoopOptions, ProgressCallback, Run, StepResult, TrainResult, make_accelerator, prepare_output, train
+from .loop import LoopOptions, ProgressCallback, Run, StepResult, TrainResult, start_run, train
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
@@ -545,7 +545,7 @@ def train_transformer(
     if options.lora is not None:
         require_train_extra(lora=True)
     written = (LORA_CONFIG, LORA_WEIGHTS) if options.lora is not None else PIPELINE_ENTRIES
-    prepare_output(output, resume=resume, overwrite=overwrite, written=written)
-    accelerator = make_accelerator(loop, output)
-    task = build_transformer_task(options, output, loop.seed, accelerator.device, on_event, on_image)
+    accelerator = start_run(loop, output, resume=resume, overwrite=overwrite, written=written)
+    with accelerator.main_process_first():  # the main process fills the token cache, the others then read it
+        task = build_transformer_task(options, output, loop.seed, accelerator.device, on_event, on_image)
     return train(task, loop, output, resume=resume, accelerator=accelerator, on_progress=on_progress, on_step=on_step)

@@ -32,8 +32,7 @@ from .loop import (
     Run,
     StepResult,
     TrainResult,
-    make_accelerator,
-    prepare_output,
+    start_run,
     train,
 )
 
@@ -392,9 +391,7 @@ def train_vqvae(
     on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """`vqdiff train vqvae`: check the run folder, load the images, train, export the VQModel folder."""
-    prepare_output(
-        output, resume=resume, overwrite=overwrite, written=("config.json", "diffusion_pytorch_model.safetensors")
-    )
-    accelerator = make_accelerator(loop, output)
+    written = ("config.json", "diffusion_pytorch_model.safetensors")
+    accelerator = start_run(loop, output, resume=resume, overwrite=overwrite, written=written)
     task = build_vqvae_task(options, loop.seed, accelerator.device, on_event)
     return train(task, loop, output, resume=resume, accelerator=accelerator, on_progress=on_progress, on_step=on_step)
