@@ -333,3 +333,42 @@ def _run(out: Output, loop: LoopOptions, start: Callable[[dict[str, Any]], Train
             last[0] = p.step
 
         return start({"on_event": on_event, "on_progress": on_progress})
+
+
+@train_app.command("bench")
+@report_errors
+def bench(
+    arch: Annotated[
+        str, typer.Option("--arch", help="A shipped architecture (ithq) or a folder of its JSON configs.")
+    ] = "ithq",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 1,
+    steps: Annotated[int, typer.Option("--steps", help="Timed steps.")] = 2,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps first (after the FLOP-counted one).")] = 1,
+    lora: Annotated[int | None, typer.Option("--lora", help="Train a LoRA adapter of this rank instead.")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    mixed_precision: PrecisionOpt = "no",
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Time a training step of the transformer stage with random weights: images/s, TFLOP/s, memory."""
+    import json
+
+    from ..train import require_train_extra
+
+    require_train_extra(lora=lora is not None)
+    from ..train.bench import bench_training_step
+
+    out = Output()
+    out.info(f"building {arch} with random weights")
+    r = bench_training_step(
+        arch, batch_size=batch_size, steps=steps, warmup=warmup, lora=lora, device=device, precision=mixed_precision
+    )
+    if json_out:
+        out.result(json.dumps(r.as_dict()))
+        return
+    out.result(
+        f"{r.architecture} {r.mode} on {r.device} ({r.precision}), batch {r.batch_size}: "
+        f"{r.seconds_per_step:.3g} s/step, "
+        f"{r.images_per_s:.3g} images/s, transformer {r.transformer_tflop_per_step:.3g} TFLOP/step = "
+        f"{r.transformer_tflop_per_s:.3g} TFLOP/s; {r.trainable_parameters:,} of {r.total_parameters:,} parameters "
+        f"train; weights+grads+AdamW {r.state_gib:.2f} GiB (computed), {r.peak_kind} {r.peak_gib:.2f} GiB"
+    )
