@@ -213,3 +213,47 @@ def test_the_shared_folder_writer_still_writes_random_checkpoints(tmp_path: Path
     loaded = load_components(folder, torch.device("cpu"), torch.float32)
     assert loaded.config.transformer == cfg.transformer and loaded.config.vqvae == vq
     assert loaded.text.null_embedding is not None
+
+
+def test_a_frozen_clip_text_encoder_from_a_pipeline(tmp_path: Path, toy_data: Path, tiny: TinyCheckpoint) -> None:
+    """--text-encoder MODEL: its CLIP and tokenizer, frozen, go into the result unchanged."""
+    options = TransformerStageOptions(
+        data=toy_data, vqvae=str(tiny.path), text_encoder=str(tiny.path), layers=1, width=32, heads=2
+    )
+    out = tmp_path / "run"
+    train_transformer(options, loop(steps=2), out)
+    theirs = torch.load(tiny.path / "text_encoder" / "pytorch_model.bin", weights_only=True)
+    mine = load_file(out / "text_encoder" / "model.safetensors")
+    assert {f"text_model.{k}" for k in mine} <= set(theirs)
+    assert all(torch.equal(mine[k], theirs[f"text_model.{k}"]) for k in mine)
+    assert (out / "tokenizer" / "vocab.json").read_bytes() == (tiny.path / "tokenizer" / "vocab.json").read_bytes()
+
+
+def test_skipped_images_are_one_warning(tmp_path: Path, tiny: TinyCheckpoint) -> None:
+    data = colour_dataset(tmp_path / "data", ("red", "blue"), per_colour=2)
+    (data / "broken.png").write_bytes(b"not an image")
+    (data / "broken.txt").write_text("broken", encoding="utf-8")
+    args = ["train", "transformer", str(data), "--vqvae", str(tiny.path), "--train-text-encoder"]
+    args += ["--layers", "1", "--width", "32", "--heads", "2", "--text-layers", "1", "--text-width", "32"]
+    result = CliRunner().invoke(app, [*args, "--steps", "1", "--device", "cpu", "-o", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("warning: 1 image(s) skipped") == 1
+    strict = CliRunner().invoke(app, [*args, "--steps", "1", "--device", "cpu", "-o", str(tmp_path / "s"), "--strict"])
+    assert strict.exit_code == 2 and "error: 1 image(s) skipped" in strict.output
+
+
+def test_tensorboard_needs_tensorboard(tmp_path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("tensorboard is installed here")
+    from vqdiff_cli.train.loop import make_accelerator
+
+    with pytest.raises(UsageError, match="--report-to tensorboard needs tensorboard"):
+        make_accelerator(loop(report_to="tensorboard"), tmp_path)
+
+
+def test_bf16_mixed_precision_trains_on_a_cpu(tmp_path: Path, toy_data: Path, tiny: TinyCheckpoint) -> None:
+    result = train_transformer(stage(toy_data, tiny.path), loop(steps=2, mixed_precision="bf16"), tmp_path / "run")
+    assert result.steps == 2
+    assert all(torch.isfinite(v).all() for v in exported(tmp_path / "run").values())

@@ -237,7 +237,7 @@ def checkpoint_dirs(output: Path) -> list[tuple[int, Path]]:
 
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}  # saved at once: no copy
 
 
 def write_checkpoint(output: Path, step: int, state: dict[str, Any], keep: int) -> Path:
@@ -415,6 +415,13 @@ def make_accelerator(options: LoopOptions, output: Path) -> Accelerator:
         if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
             raise UsageError("--report-to tensorboard needs tensorboard", hint="pip install tensorboard")
         log_with = "tensorboard"
+    # accelerate keeps its settings (mixed precision, ...) in a process-wide singleton that refuses other values: a
+    # second run in one process (the Python API, the tests) starts from fresh settings. The distributed state stays.
+    from accelerate.state import AcceleratorState
+
+    reset = getattr(AcceleratorState, "_reset_state", None)
+    if callable(reset):
+        reset(reset_partial_state=False)
     try:
         return Accelerator(
             cpu=options.device == "cpu",
