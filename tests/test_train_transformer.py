@@ -257,3 +257,28 @@ def test_bf16_mixed_precision_trains_on_a_cpu(tmp_path: Path, toy_data: Path, ti
     result = train_transformer(stage(toy_data, tiny.path), loop(steps=2, mixed_precision="bf16"), tmp_path / "run")
     assert result.steps == 2
     assert all(torch.isfinite(v).all() for v in exported(tmp_path / "run").values())
+
+
+def test_ctrl_c_in_the_command_writes_a_checkpoint_and_exits_130(
+    tmp_path: Path, toy_data: Path, tiny: TinyCheckpoint
+) -> None:
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "vqdiff_cli", "train", "transformer", str(toy_data), "--vqvae", str(tiny.path)]
+    args += ["--train-text-encoder", "--layers", "1", "--width", "32", "--heads", "2", "--text-layers", "1"]
+    args += ["--text-width", "32", "--steps", "100000", "--log-every", "1", "--device", "cpu", "-o", str(out)]
+    process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "train_log.jsonl").is_file() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "interrupted at step" in stderr and "--resume" in stderr
+    assert checkpoint_dirs(out), "no checkpoint written"
