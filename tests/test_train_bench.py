@@ -13,7 +13,7 @@ from vqdiff_cli.cli import app
 from vqdiff_cli.config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig, VQVAEConfig
 from vqdiff_cli.train.bench import bench_training_step, state_bytes
 from vqdiff_cli.train.export import pipeline_configs
-from vqdiff_cli.train.transformer import text_config
+from vqdiff_cli.train.parts import text_config
 
 NAMES = {
     "transformer": "transformer.json",

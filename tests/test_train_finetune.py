@@ -18,7 +18,8 @@ from vqdiff_cli.cli import app
 from vqdiff_cli.errors import UsageError
 from vqdiff_cli.images import read_png_text
 from vqdiff_cli.lora import merge_lora, read_adapter
-from vqdiff_cli.train.loop import LoopOptions, checkpoint_dirs
+from vqdiff_cli.train.run_folder import checkpoint_dirs
+from vqdiff_cli.train.task import LoopOptions
 from vqdiff_cli.train.transformer import TransformerStageOptions, train_transformer
 
 from .tiny import TinyCheckpoint

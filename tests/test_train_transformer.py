@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from vqdiff_cli.cli import app
 from vqdiff_cli.errors import OutputError, UsageError
-from vqdiff_cli.train.loop import LoopOptions, TrainingInterrupted, checkpoint_dirs
+from vqdiff_cli.train.run_folder import checkpoint_dirs
+from vqdiff_cli.train.task import LoopOptions, TrainingInterrupted
 from vqdiff_cli.train.transformer import TransformerStageOptions, train_transformer
 
 from .tiny import TinyCheckpoint
@@ -196,7 +197,7 @@ def test_the_shared_folder_writer_still_writes_random_checkpoints(tmp_path: Path
     from vqdiff_cli.config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig, VQVAEConfig
     from vqdiff_cli.synthetic import write_random_checkpoint
     from vqdiff_cli.train.export import pipeline_configs
-    from vqdiff_cli.train.transformer import text_config
+    from vqdiff_cli.train.parts import text_config
     from vqdiff_cli.weights import load_components
 
     vq = VQVAEConfig(3, 3, ("DownEncoderBlock2D",) * 2, ("UpDecoderBlock2D",) * 2, (32, 32), 1, 4, 8, 4, 32)

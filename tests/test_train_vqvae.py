@@ -20,7 +20,7 @@ from vqdiff_cli.cli import app
 from vqdiff_cli.errors import UsageError
 from vqdiff_cli.models.vqvae import VectorQuantizer
 from vqdiff_cli.train import vqvae as stage
-from vqdiff_cli.train.loop import LoopOptions, TrainingInterrupted
+from vqdiff_cli.train.task import LoopOptions, TrainingInterrupted
 
 from .train_toys import colour_dataset
 
@@ -83,7 +83,7 @@ def test_hinge_loss_adaptive_weight_perplexity_psnr() -> None:
 def test_dead_codes_take_encoder_outputs(toy_data: Path) -> None:
     from accelerate import Accelerator
 
-    from vqdiff_cli.train.loop import Run
+    from vqdiff_cli.train.task import Run
 
     task = stage.build_vqvae_task(options(toy_data, revive_every=1, disc=False), 0, torch.device("cpu"))
     run = Run(Accelerator(cpu=True), loop(), Path("."), task.parts())
@@ -138,7 +138,7 @@ def test_resume_with_the_discriminator_is_bit_identical(tmp_path: Path, toy_data
 def test_cli_exports_a_vqmodel_that_diffusers_and_the_transformer_stage_take(tmp_path: Path, toy_data: Path) -> None:
     from diffusers import VQModel
 
-    from vqdiff_cli.train.transformer import load_vqvae
+    from vqdiff_cli.train.parts import load_vqvae
 
     out = tmp_path / "vq"
     args = ["train", "vqvae", str(toy_data), "-o", str(out), "--device", "cpu", "--steps", "40", "--batch-size", "8"]

@@ -14,7 +14,7 @@ from .app import app, report_errors
 from .options import CacheDirOpt, OfflineOpt, OverwriteOpt, QuietOpt
 
 if TYPE_CHECKING:
-    from ..train.loop import LoopOptions, TrainResult
+    from ..train.task import LoopOptions, TrainResult
 
 train_app = typer.Typer(
     help="Train a VQ-VAE or a VQ-Diffusion transformer on a folder of captioned images (needs vqdiff[train]).",
@@ -72,7 +72,7 @@ def _output(quiet: bool) -> Output:
 
 
 def _loop_options(**kw: object) -> LoopOptions:
-    from ..train.loop import LoopOptions
+    from ..train.task import LoopOptions
 
     clip = kw.pop("clip_grad")
     return LoopOptions(clip_grad=float(clip) if clip else None, **kw)  # type: ignore[arg-type]
@@ -314,7 +314,7 @@ def transformer(
 
 def _run(out: Output, loop: LoopOptions, start: Callable[[dict[str, Any]], TrainResult]) -> TrainResult:
     """Run a stage with its messages on stderr and a bar of steps (loss, images/s, elapsed, ETA)."""
-    from ..train.loop import Progress
+    from ..train.task import Progress
 
     def on_event(message: str) -> None:
         if message.startswith("warning: "):

@@ -88,7 +88,8 @@ def bench_training_step(
     precision: str = "no",
     seed: int = 0,
 ) -> TrainBenchResult:
-    from .transformer import ConditionedTransformer, _init_lora
+    from .parts import init_lora
+    from .transformer import ConditionedTransformer
 
     if steps < 1 or warmup < 0 or batch_size < 1:
         raise UsageError("--steps and --batch-size must be at least 1, --warmup at least 0")
@@ -110,7 +111,7 @@ def bench_training_step(
         from . import require_train_extra
 
         require_train_extra(lora=True)
-        _init_lora(transformer, lora, lora, seed)
+        init_lora(transformer, lora, lora, seed)
     else:
         transformer.requires_grad_(True)
     text = TextConditioning(None, text_model, None)  # type: ignore[arg-type]  # ids come ready-made: no tokenizer

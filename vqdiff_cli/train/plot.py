@@ -1,5 +1,5 @@
-"""The loss curve of a run as a PNG, drawn with Pillow: one line per logged loss term, log-scaled when it spans
-more than a decade, with the step and value ranges written on the axes."""
+"""Pictures of a run, drawn with Pillow: the loss curve (one line per logged loss term, log-scaled when it spans more
+than a decade, with the step and value ranges written on the axes) and grids of validation images."""
 
 from __future__ import annotations
 
@@ -62,3 +62,13 @@ def write_loss_curve(rows: Sequence[dict[str, Any]], path: Path) -> bool:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
+
+
+def grid(images: list[Image.Image], columns: int) -> Image.Image:
+    """Images of one size in rows of `columns`."""
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    sheet = Image.new("RGB", (w * columns, h * rows), "white")
+    for i, image in enumerate(images):
+        sheet.paste(image, ((i % columns) * w, (i // columns) * h))
+    return sheet

@@ -9,39 +9,32 @@ The result is a diffusers-format pipeline folder (or, with LoRA, an adapter fold
 from __future__ import annotations
 
 import hashlib
-import json
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from PIL import Image
 from torch import nn
 
-from ..config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig, VQVAEConfig
+from ..config import NullEmbeddingConfig, PipelineConfig, SchedulerConfig, TransformerConfig
 from ..diffusion import loss as objective
 from ..diffusion.schedule import MaskAndReplaceSchedule
 from ..errors import UsageError
 from ..images import save_png
-from ..models.text import TextConditioning, build_clip_text_model, restore_position_ids
+from ..models.text import TextConditioning
 from ..models.transformer import DiffusionTransformer
 from ..models.vqvae import VQVAE
-from ..synthetic import random_modules, write_clip_tokenizer
-from ..weights import find_weight_files, load_strict, read_json, read_state_dict, rename_keys
+from ..synthetic import random_modules
 from . import data, require_train_extra
 from .export import export_lora, export_pipeline
-from .loop import LoopOptions, ProgressCallback, Run, StepResult, TrainResult, start_run, train
+from .loop import start_run, train
+from .parts import TEXT_LENGTH, build_tokenizer, init_lora, load_text, load_vqvae, prepared_folder, text_config
+from .plot import grid
+from .task import LoopOptions, ProgressCallback, Run, StepResult, TrainResult
 
 if TYPE_CHECKING:
-    from transformers import CLIPTokenizer
-
     from ..weights import Components
-
-TEXT_LENGTH = 77
-LORA_TARGETS = r".*\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|.*\.ff\.net\.(0\.proj|2)"
-_WORD = re.compile(r"[^\W\d_]+|\d|[^\s\w]+", re.UNICODE)  # CLIP's pre-tokenizer split: letters, digits, punctuation
 
 
 @dataclass(frozen=True)
@@ -101,98 +94,6 @@ class TransformerStageOptions:
                 raise UsageError("--lora fine-tunes an existing model: give it --from MODEL")
         if self.lora is not None and self.train_text_encoder:
             raise UsageError("--lora adapts the transformer only; leave out --train-text-encoder")
-
-
-# -- loading the parts ---------------------------------------------------------------------------------------------
-
-
-def prepared_folder(model: str, offline: bool, cache_dir: Path | None) -> Path:
-    """A local pipeline folder, or a Hub repo id fetched into the caches (float32 weights)."""
-    from ..store import prepare
-
-    return prepare(model, dtype=torch.float32, offline=offline, cache_dir=cache_dir).folder
-
-
-def load_vqvae(source: str, offline: bool = False, cache_dir: Path | None = None) -> tuple[VQVAE, int]:
-    """A VQModel folder (config.json + weights) or a pipeline folder / Hub id (its vqvae/), and its native size."""
-    path = Path(source).expanduser()
-    if not path.exists() and "/" in source and not source.startswith((".", "/")):
-        path = prepared_folder(source, offline, cache_dir)
-    if not path.is_dir():
-        raise UsageError(f"--vqvae {source}: not a folder")
-    native = None
-    if (path / "model_index.json").is_file():
-        from ..weights import read_pipeline_config
-
-        native = read_pipeline_config(path).image_size
-        path = path / "vqvae"
-    if not (path / "config.json").is_file():
-        raise UsageError(f"--vqvae {source}: no config.json (expected a diffusers VQModel folder)")
-    raw = read_json(path / "config.json")
-    cfg = VQVAEConfig.from_diffusers(raw)
-    with torch.device("meta"):
-        vqvae = VQVAE(cfg)
-    files = find_weight_files(path.parent, path.name, "auto")
-    load_strict(vqvae, rename_keys("vqvae", read_state_dict(files)), "vqvae", torch.float32)
-    return vqvae.eval().requires_grad_(False), native or int(raw.get("sample_size", 32))
-
-
-def load_text(source: str, offline: bool, cache_dir: Path | None) -> tuple[TextConditioning, dict[str, Any], Path]:
-    """The CLIP text encoder and tokenizer of a pipeline folder or Hub id: (text, its config, its tokenizer folder)."""
-    from transformers import CLIPTokenizer
-
-    path = Path(source).expanduser()
-    if not path.exists():
-        path = prepared_folder(source, offline, cache_dir)
-    config = read_json(path / "text_encoder" / "config.json")
-    text_model = build_clip_text_model(config)
-    state = rename_keys("text_encoder", read_state_dict(find_weight_files(path, "text_encoder", "auto")))
-    load_strict(text_model, state, "text_encoder", torch.float32)
-    restore_position_ids(text_model)
-    tokenizer = CLIPTokenizer.from_pretrained(str(path / "tokenizer"), local_files_only=True)
-    return TextConditioning(tokenizer, text_model, None), config, path / "tokenizer"
-
-
-def caption_words(captions: list[str]) -> list[str]:
-    """The distinct words of the captions as CLIP's tokenizer splits them (lower-cased), most frequent first."""
-    counts: dict[str, int] = {}
-    for caption in captions:
-        for word in _WORD.findall(caption.lower()):
-            counts[word] = counts.get(word, 0) + 1
-    return sorted(counts, key=lambda w: (-counts[w], w))
-
-
-def build_tokenizer(folder: Path, captions: list[str]) -> CLIPTokenizer:
-    """A CLIP-format BPE tokenizer whose merges spell out every caption word (other text falls back to bytes)."""
-    from transformers import CLIPTokenizer
-
-    write_clip_tokenizer(folder, caption_words(captions))
-    tokenizer: CLIPTokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-    return tokenizer
-
-
-def text_config(vocab_size: int, width: int, layers: int) -> dict[str, Any]:
-    """The `CLIPTextConfig` of a small text encoder trained from scratch (bos/eos are the vocabulary's last two)."""
-    return {
-        "architectures": ["CLIPTextModel"],
-        "attention_dropout": 0.0,
-        "bos_token_id": vocab_size - 2,
-        "dropout": 0.0,
-        "eos_token_id": vocab_size - 1,
-        "hidden_act": "quick_gelu",
-        "hidden_size": width,
-        "initializer_factor": 1.0,
-        "initializer_range": 0.02,
-        "intermediate_size": 4 * width,
-        "layer_norm_eps": 1e-05,
-        "max_position_embeddings": TEXT_LENGTH,
-        "model_type": "clip_text_model",
-        "num_attention_heads": max(1, width // 64),
-        "num_hidden_layers": layers,
-        "pad_token_id": 0,
-        "projection_dim": width,
-        "vocab_size": vocab_size,
-    }
 
 
 # -- the network trained -------------------------------------------------------------------------------------------
@@ -290,7 +191,7 @@ class TransformerTask:
             "aux": float(terms.aux.mean()),
             "nll": float(terms.decoder_nll.mean()),
         }
-        return StepResult({"transformer": terms.loss}, numbers, len(range(*mine.indices(run.global_batch))))
+        return StepResult({"transformer": terms.loss}, numbers, run.options.batch_size)
 
     def after_update(self, run: Run, step: int) -> dict[str, float]:
         return {}
@@ -349,16 +250,6 @@ class TransformerTask:
         export_pipeline(run.output, self.config, states, self.tokenizer_dir)
 
 
-def grid(images: list[Image.Image], columns: int) -> Image.Image:
-    """Images of one size in rows of `columns`."""
-    w, h = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    sheet = Image.new("RGB", (w * columns, h * rows), "white")
-    for i, image in enumerate(images):
-        sheet.paste(image, ((i % columns) * w, (i // columns) * h))
-    return sheet
-
-
 # -- building the task ---------------------------------------------------------------------------------------------
 
 
@@ -375,26 +266,6 @@ def _check_same_vqvae(mine: VQVAE, theirs: VQVAE, source: str, model: str) -> No
         raise UsageError(f"--vqvae {source} is not the VQ-VAE of --from {model} (another architecture)")
     if data.state_digest(mine.state_dict()) != data.state_digest(theirs.state_dict()):
         raise UsageError(f"--vqvae {source} is not the VQ-VAE of --from {model} (other weights)")
-
-
-def _init_lora(transformer: DiffusionTransformer, rank: int, alpha: int, seed: int) -> dict[str, Any]:
-    from peft import LoraConfig, inject_adapter_in_model
-
-    lora = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, lora_dropout=0.0, bias="none")
-    inject_adapter_in_model(lora, transformer)
-    g = torch.Generator().manual_seed(seed + 7)
-    with torch.no_grad():
-        for name, p in transformer.named_parameters():
-            if "lora_A" in name:  # peft's init draws from the global generator; ours is seeded
-                bound = 1 / p.shape[1] ** 0.5
-                p.uniform_(-bound, bound, generator=g)
-            p.requires_grad_("lora_" in name)
-    config: dict[str, Any] = lora.to_dict()  # type: ignore[no-untyped-call]
-    config["target_modules"] = LORA_TARGETS
-    plain: dict[str, Any] = json.loads(
-        json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v))
-    )
-    return plain  # JSON types only: it goes into adapter_config.json and every checkpoint
 
 
 def build_transformer_task(
@@ -502,7 +373,7 @@ def build_transformer_task(
         null = _empty_prompt_states(text)
     lora_config = None
     if o.lora is not None:
-        lora_config = _init_lora(transformer, o.lora, o.lora_alpha or o.lora, seed)
+        lora_config = init_lora(transformer, o.lora, o.lora_alpha or o.lora, seed)
         lora_config["base_model_name_or_path"] = o.from_model
     else:
         transformer.requires_grad_(True)

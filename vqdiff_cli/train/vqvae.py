@@ -25,16 +25,10 @@ from ..images import save_png, to_pil
 from ..models.vqvae import VQVAE
 from . import data
 from .export import export_vqvae
-from .loop import (
-    LOG_FILE,
-    LoopOptions,
-    ProgressCallback,
-    Run,
-    StepResult,
-    TrainResult,
-    start_run,
-    train,
-)
+from .loop import start_run, train
+from .plot import grid
+from .run_folder import LOG_FILE, append_log
+from .task import LoopOptions, ProgressCallback, Run, StepResult, TrainResult
 
 COMMITMENT = 0.25  # beta of the commitment term (VQ-VAE, VQGAN)
 MAX_ADAPTIVE_WEIGHT = 1e4
@@ -320,20 +314,16 @@ class VQVAETask:
 
     def validate(self, run: Run, step: int) -> None:
         """A grid of held-out originals over their reconstructions, and the PSNR on every held-out image."""
-        from .loop import _log_line
-
         shown = self.held_out or self.train_indices
         real, recon = self.reconstruct(run, shown[: self.options.validation_images])
         pictures = to_pil(torch.cat([real, recon]))
-        from .transformer import grid
-
         folder = run.output / "validation"
         folder.mkdir(exist_ok=True)
         save_png(grid(pictures, len(pictures) // 2), folder / f"step-{step:08d}.png", overwrite=True)
         scores = [psnr(*self.reconstruct(run, shown[i : i + 16])) for i in range(0, len(shown), 16)]
         finite = [s for s in scores if math.isfinite(s)]
         value = sum(finite) / len(finite) if finite else math.inf
-        _log_line(run.output / LOG_FILE, {"step": step, "psnr": value, "held_out": len(self.held_out)})
+        append_log(run.output / LOG_FILE, {"step": step, "psnr": value, "held_out": len(self.held_out)})
 
     def export(self, run: Run) -> None:
         vqvae = _vqvae(run)
