@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -283,3 +284,21 @@ def test_ctrl_c_in_the_command_writes_a_checkpoint_and_exits_130(
     assert process.returncode == 130, stderr
     assert "interrupted at step" in stderr and "--resume" in stderr
     assert checkpoint_dirs(out), "no checkpoint written"
+
+
+def test_bad_loop_options() -> None:
+    from vqdiff_cli.train.loop import make_accelerator
+
+    for kw, message in [
+        ({"steps": 0}, "--steps must be at least 1"),
+        ({"lr": -1.0}, "--lr must be positive"),
+        ({"ema": 1.0}, "--ema must be between 0 and 1"),
+        ({"mixed_precision": "fp8"}, "unknown --mixed-precision 'fp8'"),
+        ({"device": "tpu"}, "unknown --device 'tpu'"),
+        ({"report_to": "wandb"}, "unknown --report-to 'wandb'"),
+    ]:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            LoopOptions(**kw)  # type: ignore[arg-type]
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="sees no CUDA device"):
+            make_accelerator(LoopOptions(device="cuda"), Path("."))

@@ -126,6 +126,9 @@ def make_accelerator(options: LoopOptions, output: Path) -> Accelerator:
     require_train_extra()
     from accelerate import Accelerator
 
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA device here", hint="use --device cpu (or auto)")
+
     log_with = None
     if options.report_to == "tensorboard":
         import importlib.util
