@@ -45,13 +45,17 @@ _vqdiff_opts() {
         "download") echo "--revision --variant --dtype --device --offline --cache-dir --json --quiet -q --help -h" ;;
         "encode") echo "--output -o --keep-size --model -m --revision --offline --cache-dir --variant --device --dtype --overwrite --quiet -q --help -h" ;;
         "eval") echo "--captions --count -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --vs-diffusers --save-images --output -o --overwrite --json --quiet -q --help -h" ;;
-        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --from-image --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
+        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --from-image --lora --lora-scale --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
         "info") echo "--json --help -h" ;;
         "inpaint") echo "--mask -M --prompt -p --mask-mode --grow --start-step --known --feather --no-composite --save-token-mask --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --output -o --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
         "models") echo "--help -h" ;;
         "models list") echo "--cache-dir --json --help -h" ;;
         "models path") echo "--revision --dtype --cache-dir --json --help -h" ;;
         "models rm") echo "--revision --yes -y --cache-dir --json --help -h" ;;
+        "train") echo "--help -h" ;;
+        "train bench") echo "--arch --batch-size --steps --warmup --lora --device --mixed-precision --json --help -h" ;;
+        "train transformer") echo "--output -o --vqvae --text-encoder --train-text-encoder --from --lora --lora-alpha --resolution --layers --width --heads --timesteps --text-layers --text-width --caption-dropout --aux-weight --caption-column --strict --validation-prompt --validation-images --steps --batch-size --grad-accum --lr --warmup --weight-decay --clip-grad --ema --mixed-precision --checkpoint-every --keep --log-every --validate-every --seed --device --report-to --resume --overwrite --offline --cache-dir --quiet -q --help -h" ;;
+        "train vqvae") echo "--output -o --resolution --downsample --codebook-size --embed-dim --channels --layers-per-block --norm-groups --disc-start --no-disc --disc-weight --revive-every --strict --steps --batch-size --grad-accum --lr --warmup --weight-decay --clip-grad --ema --mixed-precision --checkpoint-every --keep --log-every --validate-every --seed --device --report-to --resume --overwrite --quiet -q --help -h" ;;
         "vary") echo "--strength --prompt -p --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --output -o --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
     esac
 }
@@ -70,13 +74,17 @@ _vqdiff_valued() {
         "download") echo "--revision --variant --dtype --device --cache-dir" ;;
         "encode") echo "--output -o --model -m --revision --cache-dir --variant --device --dtype" ;;
         "eval") echo "--captions --count -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --model -m --revision --cache-dir --variant --device --dtype --threads --save-images --output -o" ;;
-        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --model -m --revision --cache-dir --variant --device --dtype --threads --from-image --save-tokens --trajectory --animate --save-steps" ;;
+        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --model -m --revision --cache-dir --variant --device --dtype --threads --from-image --lora --lora-scale --save-tokens --trajectory --animate --save-steps" ;;
         "info") echo "" ;;
         "inpaint") echo "--mask -M --prompt -p --mask-mode --grow --start-step --known --feather --save-token-mask --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --output -o --model -m --revision --cache-dir --variant --device --dtype --threads --save-tokens --trajectory --animate --save-steps" ;;
         "models") echo "" ;;
         "models list") echo "--cache-dir" ;;
         "models path") echo "--revision --dtype --cache-dir" ;;
         "models rm") echo "--revision --cache-dir" ;;
+        "train") echo "" ;;
+        "train bench") echo "--arch --batch-size --steps --warmup --lora --device --mixed-precision" ;;
+        "train transformer") echo "--output -o --vqvae --text-encoder --from --lora --lora-alpha --resolution --layers --width --heads --timesteps --text-layers --text-width --caption-dropout --aux-weight --caption-column --validation-prompt --validation-images --steps --batch-size --grad-accum --lr --warmup --weight-decay --clip-grad --ema --mixed-precision --checkpoint-every --keep --log-every --validate-every --seed --device --report-to --cache-dir" ;;
+        "train vqvae") echo "--output -o --resolution --downsample --codebook-size --embed-dim --channels --layers-per-block --norm-groups --disc-start --disc-weight --revive-every --steps --batch-size --grad-accum --lr --warmup --weight-decay --clip-grad --ema --mixed-precision --checkpoint-every --keep --log-every --validate-every --seed --device --report-to" ;;
         "vary") echo "--strength --prompt -p --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --output -o --model -m --revision --cache-dir --variant --device --dtype --threads --save-tokens --trajectory --animate --save-steps" ;;
     esac
 }
@@ -95,19 +103,23 @@ _vqdiff_paths() {
         "download") echo "--cache-dir" ;;
         "encode") echo "--output -o --cache-dir" ;;
         "eval") echo "--captions --cache-dir --save-images --output -o" ;;
-        "generate") echo "--prompts-file -f --output -o --cache-dir --from-image --save-tokens --trajectory --animate --save-steps" ;;
+        "generate") echo "--prompts-file -f --output -o --cache-dir --from-image --lora --save-tokens --trajectory --animate --save-steps" ;;
         "info") echo "" ;;
         "inpaint") echo "--mask -M --save-token-mask --output -o --cache-dir --save-tokens --trajectory --animate --save-steps" ;;
         "models") echo "" ;;
         "models list") echo "--cache-dir" ;;
         "models path") echo "--cache-dir" ;;
         "models rm") echo "--cache-dir" ;;
+        "train") echo "" ;;
+        "train bench") echo "" ;;
+        "train transformer") echo "--output -o --cache-dir" ;;
+        "train vqvae") echo "--output -o" ;;
         "vary") echo "--output -o --cache-dir --save-tokens --trajectory --animate --save-steps" ;;
     esac
 }
 _vqdiff_subs() {
     case "$1" in
-        "") echo "bench completion config dataset decode download encode eval generate info inpaint models vary" ;;
+        "") echo "bench completion config dataset decode download encode eval generate info inpaint models train vary" ;;
         "bench") echo "" ;;
         "completion") echo "" ;;
         "config") echo "path show" ;;
@@ -127,6 +139,10 @@ _vqdiff_subs() {
         "models list") echo "" ;;
         "models path") echo "" ;;
         "models rm") echo "" ;;
+        "train") echo "bench transformer vqvae" ;;
+        "train bench") echo "" ;;
+        "train transformer") echo "" ;;
+        "train vqvae") echo "" ;;
         "vary") echo "" ;;
     esac
 }
@@ -152,6 +168,10 @@ _vqdiff_args() {
         "models list") echo "" ;;
         "models path") echo "" ;;
         "models rm") echo "" ;;
+        "train") echo "" ;;
+        "train bench") echo "" ;;
+        "train transformer") echo "" ;;
+        "train vqvae") echo "" ;;
         "vary") echo "" ;;
     esac
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -204,14 +205,13 @@ def write_random_checkpoint(
     """A diffusers-format folder of the named (or given) architecture with random weights, in the Hub's layout."""
     configs = configs or shipped_configs(name)
     cfg = pipeline_config(configs)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model_index.json").write_text(json.dumps(configs["model_index"], indent=2), encoding="utf-8")
-    for component, file in CONFIG_FILES.items():
-        (folder / component).mkdir(exist_ok=True)
-        (folder / file).write_text(json.dumps(configs[component], indent=2, sort_keys=True), encoding="utf-8")
-    vocab = write_clip_tokenizer(folder / "tokenizer", vocab_size=int(configs["text_encoder"].get("vocab_size", 49408)))
-    if vocab != configs["text_encoder"].get("vocab_size", vocab):
-        raise ValueError(f"tokenizer has {vocab} entries, text encoder expects {configs['text_encoder']['vocab_size']}")
+    vocab_size = int(configs["text_encoder"].get("vocab_size", 49408))
+
+    def tokenizer(target: Path) -> None:
+        vocab = write_clip_tokenizer(target, vocab_size=vocab_size)
+        if vocab != configs["text_encoder"].get("vocab_size", vocab):
+            raise ValueError(f"tokenizer has {vocab} entries, text encoder expects {vocab_size}")
+
     modules = random_modules(cfg, seed)
     states: dict[str, dict[str, torch.Tensor]] = {
         name: hub_names(name, modules[name].state_dict())  # type: ignore[union-attr]
@@ -221,12 +221,32 @@ def write_random_checkpoint(
         states["learned_classifier_free_sampling_embeddings"] = {
             "embeddings": modules["learned_classifier_free_sampling_embeddings"]  # type: ignore[dict-item]
         }
+    return write_pipeline_folder(folder, configs, states, tokenizer, fmt)
+
+
+def write_pipeline_folder(
+    folder: Path,
+    configs: dict[str, dict[str, Any]],
+    states: dict[str, dict[str, torch.Tensor]],
+    write_tokenizer: Callable[[Path], object],
+    fmt: str = "safetensors",
+) -> Path:
+    """Write a diffusers VQ-Diffusion folder in `layout.py`'s layout: model_index.json, each component's config, the
+    tokenizer (`write_tokenizer(folder / "tokenizer")`) and each component's weights as one `fmt` ("safetensors" or
+    "bin") file. `configs` holds "model_index" and one dict per component; `states` one state dict per weight component.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps(configs["model_index"], indent=2), encoding="utf-8")
+    for component, file in CONFIG_FILES.items():
+        (folder / component).mkdir(exist_ok=True)
+        (folder / file).write_text(json.dumps(configs[component], indent=2, sort_keys=True), encoding="utf-8")
+    write_tokenizer(folder / "tokenizer")
     for component, state in states.items():
         path = folder / component / weight_file_name(component, fmt)
         if fmt == "bin":
             torch.save(state, path)
         else:
-            from safetensors.torch import save_file
+            from .convert import save_safetensors
 
-            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+            save_safetensors(state, path)
     return folder

@@ -21,7 +21,7 @@ import typer.core
 
 from ..errors import ExitStatus, VqdiffError
 from ..version import __version__
-from . import bench, completion, dataset, edit, evaluate, generate, info, models, tokens
+from . import bench, completion, dataset, edit, evaluate, generate, info, models, tokens, train
 from .console import Output
 
 # Typer 0.29 carries its own copy of click; earlier versions use click itself
@@ -178,6 +178,11 @@ def _register() -> None:
     _command(dataset_app, dataset.shapes, "shapes")
     _command(dataset_app, dataset.heldout, "heldout")
     app.add_typer(dataset_app, name="dataset")
+    train_app = typer.Typer(help=train.HELP, no_args_is_help=True, rich_markup_mode=None)
+    _command(train_app, train.vqvae, "vqvae")
+    _command(train_app, train.transformer, "transformer")
+    _command(train_app, train.bench, "bench")
+    app.add_typer(train_app, name="train")
 
 
 _register()

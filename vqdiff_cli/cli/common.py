@@ -26,8 +26,11 @@ def load_model(
     compile: bool | None = None,
     cuda_graphs: bool | None = None,
     threads: int | None = None,
+    lora: Path | None = None,
+    lora_scale: float | None = None,
 ) -> VQDiffusion:
-    """Load `model` (a local folder or a Hub repo id, fetched and converted on first use), saying so on stderr."""
+    """Load `model` (a local folder or a Hub repo id, fetched and converted on first use), saying so on stderr;
+    `lora` (with `lora_scale`, default 1) is a LoRA adapter merged into the transformer."""
     import torch
 
     from ..device import configure_cpu_threads, cpu_runs_natively, dtype_name
@@ -47,7 +50,11 @@ def load_model(
             on_progress=report,
             compile=compile,
             cuda_graphs=cuda_graphs,
+            lora=lora,
+            lora_scale=1.0 if lora_scale is None else lora_scale,
         )
+    if lora is not None:
+        out.info(f"LoRA adapter {lora} merged (scale {pipe.lora[1] if pipe.lora else 1.0:g})")
     if pipe.device.type == "cpu" and not cpu_runs_natively(pipe.dtype):
         name = dtype_name(pipe.dtype)
         out.warn(f"this CPU has no native {name}: torch emulates it, many times slower than float32 (--dtype float32)")

@@ -90,6 +90,20 @@ def generate(
             show_default=False,
         ),
     ] = None,
+    lora: Annotated[
+        Path | None,
+        typer.Option(
+            "--lora",
+            help="A LoRA adapter folder (vqdiff train transformer --lora) merged into the model.",
+            show_default=False,
+        ),
+    ] = None,
+    lora_scale: Annotated[
+        float | None,
+        typer.Option(
+            "--lora-scale", help="Strength of --lora (0: none, 1: as trained). [default: 1]", show_default=False
+        ),
+    ] = None,
     save_tokens: VisualsOpts.SaveTokens = None,
     trajectory: VisualsOpts.Trajectory = None,
     animate: VisualsOpts.Animate = None,
@@ -122,6 +136,8 @@ def generate(
         raise UsageError("no prompts given", hint="pass a prompt, --prompts-file FILE, or --from-image IMAGE")
     if seed is None and record is not None:
         seed = int(record["seed"])
+    if lora_scale is not None and lora is None:
+        raise UsageError("--lora-scale needs --lora ADAPTER")
     # 3. settings and outputs, all checked before the model loads
     plan = RunPlan.build(
         out,
@@ -155,6 +171,8 @@ def generate(
             compile=compile,
             cuda_graphs=cuda_graphs,
             threads=threads,
+            lora=lora,
+            lora_scale=lora_scale,
         ),
         image_settings=metadata.rerun_settings(record) if record else None,
     )

@@ -60,11 +60,19 @@ class RunRequest:
     compile: bool | None = None
     cuda_graphs: bool | None = None
     threads: int | None = None
+    lora: Path | None = None  # a LoRA adapter folder merged at load time
+    lora_scale: float | None = None
 
     @property
     def acceleration(self) -> dict[str, Any]:
         """What `load_resolved` takes besides the settings."""
-        return {"compile": self.compile, "cuda_graphs": self.cuda_graphs, "threads": self.threads}
+        return {
+            "compile": self.compile,
+            "cuda_graphs": self.cuda_graphs,
+            "threads": self.threads,
+            "lora": self.lora,
+            "lora_scale": self.lora_scale,
+        }
 
 
 @dataclass
@@ -273,6 +281,8 @@ class _Writer:
     def __init__(self, out: Output, plan: RunPlan, pipe: VQDiffusion) -> None:
         self.out, self.plan, self.pipe = out, plan, pipe
         self.meta_settings = _settings_for_metadata(plan, pipe)
+        lora = {"lora": str(pipe.lora[0]), "lora_scale": pipe.lora[1]} if pipe.lora else {}
+        self.extra_metadata = {**plan.extra_metadata, **lora}
         self.max_tokens = pipe.components.text.max_length
         self.done = 0
         self.token_grids: list[np.ndarray] = []  # for --save-tokens
@@ -292,7 +302,7 @@ class _Writer:
             timesteps=result.timesteps,
             size=result.image.size,
             mode=plan.mode,
-            extra=plan.extra_metadata,
+            extra=self.extra_metadata,
         )
         text = metadata.png_text(record) if plan.request.metadata else None
         if plan.outputs is None:

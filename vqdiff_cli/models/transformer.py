@@ -38,7 +38,8 @@ class ImagePositionalEmbeddings(nn.Module):
 
 
 class AdaLayerNorm(nn.Module):
-    """LayerNorm without affine parameters, scaled and shifted by an embedding of the (scalar) timestep."""
+    """LayerNorm without affine parameters, scaled and shifted by an embedding of the timestep (a scalar, or one
+    per image in training)."""
 
     def __init__(self, dim: int, num_embeddings: int) -> None:
         super().__init__()
@@ -47,8 +48,10 @@ class AdaLayerNorm(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-5, elementwise_affine=False)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        temb: torch.Tensor = self.linear(F.silu(self.emb(timestep)))  # timestep is 0-dim: (2D,)
-        scale, shift = temb.chunk(2, dim=0)  # scale first, as in the checkpoint
+        temb: torch.Tensor = self.linear(F.silu(self.emb(timestep)))  # 0-dim t: (2D,); training's (B,) t: (B, 2D)
+        if temb.ndim == 2:  # one timestep per image (diffusers' AdaLayerNorm cannot take this: it splits the batch)
+            temb = temb.unsqueeze(1)  # (B, 1, 2D)
+        scale, shift = temb.chunk(2, dim=-1)  # scale first, as in the checkpoint
         normed: torch.Tensor = self.norm(x)
         return normed * (1 + scale) + shift
 
@@ -225,7 +228,7 @@ class DiffusionTransformer(nn.Module):
         numbers); `run_block(block, h, context, t, kv)` replaces `block(h, context, t, kv)`, e.g. by `fused_block`,
         compiled or not (one compiled graph serves every block).
         """
-        t = torch.as_tensor(timestep, dtype=torch.long, device=x_t.device)  # one scalar t for the whole batch
+        t = torch.as_tensor(timestep, dtype=torch.long, device=x_t.device)  # a scalar t, or (B,) in training
         run = run_block or call_block
         h: torch.Tensor = self.latent_image_embedding(x_t)  # (B, N, D)
         for i, block in enumerate(self._blocks()):

@@ -13,6 +13,7 @@ from PIL import Image
 
 from .. import images as imageio
 from ..checkpoint.load import Components, load_components
+from ..checkpoint.lora import merge_lora, read_adapter
 from ..checkpoint.resolve import LoadCallback, prepare
 from ..config import PipelineConfig
 from ..device import dtype_name, resolve_device
@@ -41,6 +42,7 @@ class LoadedModel:
         self.source = source
         self.schedule = MaskAndReplaceSchedule.from_config(components.config.scheduler)
         self.fast_sessions = FastSessions(acceleration or Acceleration())
+        self.lora: tuple[Path, float] | None = None  # the LoRA adapter merged into the transformer, and its scale
 
     @classmethod
     def from_pretrained(
@@ -56,6 +58,8 @@ class LoadedModel:
         on_progress: LoadCallback | None = None,
         compile: bool | None = None,
         cuda_graphs: bool | None = None,
+        lora: str | Path | None = None,
+        lora_scale: float = 1.0,
     ) -> Self:
         """Load a local diffusers-format folder, or a Hub repo id (e.g. microsoft/vq-diffusion-ithq).
 
@@ -65,6 +69,8 @@ class LoadedModel:
         `on_progress` receives download and conversion events.
         `compile` (torch.compile, default off) and `cuda_graphs` (default on for CUDA) speed up the fast sampler;
         either falls back to plain execution when unavailable, noted in `acceleration_notes`.
+        `lora` names a LoRA adapter folder (from `vqdiff train transformer --lora`), merged into the transformer's
+        weights with `lora_scale` (1: as trained, 0: no effect).
         """
         if variant not in VARIANTS:
             raise UsageError(
@@ -81,9 +87,14 @@ class LoadedModel:
             cache_dir=Path(cache_dir) if cache_dir is not None else None,
             on_event=on_progress,
         )
+        adapter = read_adapter(lora) if lora is not None else None  # checked before the (slow) model load
         components = load_components(prepared.folder, dev, prepared.dtype, variant)
+        if adapter is not None:
+            merge_lora(components.transformer, adapter, lora_scale)
         source = ModelSource(prepared.name, prepared.folder, prepared.commit)
-        return cls(components, dev, prepared.dtype, source, Acceleration(compile, cuda_graphs))
+        pipe = cls(components, dev, prepared.dtype, source, Acceleration(compile, cuda_graphs))
+        pipe.lora = (adapter.folder, lora_scale) if adapter is not None else None
+        return pipe
 
     # -- properties -------------------------------------------------------------------------------------------
 
