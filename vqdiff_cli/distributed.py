@@ -145,13 +145,14 @@ class World:
 @dataclass
 class Stage:
     """One meeting point of the processes: each brings its `payload`, and all of them leave with every process's
-    (`gathered`, by rank) once none failed."""
+    (`gathered`, by rank), as far as each got when one failed."""
 
     payload: Any = None
     gathered: list[Any] = field(default_factory=list)
 
 
-Outcome = tuple[str, Any]  # ("ok", payload) or ("failed", (message, hint, exit code))
+Outcome = tuple[str, Any]  # ("ok", value) or ("failed", (message, hint, exit code))
+Report = tuple[Any, tuple[str, str | None, int] | None]  # a process's payload at a stage, and its error if it failed
 
 
 class Group:
@@ -232,24 +233,26 @@ class Group:
         waited for: the launcher stops the other processes when this one exits."""
         stage = Stage()
         if self.world.size == 1:
-            yield stage
-            stage.gathered = [stage.payload]
+            try:
+                yield stage
+            finally:
+                stage.gathered = [stage.payload]
             return
         try:
             yield stage
         except Exception as e:
-            self._settle(("failed", _summary(explain(e))), stage, cause=e)
+            self._settle((stage.payload, _summary(explain(e))), stage, cause=e)
         else:
-            self._settle(("ok", stage.payload), stage)
+            self._settle((stage.payload, None), stage)
 
-    def _settle(self, outcome: Outcome, stage: Stage, cause: Exception | None = None) -> None:
-        outcomes = self.all_gather(outcome)
-        failed = [(rank, value) for rank, (kind, value) in enumerate(outcomes) if kind == "failed"]
+    def _settle(self, report: Report, stage: Stage, cause: Exception | None = None) -> None:
+        reports = self.all_gather(report)
+        stage.gathered = [payload for payload, _ in reports]
+        failed = [(rank, error) for rank, (_, error) in enumerate(reports) if error is not None]
         if not failed:
-            stage.gathered = [value for _, value in outcomes]
             return
         rank, (message, hint, code) = failed[0]
-        if len(failed) < self.world.size or any(value != failed[0][1] for _, value in failed):
+        if len(failed) < self.world.size or any(error != failed[0][1] for _, error in failed):
             message = f"{message} (rank {rank} of {self.world.size}; every rank stopped)"
         raise RankError(message, hint, code, reported=self.world.speaks) from cause
 

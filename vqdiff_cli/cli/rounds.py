@@ -76,11 +76,17 @@ def execute(out: Output, plan: RunPlan, sample: Sampler, group: Group | None = N
         with out.progress(progress.total, plan.mode) as bar:
             progress.bar = bar
             for r in range(plan.rounds):
-                with group.stage() as finished:
-                    finished.payload = writer.write_batch(plan.batches[r], images) if r < len(plan.batches) else []
-                progress.after_round(finished.gathered)
-                for report in (report for reports in finished.gathered for report in reports):
-                    report.say(out)
+                try:
+                    with group.stage() as finished:
+                        written: list[Report] = []  # filled as images are written: a failure keeps those
+                        finished.payload = written
+                        if r < len(plan.batches):
+                            writer.write_batch(plan.batches[r], images, written)
+                finally:  # said even when the round failed somewhere: these images were written
+                    gathered = [reports or [] for reports in finished.gathered]
+                    progress.after_round(gathered)
+                    for report in (report for reports in gathered for report in reports):
+                        report.say(out)
         writer.finish()
     processes = f" by {plan.world.size} processes" if plan.world.size > 1 else ""
     out.info(f"{progress.done} image(s) in {time.perf_counter() - started:.1f} s{processes}")
@@ -199,19 +205,18 @@ class _Writer:
     def all_made_before(self, batch: list[Job]) -> bool:
         return all(job.index in self.plan.made_before for job in batch)
 
-    def write_batch(self, batch: list[Job], images: Iterator[GeneratedImage]) -> list[Report]:
-        """Make `batch` (the next batch of `images`) and write its images but those made before; a batch whose images
-        were all made before is not made again. A batch is made whole, as in a one-process run, for the same pixels."""
-        plan = self.plan
+    def write_batch(self, batch: list[Job], images: Iterator[GeneratedImage], reports: list[Report]) -> None:
+        """Make `batch` (the next batch of `images`) and write its images but those made before, adding a report for
+        each image to `reports`; a batch whose images were all made before is not made again. A batch is made whole,
+        as in a one-process run, for the same pixels."""
         if self.all_made_before(batch):
-            return [self._kept(job) for job in batch]
+            reports += [self._kept(job) for job in batch]
+            return
         self.batch_started = time.perf_counter()
-        reports = []
         for job in batch:
             result = next(images)
             assert result.index == job.index, (result.index, job.index)
-            reports.append(self._kept(job) if job.index in plan.made_before else self.write(result))
-        return reports
+            reports.append(self._kept(job) if job.index in self.plan.made_before else self.write(result))
 
     def _kept(self, job: Job) -> Report:
         assert self.plan.outputs is not None
