@@ -41,7 +41,7 @@ _vqdiff_opts() {
         "decode") echo "--output -o --model -m --revision --offline --cache-dir --variant --device --dtype --overwrite --quiet -q --help -h" ;;
         "download") echo "--revision --variant --dtype --device --offline --cache-dir --json --quiet -q --help -h" ;;
         "encode") echo "--output -o --keep-size --model -m --revision --offline --cache-dir --variant --device --dtype --overwrite --quiet -q --help -h" ;;
-        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --from-image --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
+        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --from-image --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --skip-existing --shard --json --quiet -q --dry-run --help -h" ;;
         "info") echo "--json --help -h" ;;
         "inpaint") echo "--mask -M --prompt -p --mask-mode --grow --start-step --known --feather --no-composite --save-token-mask --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --output -o --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
         "models") echo "--help -h" ;;
@@ -62,7 +62,7 @@ _vqdiff_valued() {
         "decode") echo "--output -o --model -m --revision --cache-dir --variant --device --dtype" ;;
         "download") echo "--revision --variant --dtype --device --cache-dir" ;;
         "encode") echo "--output -o --model -m --revision --cache-dir --variant --device --dtype" ;;
-        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --model -m --revision --cache-dir --variant --device --dtype --threads --from-image --save-tokens --trajectory --animate --save-steps" ;;
+        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --model -m --revision --cache-dir --variant --device --dtype --threads --from-image --save-tokens --trajectory --animate --save-steps --shard" ;;
         "info") echo "" ;;
         "inpaint") echo "--mask -M --prompt -p --mask-mode --grow --start-step --known --feather --save-token-mask --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --output -o --model -m --revision --cache-dir --variant --device --dtype --threads --save-tokens --trajectory --animate --save-steps" ;;
         "models") echo "" ;;

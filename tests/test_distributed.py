@@ -150,6 +150,19 @@ def test_a_failure_in_one_process_stops_every_process_and_is_said_once():
     assert stage.gathered == ["mine", "theirs"]
 
 
+def test_more_processes_than_gpus_are_refused_plainly():
+    from types import SimpleNamespace
+
+    from vqdiff_cli.cli.rounds import _device
+    from vqdiff_cli.errors import DeviceError
+
+    plan = SimpleNamespace(world=World(1, 2, 1, 2), settings={"device": "cuda"})
+    if __import__("torch").cuda.device_count() >= 2:
+        pytest.skip("this machine has a GPU for each process")
+    with pytest.raises(DeviceError, match=r"2 processes on this machine but \d CUDA GPU\(s\): each needs its own"):
+        _device(plan)  # type: ignore[arg-type]
+
+
 def test_alone_errors_pass_as_they_are():
     with pytest.raises(UsageError, match="mine"), Group(World()).stage():
         raise UsageError("mine")

@@ -99,6 +99,14 @@ def _device(plan: RunPlan) -> str:
     if device != plan.settings["device"] and device.startswith("cuda:"):
         import torch
 
+        from ..errors import DeviceError
+
+        count = torch.cuda.device_count()
+        if plan.world.local_rank >= count:
+            raise DeviceError(
+                f"{plan.world.local_size} processes on this machine but {count} CUDA GPU(s): each needs its own",
+                hint=f"start at most {count} per machine (torchrun --nproc-per-node {count})",
+            )
         torch.cuda.set_device(torch.device(device))
     return device
 
