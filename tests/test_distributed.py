@@ -253,6 +253,30 @@ def test_a_run_killed_half_way_resumes_with_skip_existing(tiny, tmp_path, refere
     assert_same_images(folder, out)
 
 
+def test_sigterm_stops_a_run_as_ctrl_c_does(tiny, tmp_path):
+    """What torchrun sends its processes after Ctrl-C, and schedulers before preempting a job."""
+    import signal
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with (tmp_path / "stderr").open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vqdiff_cli", *generate_args(tiny, out, "--json", batch=1)],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=ENV,
+        )
+        assert proc.stdout is not None
+        proc.stdout.readline()  # the first image is written
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == 130
+    assert "error: interrupted; finished outputs were kept" in (tmp_path / "stderr").read_text()
+    names = [p.name for p in out.iterdir()]
+    assert "000000-0.png" in names and len(names) < 6 and all(n.endswith(".png") for n in names)  # no temporary file
+
+
 @pytest.mark.slow
 def test_a_rank_that_fails_as_it_writes_stops_every_rank_with_one_message(tiny, tmp_path):
     """Rank 1's second image (index 3, batches of 1) finds its name taken when it writes it: after the checks, as
