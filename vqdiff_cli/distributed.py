@@ -151,8 +151,9 @@ class Stage:
     gathered: list[Any] = field(default_factory=list)
 
 
-Outcome = tuple[str, Any]  # ("ok", value) or ("failed", (message, hint, exit code))
-Report = tuple[Any, tuple[str, str | None, int] | None]  # a process's payload at a stage, and its error if it failed
+ErrorSummary = tuple[str, str | None, int]  # message, hint, exit code: errors themselves may not survive pickling
+Outcome = tuple[str, Any]  # ("ok", value) or ("failed", ErrorSummary)
+Arrival = tuple[Any, ErrorSummary | None]  # what a process brings to a stage: its payload, and its error if it failed
 
 
 class Group:
@@ -245,10 +246,10 @@ class Group:
         else:
             self._settle((stage.payload, None), stage)
 
-    def _settle(self, report: Report, stage: Stage, cause: Exception | None = None) -> None:
-        reports = self.all_gather(report)
-        stage.gathered = [payload for payload, _ in reports]
-        failed = [(rank, error) for rank, (_, error) in enumerate(reports) if error is not None]
+    def _settle(self, arrival: Arrival, stage: Stage, cause: Exception | None = None) -> None:
+        arrivals = self.all_gather(arrival)
+        stage.gathered = [payload for payload, _ in arrivals]
+        failed = [(rank, error) for rank, (_, error) in enumerate(arrivals) if error is not None]
         if not failed:
             return
         rank, (message, hint, code) = failed[0]
@@ -257,6 +258,6 @@ class Group:
         raise RankError(message, hint, code, reported=self.world.speaks) from cause
 
 
-def _summary(error: VqdiffError) -> tuple[str, str | None, int]:
-    """What another process needs to say an error: errors themselves may not survive pickling."""
+def _summary(error: VqdiffError) -> ErrorSummary:
+    """What another process needs to say an error."""
     return error.message, error.hint, int(error.exit_code)
