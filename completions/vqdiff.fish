@@ -151,6 +151,8 @@ complete -c vqdiff -n '__fish_seen_subcommand_from generate' -l animate -r -F -d
 complete -c vqdiff -n '__fish_seen_subcommand_from generate' -l save-steps -r -F -d 'Write the decoded grid after every step as PNGs into this folder'
 complete -c vqdiff -n '__fish_seen_subcommand_from generate' -l no-metadata -d 'Do not embed generation settings in the PNGs'
 complete -c vqdiff -n '__fish_seen_subcommand_from generate' -l overwrite -d 'Replace existing output files'
+complete -c vqdiff -n '__fish_seen_subcommand_from generate' -l skip-existing -d 'Keep the images that exist already, made by vqdiff with the same settings (a sto'
+complete -c vqdiff -n '__fish_seen_subcommand_from generate' -l shard -x -d 'Make only share K of N of the run (batch b when b mod N = K-1), e.g'
 complete -c vqdiff -n '__fish_seen_subcommand_from generate' -l json -d 'Print one JSON object per result on stdout'
 complete -c vqdiff -n '__fish_seen_subcommand_from generate' -l quiet -s q -d 'No progress or messages on stderr; warnings and errors still print'
 complete -c vqdiff -n '__fish_seen_subcommand_from generate' -l dry-run -d 'Print the resolved settings and outputs, and where each came from; load nothing'

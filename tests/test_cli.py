@@ -124,10 +124,10 @@ def test_outputs_get_the_usual_file_mode(cli, tmp_path, umask):
 
 
 def test_a_save_steps_folder_that_cannot_be_made_is_refused_before_the_model_loads(cli, tmp_path, monkeypatch):
-    from vqdiff_cli.cli import run
+    from vqdiff_cli.cli import rounds
 
     (tmp_path / "file").write_text("")
-    monkeypatch.setattr(run, "load_resolved", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(rounds, "load_resolved", lambda *a, **k: pytest.fail("the model was loaded"))
     r = cli("generate", "a cat", "--steps", "1", "-o", "ok.png", "--save-steps", "file/steps")
     assert r.exit_code == 2
     assert "cannot make folder file/steps: file is not a folder" in one_line_error(r)
@@ -139,9 +139,9 @@ def test_a_save_steps_folder_that_cannot_be_made_is_refused_before_the_model_loa
 
 
 def test_seeds_past_the_largest_are_refused_before_the_model_loads(cli, monkeypatch):
-    from vqdiff_cli.cli import run
+    from vqdiff_cli.cli import rounds
 
-    monkeypatch.setattr(run, "load_resolved", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(rounds, "load_resolved", lambda *a, **k: pytest.fail("the model was loaded"))
     for args in (("--dry-run",), ()):
         r = cli("generate", "a cat", "-n", "2", "--seed", str(2**63 - 1), *args)
         assert r.exit_code == 2
@@ -516,15 +516,15 @@ def test_save_steps_frames_are_checked_before_the_model_loads(cli, tmp_path, mon
         image.unlink()  # the images are gone, the frames in steps/ are still there
     frames = sorted(p.name for p in (tmp_path / "steps").iterdir())
 
-    from vqdiff_cli.cli import run
+    from vqdiff_cli.cli import rounds
 
-    load = run.load_resolved
-    monkeypatch.setattr(run, "load_resolved", lambda *a, **k: pytest.fail("the model was loaded"))
+    load = rounds.load_resolved
+    monkeypatch.setattr(rounds, "load_resolved", lambda *a, **k: pytest.fail("the model was loaded"))
     r = cli(*args)
     assert r.exit_code == 2
     assert f"steps/{frames[0]} already exists" in one_line_error(r)
     assert not list(tmp_path.glob("v*.png"))
-    monkeypatch.setattr(run, "load_resolved", load)
+    monkeypatch.setattr(rounds, "load_resolved", load)
     assert cli(*args, "--overwrite").exit_code == 0
 
 

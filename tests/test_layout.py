@@ -20,7 +20,7 @@ LAYERS = (
     ("errors", "version"),
     ("options", "files", "config"),
     ("device", "images", "metadata"),
-    ("masks",),
+    ("masks", "distributed"),
     ("models", "diffusion"),
     ("checkpoint",),
     ("pipeline",),

@@ -108,3 +108,30 @@ class WriteError(VqdiffError):
 
 class DeviceError(VqdiffError):
     """The requested device or dtype is not available, or the device ran out of memory."""
+
+
+class RankError(VqdiffError):
+    """A failure in one process of a run spread over several (torchrun), raised in every process so that all of them
+    stop; only the process that speaks for the run (`reported`) says so."""
+
+    def __init__(self, message: str, hint: str | None, exit_code: int, *, reported: bool) -> None:
+        super().__init__(message, hint)
+        self.exit_code = ExitStatus(exit_code)
+        self.reported = reported
+
+
+def explain(exc: Exception) -> VqdiffError:
+    """Any failure as a VqdiffError: ours as they are; running out of device memory with what to do about it; anything
+    else as an unexpected error of its type, with its first line."""
+    if isinstance(exc, VqdiffError):
+        return exc
+    name = type(exc).__name__
+    if name == "OutOfMemoryError" or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
+        return DeviceError(
+            "the device ran out of memory", "use a smaller --batch-size, --dtype float16 or bfloat16, or --device cpu"
+        )
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return VqdiffError(
+        f"unexpected {name}: {first}",
+        "run again as vqdiff --debug ... (or with VQDIFF_DEBUG=1) for the traceback, and report it",
+    )

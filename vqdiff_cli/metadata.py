@@ -16,6 +16,22 @@ SCHEMA = 1
 
 # settings a re-run takes from an image (flags still win)
 RERUN_KEYS = ("model", "revision", "variant", "dtype", "steps", "stride", "guidance", "truncation", "sampler")
+# What --skip-existing does not compare: the version that wrote an image, and what follows from the other fields (the
+# visited timesteps from the model and --steps or --stride, the size from the model).
+NOT_SETTINGS = ("vqdiff_version", "num_steps", "timesteps", "width", "height")
+# What a run knows of an image's record before its model is loaded (the rest names the files that were read).
+KNOWN_BEFORE_LOADING = (
+    "mode",
+    "prompt",
+    "seed",
+    "index",
+    "model",
+    "variant",
+    "steps",
+    "stride",
+    "guidance",
+    "truncation",
+)
 
 
 def build(
@@ -122,3 +138,10 @@ def rerun_settings(record: dict[str, Any]) -> dict[str, Any]:
     elif out.get("steps") is None and record.get("num_steps") is not None:
         out["steps"] = record["num_steps"]
     return out
+
+
+def differences(found: dict[str, Any], expected: dict[str, Any], keys: tuple[str, ...] | None = None) -> list[str]:
+    """The settings of `keys` (default: all of `expected` but NOT_SETTINGS) on which an image's record `found`
+    differs from the `expected` one, each as "key: found, not expected"."""
+    keys = keys or tuple(k for k in expected if k not in NOT_SETTINGS)
+    return [f"{k}: {found.get(k)!r}, not {expected.get(k)!r}" for k in keys if found.get(k) != expected.get(k)]

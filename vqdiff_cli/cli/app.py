@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 import typer.core
 
-from ..errors import ExitStatus, VqdiffError
+from ..errors import ExitStatus, RankError, explain
 from ..version import __version__
 from . import bench, completion, dataset, edit, evaluate, generate, info, models, tokens, train
 from .console import Output
@@ -81,11 +81,6 @@ def _debug_enabled() -> bool:
     return _DEBUG.get() or os.environ.get("VQDIFF_DEBUG", "").lower() not in ("", "0", "false", "no")
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    name = type(exc).__name__
-    return name == "OutOfMemoryError" or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
-
-
 def report_errors(func: F) -> F:
     """Wrap a command body: VqdiffError -> one-line message and its exit code; Ctrl-C -> 130; OOM -> a hint."""
 
@@ -96,29 +91,16 @@ def report_errors(func: F) -> F:
             return func(*args, **kwargs)
         except typer.Exit:
             raise
-        except VqdiffError as e:
-            if _debug_enabled():
-                traceback.print_exc()
-            out.error(e.message, e.hint)
-            raise typer.Exit(int(e.exit_code)) from None
         except KeyboardInterrupt:
             out.error("interrupted; finished outputs were kept")
             raise typer.Exit(int(ExitStatus.INTERRUPTED)) from None
         except Exception as e:
             if _debug_enabled():
                 traceback.print_exc()
-            if _out_of_memory(e):
-                out.error(
-                    "the device ran out of memory",
-                    "use a smaller --batch-size, --dtype float16 or bfloat16, or --device cpu",
-                )
-            else:
-                first = (str(e).strip().splitlines() or [""])[0]
-                out.error(
-                    f"unexpected {type(e).__name__}: {first}",
-                    "run again as vqdiff --debug ... (or with VQDIFF_DEBUG=1) for the traceback, and report it",
-                )
-            raise typer.Exit(int(ExitStatus.FAILURE)) from None
+            error = explain(e)
+            if not isinstance(error, RankError) or error.reported:  # another process of the run reports it
+                out.error(error.message, error.hint)
+            raise typer.Exit(int(error.exit_code)) from None
 
     return wrapper  # type: ignore[return-value]
 

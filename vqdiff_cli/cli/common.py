@@ -77,8 +77,11 @@ def cache_dir_of(settings: Resolved) -> Path | None:
     return Path(settings["cache_dir"]).expanduser() if settings["cache_dir"] else None
 
 
-def load_resolved(out: Output, settings: Resolved, *, offline: bool = False, **acceleration: Any) -> VQDiffusion:
-    """Load the model that resolved settings name (`acceleration`: compile, cuda_graphs, threads)."""
+def load_resolved(
+    out: Output, settings: Resolved, *, offline: bool = False, device: str | None = None, **acceleration: Any
+) -> VQDiffusion:
+    """Load the model that resolved settings name (on `device` instead of theirs when given: a process's own GPU in
+    a run over several; `acceleration`: compile, cuda_graphs, threads)."""
     from ..errors import DeviceError, UsageError
     from .settings import with_origin
 
@@ -86,7 +89,7 @@ def load_resolved(out: Output, settings: Resolved, *, offline: bool = False, **a
         return load_model(
             out,
             settings["model"],
-            device=settings["device"],
+            device=device or settings["device"],
             dtype=settings["dtype"],
             variant=settings["variant"],
             revision=settings["revision"],

@@ -37,16 +37,21 @@ def _stderr_console() -> Console:
 class Output:
     """Human messages (stderr), machine results (stdout), progress; `quiet` silences all but warnings and errors."""
 
-    def __init__(self, quiet: bool = False, json_mode: bool = False) -> None:
-        self.quiet = quiet
+    def __init__(self, quiet: bool = False, json_mode: bool = False, muted: bool = False) -> None:
+        self.quiet = quiet or muted
         self.json_mode = json_mode
+        self.muted = muted  # another process of the run speaks for it: nothing at all is printed here
         self.err = _stderr_console()
 
     def error(self, message: str, hint: str | None = None) -> None:
         """One line: what went wrong, and what to do about it."""
+        if self.muted:
+            return
         self.err.print(f"[bold red]error:[/] {escape(message)}" + (f"; {escape(hint)}" if hint else ""))
 
     def warn(self, message: str) -> None:
+        if self.muted:
+            return
         self.err.print(f"[yellow]warning:[/] {escape(message)}")
 
     def info(self, message: str) -> None:
@@ -55,6 +60,8 @@ class Output:
 
     def result(self, text: str) -> None:
         """A line of results on stdout (plain text, no markup)."""
+        if self.muted:
+            return
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..options import DEFAULT_STRENGTH, GenerateOptions, InpaintOptions
+from ..options import DEFAULT_STRENGTH, GenerateOptions, InpaintOptions, Job
 from . import naming
 from .console import Output
 from .options import (
@@ -36,7 +36,8 @@ from .options import (
     VariantOpt,
     VisualsOpts,
 )
-from .run import RunPlan, RunRequest, execute
+from .rounds import execute
+from .run import RunPlan, RunRequest
 from .settings import SettingFlags
 
 if TYPE_CHECKING:
@@ -204,7 +205,7 @@ def inpaint(
         return
 
     # 3. load, reduce the mask to tokens, pick the start step, sample
-    def sample(pipe: VQDiffusion, options: GenerateOptions, **kw: Any) -> Iterator[GeneratedImage]:
+    def sample(pipe: VQDiffusion, jobs: list[Job], options: GenerateOptions, **kw: Any) -> Iterator[GeneratedImage]:
         setup = pipe.prepare_inpaint(picture, fitted, inpaint_options)
         for warning in setup.warnings:
             out.warn(warning)
@@ -216,7 +217,7 @@ def inpaint(
         if save_token_mask is not None:
             grid = setup.regenerate.numpy()
             save_png(mask_image(grid, pipe.config.vqvae.downsample_factor), save_token_mask, overwrite=overwrite)
-        return pipe.inpaint_iter(setup, plan.jobs, options, inpaint_options, **kw)
+        return pipe.inpaint_iter(setup, jobs, options, inpaint_options, **kw)
 
     execute(out, plan, sample)
 
@@ -305,11 +306,11 @@ def vary(
         plan.print_dry_run(out)
         return
 
-    def sample(pipe: VQDiffusion, options: GenerateOptions, **kw: Any) -> Iterator[GeneratedImage]:
+    def sample(pipe: VQDiffusion, jobs: list[Job], options: GenerateOptions, **kw: Any) -> Iterator[GeneratedImage]:
         source = pipe.prepare_edit(picture)
         for warning in source.warnings:
             out.warn(warning)
         plan.extra_metadata["start_step"] = pipe.variation_start(strength)
-        return pipe.vary_iter(source, plan.jobs, strength, options, **kw)
+        return pipe.vary_iter(source, jobs, strength, options, **kw)
 
     execute(out, plan, sample)

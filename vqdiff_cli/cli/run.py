@@ -1,32 +1,26 @@
-"""The part of a sampling command after parsing: resolve settings, plan and check every output before the model
-loads, then load once, sample, and write each image (with metadata) as soon as it is finished.
+"""The part of a sampling command after parsing: resolve settings, plan the run's images and check every output, all
+before the model loads.
 
-`generate`, `inpaint` and `vary` differ only in how they call the API; they share this.
+`generate`, `inpaint` and `vary` differ only in how they call the API; they share this. A run spread over processes
+(torchrun, or --shard) plans the same job list in each, and each checks and makes its own batches (`distributed`);
+`rounds.execute` makes them. With --skip-existing, the images made before with the same settings are found here.
 """
 
 from __future__ import annotations
 
 import sys
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..errors import UsageError, excerpt
+from .. import metadata
+from ..distributed import Shard, World, shard_batches
+from ..errors import OutputError, UsageError, excerpt
 from ..files import check_folder_writable, check_suffix, check_writable
 from ..options import GenerateOptions, Job, plan_jobs, random_seed
 from . import naming
-from .common import load_resolved
-from .console import Output, StepProgress
+from .console import Output
 from .settings import DEFAULT_OUTPUT, Resolved, SettingFlags, load, with_origin
-
-if TYPE_CHECKING:
-    import numpy as np
-
-    from ..pipeline.pipeline import GeneratedImage, StepEvent, VQDiffusion
-
-Sampler = Callable[..., Iterator["GeneratedImage"]]
 
 
 def read_prompts_file(path: Path) -> list[str]:
@@ -62,6 +56,9 @@ class RunRequest:
     threads: int | None = None
     lora: Path | None = None  # a LoRA adapter folder merged at load time
     lora_scale: float | None = None
+    skip_existing: bool = False  # keep the images made before with these settings
+    shard: Shard = field(default_factory=Shard)  # --shard: the share of the run this command makes
+    seed_random: bool = False  # `seed` was drawn at random for this run (by its first process, for all of them)
 
     @property
     def acceleration(self) -> dict[str, Any]:
@@ -87,18 +84,35 @@ class RunPlan:
     request: RunRequest
     extra_files: list[Path] = field(default_factory=list)  # written by the command itself (e.g. a token mask)
     extra_metadata: dict[str, Any] = field(default_factory=dict)
+    world: World = field(default_factory=World)  # this process among those of a launch
     outputs: list[Path] | None = field(init=False)  # None: one PNG to stdout
     animations: list[Path] | None = field(init=False)
+    batches: list[list[Job]] = field(init=False)  # this process's: batches[r] is its batch of round r
+    rounds: int = field(init=False)  # rounds of the run: as many as its processes' longest list of batches
+    made_before: dict[int, dict[str, Any]] = field(init=False, default_factory=dict)  # --skip-existing: index -> record
     _rendered: dict[tuple[str, int], list[Path]] = field(default_factory=dict, repr=False)  # names with a {step}
 
     def __post_init__(self) -> None:
         template, animate = self.settings["output"], self.request.animate  # templates are checked as names are made
         self.outputs = None if template == "-" else naming.output_paths(template, self.jobs, naming.ANY_STEP)
         self.animations = naming.output_paths(animate, self.jobs, naming.ANY_STEP) if animate else None
+        shared = shard_batches(self.jobs, self.options.batch_size, self.request.shard)  # this command's share
+        self.rounds = -(-len(shared) // self.world.size)
+        self.batches = shared[self.world.rank :: self.world.size]
 
     @property
     def seed_was_random(self) -> bool:
-        return self.request.seed is None
+        return self.request.seed is None or self.request.seed_random
+
+    @property
+    def share(self) -> list[Job]:
+        """The jobs this process makes (all of them in a run of one process)."""
+        return [job for batch in self.batches for job in batch]
+
+    @property
+    def spread(self) -> bool:
+        """Whether this run is one share of several (--shard, or several processes)."""
+        return self.request.shard.count > 1 or self.world.size > 1
 
     @classmethod
     def build(
@@ -112,9 +126,13 @@ class RunPlan:
         image_settings: dict[str, Any] | None = None,
         default_output: str | None = None,
         extra_files: tuple[Path, ...] = (),
+        world: World | None = None,
     ) -> RunPlan:
         """Resolve the settings (`default_output`, the command's own, stands in for the built-in default name), plan
-        the run's images and name and check every output, all before the model loads."""
+        the run's images and name and check every output, all before the model loads. A command that can be spread
+        over processes passes its `world`; the others run in one process only."""
+        if world is None and World.from_env().size > 1:
+            raise UsageError(f"`vqdiff {mode}` runs in one process", hint="torchrun spreads `vqdiff generate`")
         defaults = {"output": default_output} if default_output is not None else None
         settings = load(flags, image=image_settings, defaults=defaults)
         seed = random_seed() if request.seed is None else request.seed
@@ -136,9 +154,25 @@ class RunPlan:
             raise UsageError(f"-o - writes one PNG to stdout, but this run makes {len(jobs)} images")
         if settings["output"] == "-" and out.json_mode:
             raise UsageError("-o - and --json both want stdout; choose one")
-        plan = cls(mode, prompts, settings, options, jobs, request, list(extra_files))
+        plan = cls(mode, prompts, settings, options, jobs, request, list(extra_files), world=world or World())
+        plan.check_spread()
         plan.check_outputs()
         return plan
+
+    def check_spread(self) -> None:
+        """What a share of a run, and a run that keeps the images made before, cannot write: one file for all the
+        images (a share has only some of them), or stdout."""
+        why = "--shard or several processes" if self.spread else "--skip-existing"
+        for flag, path in (("--save-tokens", self.request.save_tokens), ("--trajectory", self.request.trajectory)):
+            if path is not None and (self.spread or self.request.skip_existing):
+                raise UsageError(f"{flag} writes one file for the whole run: not with {why}", hint=f"drop {flag}")
+        if self.outputs is None and (self.spread or self.request.skip_existing):
+            raise UsageError(f"-o - writes to stdout: not with {why}", hint="give -o a file name template")
+        if self.request.skip_existing and self.outputs and naming.names_a_step(self.outputs[0]):
+            raise UsageError(
+                "--skip-existing needs the image names before the model loads; {step} in -o is known only after",
+                hint="drop {step} from -o",
+            )
 
     @property
     def keeps_trajectory(self) -> bool:
@@ -152,22 +186,27 @@ class RunPlan:
         return paths + self.extra_files
 
     def check_outputs(self) -> None:
-        """Every file this run writes is new (or --overwrite) and its folder writable; no name is used twice. A name
-        whose `{step}` is still to come clashes with any file it could become."""
+        """Every file this run writes is new (or --overwrite; or, with --skip-existing, an image made before with the
+        same settings, which is kept) and its folder writable; no name is used twice. A name whose `{step}` is still
+        to come clashes with any file it could become. On disk, only this process's share is looked at: the other
+        shares are their processes' (and another --shard may be making them meanwhile)."""
         formats = [(self.outputs or [], ".png", "an image"), (self.animations or [], ".gif", "an animation")]
         tokens = (self.request.save_tokens, self.request.trajectory)
         formats += [([p], ".npy", "a token file") for p in tokens if p is not None]
         for group, suffix, what in formats:
             for path in group:
                 check_suffix(Path(naming.shown(path)), suffix, what)
-        paths = self.files()
         seen: set[Path] = set()
-        for path in paths:
+        for path in self.files():
             if path in seen:
                 raise UsageError(f"two outputs of this run are both named {excerpt(naming.shown(path))}")
             seen.add(path)
             if naming.names_a_step(path.parent):
                 raise UsageError(f"{{step}} names files, not folders: {excerpt(naming.shown(path))}")
+        if self.request.skip_existing:
+            self._find_made_before()
+        to_make = [job for job in self.share if job.index not in self.made_before]
+        for path in self._files_of(to_make):
             check_writable(path, overwrite=True)  # the folder, and a name the file system can take
             for existing in naming.existing_matches(path):
                 check_writable(existing, self.request.overwrite)
@@ -175,10 +214,63 @@ class RunPlan:
         if steps is None:
             return
         check_folder_writable(steps)  # a file there, or a read-only place, is refused
-        for job in self.jobs if not self.request.overwrite else ():
+        for job in to_make if not self.request.overwrite else ():
             frames = naming.existing_step_files(steps, self.settings["output"], job, self.image_path(job))
             if frames:
                 check_writable(frames[0], overwrite=False)
+
+    def _files_of(self, jobs: list[Job]) -> list[Path]:
+        """The files that making `jobs` writes (and the run's own files, when it is not spread)."""
+        paths = [paths[job.index] for paths in (self.outputs, self.animations) if paths for job in jobs]
+        paths += [p for p in (self.request.save_tokens, self.request.trajectory) if p is not None]
+        return paths + self.extra_files
+
+    def _find_made_before(self) -> None:
+        """--skip-existing: the images of this share whose file exists and is an image vqdiff made with the settings
+        known before the model loads (the rest is compared once it is loaded: `confirm_made_before`). Any other file
+        there is an error, unless --overwrite replaces it."""
+        assert self.outputs is not None
+        planned = {key: self.settings[key] for key in ("model", "variant", "steps", "stride")}
+        planned |= {"guidance": self.settings["guidance"], "truncation": self.settings["truncation"]}
+        for job in self.share:
+            path = self.outputs[job.index]
+            if not path.exists():
+                continue
+            found = _made_by_vqdiff(path, self.request.overwrite)
+            if found is None:
+                continue
+            differences = metadata.differences(found, self.record(planned, job), metadata.KNOWN_BEFORE_LOADING)
+            if not differences:
+                self.made_before[job.index] = found
+            elif not self.request.overwrite:
+                raise _made_otherwise(path, differences)
+
+    def confirm_made_before(self, settings: dict[str, Any]) -> None:
+        """--skip-existing, once the model is loaded: the images found made before must also have been made from the
+        files this run reads (repo, revision, folder, weights), on the same kind of device, in the same dtype and
+        with the same sampler (`settings`, as the metadata of this run's images holds them). Those that differ are an
+        error, or are made again with --overwrite."""
+        assert self.outputs is not None or not self.made_before
+        for index, found in list(self.made_before.items()):
+            differences = metadata.differences(found, self.record(settings, self.jobs[index]))
+            if not differences:
+                continue
+            if not self.request.overwrite:
+                raise _made_otherwise(self.outputs[index], differences)  # type: ignore[index]
+            del self.made_before[index]
+
+    def record(self, settings: dict[str, Any], job: Job) -> dict[str, Any]:
+        """The metadata record of `job`'s image but for what only its making gives (the visited steps, the size)."""
+        return metadata.build(
+            settings,
+            prompt=job.prompt,
+            seed=job.seed,
+            index=job.index,
+            timesteps=(),
+            size=(0, 0),
+            mode=self.mode,
+            extra=self.extra_metadata,
+        )
 
     def image_path(self, job: Job, num_steps: int | None = None) -> Path:
         """Where an image goes once it took `num_steps` steps (None: not known yet), and so the name its
@@ -200,8 +292,11 @@ class RunPlan:
         return self._rendered[template, num_steps][job.index]
 
     def print_dry_run(self, out: Output) -> None:
+        """The settings and this process's outputs (its share's, when the run is spread)."""
         seeds = f"{self.jobs[0].seed}..{self.jobs[-1].seed}" if len(self.jobs) > 1 else str(self.jobs[0].seed)
-        outputs = [naming.shown(p) for p in self.outputs] if self.outputs is not None else ["-"]
+        outputs = [naming.shown(self.outputs[j.index]) for j in self.share] if self.outputs is not None else ["-"]
+        kept = [naming.shown(self.image_path(self.jobs[i])) for i in sorted(self.made_before)]
+        share = self.request.shard.within(self.world.shard)
         if out.json_mode:
             out.record(
                 {
@@ -210,7 +305,9 @@ class RunPlan:
                     "prompts": self.prompts,
                     "seeds": [j.seed for j in self.jobs],
                     "seed_random": self.seed_was_random,
+                    "share": str(share),
                     "outputs": outputs,
+                    "made_before": kept,
                     "files": [naming.shown(p) for p in self.files()],
                     "metadata": self.request.metadata,
                 }
@@ -219,158 +316,37 @@ class RunPlan:
         out.result(
             f"{self.mode}: {len(self.jobs)} image(s) from {len(self.prompts)} prompt(s), seeds {seeds}"
             + (" (random)" if self.seed_was_random else "")
+            + (f"; share {share}: {len(self.share)} of them" if self.spread else "")
         )
         for line in self.settings.table():
             out.result(line)
         for path in outputs:
-            out.result(f"  -> {path}")
+            out.result(f"  -> {path}" + (" (made before: kept)" if path in kept else ""))
 
 
-def _settings_for_metadata(plan: RunPlan, pipe: VQDiffusion) -> dict[str, Any]:
-    s = plan.settings.values
-    return {
-        "model": pipe.source.name,
-        "revision": pipe.source.revision,
-        "model_path": str(pipe.source.path),
-        "variant": s["variant"],  # as requested (auto follows the dtype): what a re-run asks for
-        "weights_variant": pipe.components.variants.get("transformer"),  # the files that were read
-        "sampler": "fast" if pipe.uses_fast_sampler(plan.options) else "reference",
-        "device": pipe.device.type,
-        "dtype": pipe.dtype_name,
-        "steps": s["steps"],
-        "stride": s["stride"],
-        "guidance": s["guidance"],
-        "truncation": s["truncation"],
-    }
+def _made_by_vqdiff(path: Path, overwrite: bool) -> dict[str, Any] | None:
+    """The metadata record of the image at `path`, which must be a complete PNG that vqdiff made; None when it is
+    not but --overwrite replaces it."""
+    from ..errors import VqdiffError
+    from ..images import read_png_text
+
+    try:
+        text = read_png_text(path)  # decodes the whole image: a truncated file fails here
+    except VqdiffError:
+        what = "is not a complete PNG"
+    else:
+        try:
+            return metadata.parse(text, str(path))
+        except VqdiffError:
+            what = "holds no vqdiff metadata"
+    if overwrite:
+        return None
+    raise OutputError(f"{path} already exists and {what}", hint="pass --overwrite to replace it, or choose another -o")
 
 
-def execute(out: Output, plan: RunPlan, sample: Sampler) -> None:
-    """Load the model, run `sample(pipe, options, trajectory=..., on_step=...)`, write everything. Images are written
-    as they come; only the token grids that --save-tokens and --trajectory write at the end are kept."""
-    pipe = load_resolved(out, plan.settings, offline=plan.request.offline, **plan.request.acceleration)
-    if plan.seed_was_random:
-        out.info(f"seed {plan.jobs[0].seed} (random)")
-    writer = _Writer(out, plan, pipe)
-    started = time.perf_counter()
-    with out.progress(len(plan.jobs), plan.mode) as bar:
-        for result in sample(pipe, plan.options, trajectory=plan.keeps_trajectory, on_step=_on_step(bar)):
-            writer.write(result)
-    writer.finish()
-    out.info(f"{writer.done} image(s) in {time.perf_counter() - started:.1f} s")
-
-
-def _on_step(bar: StepProgress) -> Callable[[StepEvent], None]:
-    """Progress: a step of a batch of images advances the bar by the batch's size."""
-
-    def on_step(event: StepEvent) -> None:
-        bar.set_total(event.num_steps * event.total_images)
-        first = event.images_done + 1
-        last = event.images_done + event.batch_size
-        images = (
-            f"image {first}/{event.total_images}" if first == last else f"images {first}-{last}/{event.total_images}"
-        )
-        bar.update(event.batch_size, f"step {event.step}/{event.num_steps} {images}")
-
-    return on_step
-
-
-class _Writer:
-    """Writes each finished image (PNG with metadata, or stdout), its visuals and its report line; keeps the token
-    grids that --save-tokens and --trajectory write at the end."""
-
-    def __init__(self, out: Output, plan: RunPlan, pipe: VQDiffusion) -> None:
-        self.out, self.plan, self.pipe = out, plan, pipe
-        self.meta_settings = _settings_for_metadata(plan, pipe)
-        lora = {"lora": str(pipe.lora[0]), "lora_scale": pipe.lora[1]} if pipe.lora else {}
-        self.extra_metadata = {**plan.extra_metadata, **lora}
-        self.max_tokens = pipe.components.text.max_length
-        self.done = 0
-        self.token_grids: list[np.ndarray] = []  # for --save-tokens
-        self.trajectories: list[np.ndarray] = []  # for --trajectory
-        self.batch_started = time.perf_counter()
-
-    def write(self, result: GeneratedImage) -> None:
-        from .. import metadata
-        from ..images import png_bytes, save_png
-
-        plan, out = self.plan, self.out
-        record = metadata.build(
-            self.meta_settings,
-            prompt=result.prompt,
-            seed=result.seed,
-            index=result.index,
-            timesteps=result.timesteps,
-            size=result.image.size,
-            mode=plan.mode,
-            extra=self.extra_metadata,
-        )
-        text = metadata.png_text(record) if plan.request.metadata else None
-        if plan.outputs is None:
-            sys.stdout.buffer.write(png_bytes(result.image, text))
-            sys.stdout.buffer.flush()
-            path_text = "-"
-        else:
-            path = plan.image_path(plan.jobs[result.index], len(result.timesteps))
-            save_png(result.image, path, text, overwrite=plan.request.overwrite)
-            path_text = str(path)
-        if result.truncated_prompt:
-            dropped = excerpt(result.truncated_prompt)
-            out.warn(f"prompt longer than the text encoder's {self.max_tokens} tokens; dropped: '{dropped}'")
-        _write_visuals(plan, self.pipe, result)
-        elapsed = time.perf_counter() - self.batch_started
-        if out.json_mode:
-            settings = {k: v for k, v in record.items() if k not in ("prompt", "seed", "index")}
-            out.record(
-                {
-                    "path": path_text,
-                    "prompt": result.prompt,
-                    "seed": result.seed,
-                    "index": result.index,
-                    "mode": plan.mode,
-                    "settings": settings,
-                    "time_s": round(elapsed, 3),
-                }
-            )
-        elif plan.outputs is not None:
-            out.result(path_text)
-        self.done += 1
-        if plan.request.save_tokens is not None:
-            self.token_grids.append(result.tokens.numpy())
-        if plan.request.trajectory is not None and result.trajectory is not None:
-            self.trajectories.append(result.trajectory.numpy())
-        if self.done % plan.options.batch_size == 0:
-            self.batch_started = time.perf_counter()
-
-    def finish(self) -> None:
-        import numpy as np
-
-        from ..images import save_tokens
-
-        request = self.plan.request
-        if request.save_tokens is not None:
-            save_tokens(np.stack(self.token_grids), request.save_tokens, overwrite=request.overwrite)
-        if request.trajectory is not None:
-            save_tokens(np.stack(self.trajectories, axis=1), request.trajectory, overwrite=request.overwrite)
-
-
-def _write_visuals(plan: RunPlan, pipe: VQDiffusion, result: GeneratedImage) -> None:
-    """--animate and --save-steps for one image, from its trajectory."""
-    steps = plan.request.save_steps
-    if result.trajectory is None or not (plan.animations or steps):
-        return
-    from ..images import save_gif, save_png
-
-    frames = pipe.render(result.trajectory)
-    job = plan.jobs[result.index]
-    if plan.animations is not None:
-        save_gif(frames, plan.animation_path(job, len(frames) - 1), overwrite=plan.request.overwrite)
-    if steps is not None:
-        steps.mkdir(parents=True, exist_ok=True)
-        image_path = plan.image_path(job, len(frames) - 1)
-        for frame, path in zip(
-            frames,
-            naming.step_paths(steps, plan.settings["output"], job, image_path, len(frames) - 1),
-            strict=True,
-        ):
-            if path != image_path:  # the last frame, named like the image itself: it is the image
-                save_png(frame, path, overwrite=plan.request.overwrite)
+def _made_otherwise(path: Path, differences: list[str]) -> OutputError:
+    shown = "; ".join(differences[:3]) + ("; ..." if len(differences) > 3 else "")
+    return OutputError(
+        f"{path} already exists, made with other settings ({shown})",
+        hint="pass --overwrite to make it again, or choose another -o",
+    )
