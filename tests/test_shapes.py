@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 
 from vqdiff_cli.cli import app
 from vqdiff_cli.datasets import shapes
-from vqdiff_cli.datasets.folder import METADATA_FILE, ShapesSpec, Shard, read_captions, write_shapes
+from vqdiff_cli.datasets.folder import METADATA_FILE, ShapesSpec, read_captions, write_shapes
 from vqdiff_cli.datasets.shapes import ATTRIBUTES, Attributes
+from vqdiff_cli.distributed import Shard, World
 from vqdiff_cli.errors import UsageError
 
 runner = CliRunner()
@@ -183,10 +184,10 @@ def test_processes_together_write_what_one_writes(tmp_path):
 
 
 def test_shard_from_torchruns_variables():
-    assert Shard.from_env({"RANK": "2", "WORLD_SIZE": "4"}).indices(10) == range(2, 10, 4)
-    assert Shard.from_env({}) == Shard(0, 1)
+    assert World.from_env({"RANK": "2", "WORLD_SIZE": "4"}).shard.indices(10) == range(2, 10, 4)
+    assert World.from_env({}).shard == Shard(0, 1)
     with pytest.raises(UsageError):
-        Shard.from_env({"RANK": "4", "WORLD_SIZE": "4"})
+        World.from_env({"RANK": "4", "WORLD_SIZE": "4"})
 
 
 def test_ctrl_c_lists_the_pictures_finished(tmp_path):

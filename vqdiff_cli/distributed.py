@@ -54,6 +54,10 @@ class Shard:
             raise UsageError(f"--shard {text}: K must be between 1 and N, and N at least 1", about=("shard",))
         return cls(share - 1, count)
 
+    def indices(self, total: int) -> range:
+        """This share of `total` items dealt round robin (item i when i mod count == index)."""
+        return range(self.index, total, self.count)
+
     def within(self, outer: Shard) -> Shard:
         """This share of the batches of the share `outer`, as one share of the whole run: a --shard split again
         over the processes of a launch (the batches of `outer` are dealt round robin in their turn)."""
@@ -185,6 +189,13 @@ class Group:
             yield cls(world)
         finally:
             dist.destroy_process_group()
+
+    def barrier(self) -> None:
+        """Return once every process has come here (at once for one process)."""
+        if self.world.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def all_gather(self, obj: T) -> list[T]:
         """Every process's `obj`, by rank."""

@@ -3,38 +3,14 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from ..datasets.shapes import DEFAULT_OMIT_RATE, DEFAULT_RESOLUTION, SPLITS
 from .console import Output
 from .options import JsonOpt, QuietOpt
-
-if TYPE_CHECKING:
-    from ..datasets.folder import Shard
-
-
-@contextmanager
-def _process_group(shard: Shard) -> Iterator[Callable[[], None]]:
-    """A barrier across torchrun's processes (gloo: no GPU needed); a no-op for one process."""
-    if shard.world == 1:
-        yield lambda: None
-        return
-    import torch.distributed as dist
-
-    owned = not dist.is_initialized()
-    if owned:
-        dist.init_process_group("gloo")
-    try:
-        yield lambda: dist.barrier()
-    finally:
-        if owned:
-            dist.destroy_process_group()
 
 
 def shapes(
@@ -60,23 +36,24 @@ def shapes(
     """Draw captioned pictures of one shape on a plain background (images + metadata.jsonl).
 
     Launched with torchrun, each process draws its share."""
-    from ..datasets.folder import ShapesSpec, Shard, write_shapes
+    from ..datasets.folder import ShapesSpec, write_shapes
+    from ..distributed import Group, World
 
-    shard = Shard.from_env(dict(os.environ))
+    world = World.from_env()
     spec = ShapesSpec(count=count, seed=seed, resolution=resolution, split=split, omit_rate=omit_rate)
-    out = Output(quiet=quiet or shard.rank != 0, json_mode=json_out)
-    if shard.world > 1:
-        out.info(f"{shard.world} processes, each drawing every {shard.world}th picture")
-    with _process_group(shard) as barrier, out.progress(len(shard.indices(count)), "drawing") as bar:
+    out = Output(quiet=quiet or not world.speaks, json_mode=json_out)
+    if world.size > 1:
+        out.info(f"{world.size} processes, each drawing every {world.size}th picture")
+    with Group.join(world) as group, out.progress(len(world.shard.indices(count)), "drawing") as bar:
         written = write_shapes(
             out_dir,
             spec,
             overwrite=overwrite,
-            shard=shard,
-            barrier=barrier,
+            shard=world.shard,
+            barrier=group.barrier,
             on_picture=lambda done, total: bar.update(),
         )
-    if shard.rank != 0:
+    if not world.speaks:
         return
     record = {
         "folder": str(out_dir),
@@ -84,7 +61,7 @@ def shapes(
         "resolution": spec.resolution,
         "seed": spec.seed,
         "split": spec.split,
-        "processes": shard.world,
+        "processes": world.size,
         "seconds": round(written.seconds, 3),
     }
     if json_out:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..distributed import Shard
 from ..errors import OutputError, UsageError
 from ..files import atomic_write, check_folder_writable
 from ..images import png_bytes
@@ -64,28 +65,6 @@ class ShapesSpec:
 
     def example(self, index: int) -> shapes.Example:
         return shapes.example(self.seed, index, self.split, self.omit_rate)
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This process's part of the work: rank r of `world` processes (torchrun's RANK and WORLD_SIZE)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Shard:
-        env = dict(os.environ) if env is None else env
-        try:
-            rank, world = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
-        except ValueError:
-            raise UsageError("RANK and WORLD_SIZE must be integers (as torchrun sets them)") from None
-        if not 0 <= rank < world:
-            raise UsageError(f"RANK {rank} is not in 0..WORLD_SIZE-1 ({world})")
-        return cls(rank, world)
-
-    def indices(self, count: int) -> range:
-        return range(self.rank, count, self.world)
 
 
 @dataclass
@@ -153,10 +132,10 @@ def write_shapes(
 
     `barrier()` returns once every process has reached it (a no-op for one process); `on_picture(done, share)`
     reports progress. Ctrl-C in a single process lists the pictures finished so far before it stops."""
-    shard = shard or Shard()
+    shard = shard or Shard()  # alone: every picture
     started = time.perf_counter()
     check_output(folder, overwrite)
-    if shard.rank == 0:
+    if shard.index == 0:
         for path in _previous_files(folder) if overwrite else ():
             path.unlink(missing_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
@@ -171,11 +150,11 @@ def write_shapes(
             if on_picture is not None:
                 on_picture(done, len(share))
     except KeyboardInterrupt:
-        if shard.world == 1 and done:
+        if shard.count == 1 and done:
             _write_listing(folder, spec, done)
         raise
     barrier()  # every picture is there
-    count = _write_listing(folder, spec, spec.count) if shard.rank == 0 else 0
+    count = _write_listing(folder, spec, spec.count) if shard.index == 0 else 0
     return Written(folder, done, count, time.perf_counter() - started, list(shapes.heldout_combinations()))
 
 
