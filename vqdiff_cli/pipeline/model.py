@@ -125,9 +125,11 @@ class LoadedModel:
 
     def _denoiser(self) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
         transformer = self.components.transformer
+        # every timestep on the device once: a step indexes it instead of copying its t from the host
+        timesteps = torch.arange(self.num_train_timesteps, device=self.device)
 
         def run(x_t: torch.Tensor, context: torch.Tensor, t: int) -> torch.Tensor:
-            log_p: torch.Tensor = transformer(x_t, context.to(self.dtype), t)
+            log_p: torch.Tensor = transformer(x_t, context.to(self.dtype), timesteps[t])
             return log_p
 
         return run
