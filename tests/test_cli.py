@@ -514,6 +514,55 @@ def test_out_of_memory_message(cli, monkeypatch):
     assert "ran out of memory" in line and "--batch-size" in line
 
 
+def _warnings(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+
+
+def test_a_compile_failure_is_warned_about_once_and_recorded_in_json(cli, monkeypatch):
+    """The library notes why torch.compile fell back; the CLI says so once per reason, however many images follow."""
+    import torch
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("inductor exploded\ndetails")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    r = cli("generate", "a cat", "-n", "3", "--seed", "1", "--steps", "2", "--sampler", "fast", "--compile", "--json")
+    assert r.exit_code == 0, r.output
+    expected = [
+        f"torch.compile of {name} failed, running it eagerly (RuntimeError: inductor exploded)"
+        for name in ("fused_block", "fast_step")
+    ]
+    assert _warnings(r) == [f"warning: {note}" for note in expected]
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(records) == 3 and all(rec["fallbacks"] == expected for rec in records)
+    plain = cli("generate", "a cat", "--seed", "1", "--steps", "2", "--sampler", "fast", "--json", "-o", "p.png")
+    assert _warnings(plain) == [] and json.loads(plain.stdout)["fallbacks"] == []
+
+
+def test_a_capture_failure_is_warned_about_once_per_batch_shape(cli, monkeypatch):
+    """CUDA graphs forced on over stand-ins (tests/fake_cuda.py) whose capture fails: 5 images in batches of 2 are
+    two batch shapes (2, then 1), each tried once and warned about once."""
+    from vqdiff_cli.pipeline import fastpath
+
+    from .fake_cuda import failing_capture, stand_in_streams
+
+    streams, _ = stand_in_streams(monkeypatch)
+    captures: list[int] = []
+    monkeypatch.setattr(fastpath, "_Graph", failing_capture(captures, streams))
+    monkeypatch.setattr(fastpath.Acceleration, "graphs_on", lambda self, device: True)
+    r = cli("generate", "a cat", "-n", "5", "-b", "2", "--seed", "1", "--steps", "2", "--sampler", "fast", "--json")
+    assert r.exit_code == 0, r.output
+    assert captures == [2, 1]
+    cause = "RuntimeError: operation not permitted when stream is capturing"
+    expected = [f"CUDA graph capture failed for batches of {b}, running without graphs ({cause})" for b in (2, 1)]
+    assert _warnings(r) == [f"warning: {note}" for note in expected]
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [rec["fallbacks"] for rec in records] == [expected[:1]] * 4 + [expected]
+
+
 def test_unexpected_error_and_debug(cli, monkeypatch):
     from vqdiff_cli.pipeline import pipeline as api
 

@@ -8,7 +8,6 @@ known tokens. No timings here: speed is measured by `vqdiff bench`.
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 
 import numpy as np
@@ -41,6 +40,8 @@ from vqdiff_cli.diffusion.schedule import (
 from vqdiff_cli.diffusion.streams import seed_words, uniforms
 from vqdiff_cli.options import plan_timesteps
 from vqdiff_cli.pipeline.fastpath import Acceleration, Compiled, StepRunner
+
+from .fake_cuda import FakeCuda, failing_capture, stand_in_streams
 
 K = 9  # 8 codes + the mask: small enough for a chi-square test per column distribution
 # A schedule with a large uniform-replacement share, so that unmasked tokens really move and that branch is tested.
@@ -460,7 +461,7 @@ def test_a_failing_compile_falls_back_with_a_note(monkeypatch):
     compiled = Compiled(add_one, notes)
     assert torch.equal(compiled(torch.zeros(3)), torch.ones(3))
     assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0))
-    assert notes == ["torch.compile failed, running eagerly (RuntimeError: backend exploded)"]
+    assert notes == ["torch.compile of add_one failed, running it eagerly (RuntimeError: backend exploded)"]
     assert len(calls) == 2
 
 
@@ -490,7 +491,7 @@ def test_compiled_variants_past_the_limit_run_eagerly_with_a_note(monkeypatch):
     assert torch.equal(compiled(torch.ones(2), 2), torch.full((2,), 2.0))
     assert notes == []
     assert torch.equal(compiled(torch.ones(2), 3), torch.full((2,), 3.0))  # a second variant: over the limit of 1
-    assert len(notes) == 1 and notes[0].startswith("torch.compile failed, running eagerly")
+    assert len(notes) == 1 and notes[0].startswith("torch.compile of scale failed, running it eagerly")
     assert compiled.fn is compiled.eager
 
 
@@ -522,39 +523,72 @@ def test_compiled_code_failing_inside_a_capture_is_left_to_the_capture(monkeypat
     assert compiled.fn is not compiled.eager
 
 
-def test_a_failed_capture_restores_the_stream_and_stops_later_sessions_trying(tiny, monkeypatch):
+def test_a_failed_capture_restores_the_stream_and_is_tried_once_per_batch_shape(tiny, monkeypatch):
     """What is testable without a GPU: the fallback's bookkeeping (CUDA calls replaced by stand-ins)."""
     import vqdiff_cli.pipeline.fastpath as accel
 
-    streams = ["caller's stream"]
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: streams[-1])
-    monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
-    devices = []  # the GPU the runner makes current for its streams and graphs: the batch's
-    monkeypatch.setattr(torch.cuda, "device", lambda d: devices.append(d) or contextlib.nullcontext())
-    captures = []
-
-    def failing_capture(fn, example, pool):
-        captures.append(1)
-        streams.append("capture stream")  # left current, as a capture that fails in torch.cuda.graph leaves it
-        try:  # the op that broke the capture, then torch.cuda.graph's exit failing on the invalidated capture
-            raise RuntimeError("operation not permitted when stream is capturing")
-        except RuntimeError:
-            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")  # noqa: B904
-
     options = GenerateOptions(seed=1, sampler="fast", steps=3)
     expected = VQDiffusion.from_pretrained(tiny.path, device="cpu").generate("a red ball", options)[0].tokens
-    monkeypatch.setattr(accel, "_Graph", failing_capture)
+    streams, devices = stand_in_streams(monkeypatch)
+    captures: list[int] = []
+    monkeypatch.setattr(accel, "_Graph", failing_capture(captures, streams))
     monkeypatch.setattr(Acceleration, "graphs_on", lambda self, device: True)  # as on CUDA
     pipe = VQDiffusion.from_pretrained(tiny.path, device="cpu")
     assert torch.equal(pipe.generate("a red ball", options)[0].tokens, expected)  # the step ran without a graph
     assert streams[-1] == "caller's stream"
     assert devices == [torch.device("cpu")]
+    pipe.generate("a blue ball", options)
+    pipe.release()  # even a session made again for the shape does not retry
+    pipe.generate("a blue ball", options)
+    assert captures == [1]
     pipe.generate(["a red ball", "a blue ball"], GenerateOptions(seed=1, sampler="fast", steps=3, batch_size=2))
-    assert captures == [1]  # the second batch shape's session did not try again
+    assert captures == [1, 2]  # a new batch shape tries once
+    cause = "RuntimeError: operation not permitted when stream is capturing"
     assert pipe.fast_sessions.notes == [
-        "CUDA graph capture failed, running without graphs (RuntimeError: operation not permitted when stream is "
-        "capturing)"
+        f"CUDA graph capture failed for batches of {b}, running without graphs ({cause})" for b in (1, 2)
     ]
+
+
+def test_a_failed_capture_for_one_batch_shape_leaves_graphs_on_for_another(tiny, monkeypatch):
+    import vqdiff_cli.pipeline.fastpath as accel
+
+    streams, _ = stand_in_streams(monkeypatch)
+    captures: list[int] = []
+    monkeypatch.setattr(accel, "_Graph", failing_capture(captures, streams, fail_for=lambda batch: batch == 2))
+    monkeypatch.setattr(Acceleration, "graphs_on", lambda self, device: True)
+    pipe = VQDiffusion.from_pretrained(tiny.path, device="cpu")
+    # 3 images in batches of 2: a batch of 2 (its capture fails), then a batch of 1 (captured: graphs on)
+    pipe.generate("a red ball", GenerateOptions(seed=1, sampler="fast", steps=3, num_images=3, batch_size=2))
+    runners = {key.batch: session.runner for key, session in pipe.fast_sessions._sessions.items()}
+    assert not runners[2].cuda_graphs and runners[1].cuda_graphs
+    assert sorted(runners[1]._graphs) == [False, True]  # a step and the final step, both replayed
+    assert captures == [2, 1, 1]
+    assert len(pipe.fast_sessions.notes) == 1 and "for batches of 2" in pipe.fast_sessions.notes[0]
+
+
+def test_both_graphs_of_a_runner_are_captured_on_one_stream_into_one_pool(monkeypatch):
+    """The step graph and the final-step graph share a memory pool, so they must be captured on the same stream
+    (torch.cuda.graph's documentation; the allocator reuses a block only on the stream that freed it). The real
+    `_Graph` code runs here over stand-ins of torch.cuda.Stream, torch.cuda.graph and CUDAGraph (tests/fake_cuda.py)."""
+    cuda = FakeCuda(monkeypatch)
+
+    def step(x, t, coef, salt, final):  # type: ignore[no-untyped-def]
+        cuda.note_work()
+        return x + (2 if final else 1)
+
+    runner = StepRunner(step, cuda_graphs=True)
+    x, t, coef, salt = torch.zeros(2, 3, dtype=torch.long), torch.tensor(5), torch.zeros(9), torch.tensor(10)
+    for final in (False, False, True, True):
+        runner(x, t, coef, salt, final)
+    assert len(cuda.streams) == 1  # one capture stream for the runner's whole life
+    (stream,) = cuda.streams
+    assert [c.stream for c in cuda.captures] == [stream, stream]  # step and final step: two captures, one stream
+    assert cuda.captures[0].pool is None and cuda.captures[1].pool is cuda.graphs[0].pool()  # the second joins it
+    assert {s for _, s in cuda.ran_on} == {stream}  # every warm-up and capture ran on it
+    assert [kind for kind, _ in cuda.ran_on] == ["run", "run", "capture"] * 2  # GRAPH_WARMUP runs, then a capture
+    assert stream.waited_for == [cuda.default, cuda.default]  # it starts after the caller's queued work
+    assert [g.replays for g in cuda.graphs] == [2, 2]  # later calls replay, they capture nothing more
+    assert cuda.current is cuda.default
 
 
 # -- the command line ---------------------------------------------------------------------------------------------

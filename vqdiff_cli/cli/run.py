@@ -267,14 +267,16 @@ def _on_step(bar: StepProgress) -> Callable[[StepEvent], None]:
 
 
 class _Writer:
-    """Writes each finished image (PNG with metadata, or stdout), its visuals and its report line; keeps the token
-    grids that --save-tokens and --trajectory write at the end."""
+    """Writes each finished image (PNG with metadata, or stdout), its visuals and its report line; warns once about
+    each acceleration fallback the library noted (and lists them in --json records); keeps the token grids that
+    --save-tokens and --trajectory write at the end."""
 
     def __init__(self, out: Output, plan: RunPlan, pipe: VQDiffusion) -> None:
         self.out, self.plan, self.pipe = out, plan, pipe
         self.meta_settings = _settings_for_metadata(plan, pipe)
         self.max_tokens = pipe.components.text.max_length
         self.done = 0
+        self.warned = 0  # acceleration fallbacks warned about so far
         self.token_grids: list[np.ndarray] = []  # for --save-tokens
         self.trajectories: list[np.ndarray] = []  # for --trajectory
         self.batch_started = time.perf_counter()
@@ -284,6 +286,10 @@ class _Writer:
         from ..images import png_bytes, save_png
 
         plan, out = self.plan, self.out
+        fallbacks = self.pipe.acceleration_notes  # why compile or CUDA graphs fell back, each reason once
+        for note in fallbacks[self.warned :]:
+            out.warn(note)
+        self.warned = len(fallbacks)
         record = metadata.build(
             self.meta_settings,
             prompt=result.prompt,
@@ -319,6 +325,7 @@ class _Writer:
                     "index": result.index,
                     "mode": plan.mode,
                     "settings": settings,
+                    "fallbacks": fallbacks,
                     "time_s": round(elapsed, 3),
                 }
             )
