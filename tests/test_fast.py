@@ -288,6 +288,54 @@ def test_fused_block_computes_what_the_block_computes(tiny_pipe):
         torch.testing.assert_close(scores, transformer.logits(x[:, :, 0].long().abs() % 16, context, 5))
 
 
+def test_the_gelu_fold_is_used_only_where_it_cannot_overflow_float16(tiny_pipe):
+    """fused_block folds 1.702 into the feed-forward's first matmul, so it stores 1.702 z: in float16 that overflows
+    past |z| = 38,486, where the plain z * sigmoid(1.702 z) stays finite to 65,504. A float16 block whose
+    pre-activations reach 50,000 gets the plain form (its bound is past the limit), which stays finite and matches
+    the block in float32; the tiny checkpoint's own weights are proven safe and keep the fold."""
+    import copy
+
+    from vqdiff_cli.models.transformer import (
+        call_block,
+        fast_block_runner,
+        fused_block,
+        fused_block_plain_gelu,
+        gelu_fold_bound,
+    )
+
+    g = torch.Generator().manual_seed(2)
+    transformer = copy.deepcopy(tiny_pipe.components.transformer)
+    block = transformer.transformer_blocks[0]
+    width = transformer.config.inner_dim
+    x, context, t = torch.randn(2, 16, width, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor(40)
+    pre_activations: list[torch.Tensor] = []
+    proj, out = block.ff.net[0].proj, block.ff.net[2]
+    hook = proj.register_forward_hook(lambda module, args, output: pre_activations.append(output.float()))
+    with torch.inference_mode():
+        assert fast_block_runner(copy.deepcopy(transformer).half()) is fused_block
+        call_block(block, x, context, t, None)
+        scale = 50_000 / pre_activations[-1].abs().max()  # this input's largest |z| becomes 50,000
+        proj.weight.mul_(scale)  # the same block output, with larger pre-activations
+        proj.bias.mul_(scale)
+        out.weight.div_(scale)
+        expected = call_block(block, x, context, t, None)
+        assert 49_000 < pre_activations[-1].abs().max() < 51_000
+        for _ in range(20):  # the bound holds for any input, here for random ones and larger ones
+            call_block(block, torch.randn(2, 16, width, generator=g) * 100, context, t, None)
+        assert max(z.abs().max() for z in pre_activations) <= gelu_fold_bound(block)
+        half = transformer.half()
+        args = (half.transformer_blocks[0], x.half(), context.half(), t, None)
+        assert not torch.isfinite(fused_block(*args)).all()  # the fold overflows here...
+        plain = call_block(*args)
+        assert torch.isfinite(plain).all()  # ...where the plain form does not
+        runner = fast_block_runner(half)
+        assert runner is fused_block_plain_gelu
+        chosen = runner(*args)
+        assert torch.isfinite(chosen).all()
+        torch.testing.assert_close(chosen.float(), expected, rtol=2e-2, atol=2e-2)
+    hook.remove()
+
+
 def test_fast_sampler_image_alone_equals_in_a_batch(tiny_pipe):
     options = GenerateOptions(seed=20, num_images=3, batch_size=3, sampler="fast", steps=20)
     batch = tiny_pipe.generate("a teddy bear", options)

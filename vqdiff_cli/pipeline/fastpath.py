@@ -25,7 +25,7 @@ import torch
 
 from ..diffusion.fast import FastStep, fast_step, make_step
 from ..diffusion.sampler import KnownTokens
-from ..models.transformer import BlockRunner, DiffusionTransformer, fused_block
+from ..models.transformer import BlockRunner, DiffusionTransformer, fast_block_runner, fused_block
 
 MAX_SESSIONS = 4  # batch shapes kept warm per pipeline (a run usually needs one, plus a smaller last batch)
 GRAPH_WARMUP = 2  # eager (or compiling) runs on a side stream before a capture: lazy library set-up, autotuning
@@ -220,8 +220,9 @@ class SessionKey:
 class FastKernels:
     """The fast path's compute, compiled or not; shared by every session of a pipeline (compiled once)."""
 
-    run_block: BlockRunner  # fused_block, or a compiled version of it
+    run_block: BlockRunner  # fused_block (fused_block_plain_gelu where its fold could overflow), compiled or not
     step_math: Callable[..., torch.Tensor]  # fast_step, or a compiled version of it
+    folded_gelu: bool  # whether run_block is fused_block, with the feed-forward's GELU folded into its matmuls
 
 
 class FastSession:
@@ -287,12 +288,16 @@ class FastSessions:
         """Drop every session: their buffers and CUDA graphs (compiled code stays)."""
         self._sessions.clear()
 
-    def kernels(self) -> FastKernels:
+    def kernels(self, transformer: DiffusionTransformer) -> FastKernels:
+        """The block and step functions, made (and compiled) at the first call for the pipeline's transformer."""
         if self._kernels is None:
+            block = fast_block_runner(transformer)
+            folded = block is fused_block
             if self.acceleration.compile:
-                self._kernels = FastKernels(Compiled(fused_block, self._notes), Compiled(fast_step, self._notes))
+                compiled = Compiled(block, self._notes), Compiled(fast_step, self._notes)
+                self._kernels = FastKernels(*compiled, folded)
             else:
-                self._kernels = FastKernels(fused_block, fast_step)
+                self._kernels = FastKernels(block, fast_step, folded)
         return self._kernels
 
     def session(
@@ -315,7 +320,7 @@ class FastSessions:
             context,
             words,
             known,
-            self.kernels(),
+            self.kernels(transformer),
             graphs_on and key not in self._graphs_failed,
             self._notes,
             lambda: self._graphs_failed.add(key),

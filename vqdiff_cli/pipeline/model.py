@@ -115,7 +115,7 @@ class LoadedModel:
 
     def fast_kernels(self) -> FastKernels:
         """The fast sampler's block and step functions, compiled or not as this model runs them."""
-        return self.fast_sessions.kernels()
+        return self.fast_sessions.kernels(self.components.transformer)
 
     def release(self) -> None:
         """Drop the fast sampler's per-shape buffers and CUDA graphs (compiled code stays)."""
