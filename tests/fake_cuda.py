@@ -56,24 +56,28 @@ class FakeCuda:
         self.ran_on: list[tuple[str, FakeStream]] = []
         self.capturing = False
         cuda = torch.cuda
-        monkeypatch.setattr(cuda, "Stream", self._new_stream)
+        fake = self
+
+        class Stream(FakeStream):  # classes, as torch's are: modules imported meanwhile annotate with them
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(f"stream {len(fake.streams)}")
+                fake.streams.append(self)
+
+        class CUDAGraph(FakeGraph):
+            def __init__(self) -> None:
+                super().__init__()
+                fake.graphs.append(self)
+
+        monkeypatch.setattr(cuda, "Stream", Stream)
         monkeypatch.setattr(cuda, "stream", self._stream)
         monkeypatch.setattr(cuda, "current_stream", lambda device=None: self.current)
         monkeypatch.setattr(cuda, "set_stream", self._set_stream)
         monkeypatch.setattr(cuda, "device", lambda device: contextlib.nullcontext())
-        monkeypatch.setattr(cuda, "CUDAGraph", self._new_graph)
+        monkeypatch.setattr(cuda, "CUDAGraph", CUDAGraph)
         monkeypatch.setattr(cuda, "graph", self._graph)
-
-    def _new_stream(self, *args: Any, **kwargs: Any) -> FakeStream:
-        self.streams.append(FakeStream(f"stream {len(self.streams)}"))
-        return self.streams[-1]
 
     def _set_stream(self, stream: FakeStream) -> None:
         self.current = stream
-
-    def _new_graph(self) -> FakeGraph:
-        self.graphs.append(FakeGraph())
-        return self.graphs[-1]
 
     @contextlib.contextmanager
     def _stream(self, stream: FakeStream) -> Iterator[None]:
@@ -134,7 +138,7 @@ def stand_in_streams(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[o
     streams = ["caller's stream"]
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: streams[-1])
     monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda: "the runner's capture stream")
+    monkeypatch.setattr(torch.cuda, "Stream", type("Stream", (), {}))  # a class, as torch's: annotations use it
     devices: list[object] = []  # the GPU the runner makes current for its streams and graphs: the batch's
     monkeypatch.setattr(torch.cuda, "device", lambda d: devices.append(d) or contextlib.nullcontext())
     return streams, devices

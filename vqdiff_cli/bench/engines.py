@@ -2,7 +2,9 @@
 
 Each engine runs one phase per call the way its sampler does in a real run (the reference sampler's float64
 log-softmax and per-image math, the fast sampler's raw scores and cached text keys and values, diffusers' loop body
-line for line), so that phases can be timed side by side and an end-to-end time derived from them.
+line for line), so that phases can be timed side by side and an end-to-end time derived from them. Those phase
+calls are eager; where the fast sampler replays its steps from CUDA graphs, `ReplayedStep` times what a run does
+instead: one replay of the whole step.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from ..diffusion.fast import step_coefficients
 from ..diffusion.sampler import StepTables, chain_tables, sample_step
 from ..diffusion.streams import seed_words
+from ..pipeline.fastpath import StepRunner
 from ..pipeline.pipeline import GenerateOptions, VQDiffusion
 from .report import BASELINE
 
@@ -60,6 +63,26 @@ class Engine(Protocol):
     def sampling(self, out: torch.Tensor, x_t: torch.Tensor, t: int, s: int | None) -> torch.Tensor: ...
     def decode(self, tokens: torch.Tensor) -> Any: ...
     def generate(self, prompts: list[str], steps: int) -> Any: ...
+    def replayed_step(self) -> ReplayedStep | None: ...  # after prepare(); None: its steps are not graph replays
+
+
+class ReplayedStep:
+    """One whole step of the fast sampler (network and sampling) for the prepared batch, as a run makes it: replayed
+    from the batch shape's CUDA graph (captured at the first call), inputs copied in and the output copied out."""
+
+    def __init__(self, runner: StepRunner, engine: OurEngine) -> None:
+        self.runner, self.engine = runner, engine
+
+    @property
+    def replayed(self) -> bool:
+        """Whether the calls so far were graph replays (False once the shape's capture failed: then eager steps)."""
+        return self.runner.cuda_graphs
+
+    @torch.inference_mode()
+    def __call__(self, x_t: torch.Tensor, t: int, s: int | None) -> torch.Tensor:
+        coef, salt = self.engine.step_inputs(x_t, t, s)  # the runner holds the batch's seed words already
+        t_device = self.engine.constants.get(("t", t), lambda: torch.tensor(t, device=x_t.device))
+        return self.runner(x_t, t_device, coef, salt, s is None)
 
 
 class OurEngine:
@@ -73,6 +96,7 @@ class OurEngine:
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.constants = _DeviceConstants()
         self._tables: dict[tuple[int, int | None], StepTables] = {}
+        self._replayed: ReplayedStep | None = None
 
     def model_bytes(self) -> int:
         comps = self.pipe.components
@@ -91,6 +115,31 @@ class OurEngine:
 
     def prepare(self, prompts: list[str]) -> None:
         self.rows, self.kv = self.text(prompts)
+        self._replayed = None
+        if self.sampler == "fast" and self.pipe.cuda_graphs:
+            st = self.settings
+            with torch.inference_mode():
+                context = self.pipe.text_context(prompts, self.guided)
+                words = self._words(len(prompts), self.pipe.device)
+                options = GenerateOptions(guidance_scale=st.guidance_scale, truncation_rate=st.truncation_rate)
+                self._replayed = ReplayedStep(self.pipe.fast_step_runner(context, words, options), self)
+
+    def replayed_step(self) -> ReplayedStep | None:
+        return self._replayed
+
+    def _words(self, batch: int, device: torch.device) -> torch.Tensor:
+        seeds = [self.settings.seed + b for b in range(batch)]
+        return self.constants.get(("words", batch), lambda: seed_words(seeds, device))
+
+    def step_inputs(self, x_t: torch.Tensor, t: int, s: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fast step's device inputs from t to s: its coefficients and its noise salt (each made once)."""
+        dev, schedule = x_t.device, self.pipe.schedule
+        coef = self.constants.get(
+            ("coef", t, s),
+            lambda: torch.tensor(step_coefficients(schedule, t, s), dtype=torch.float64, device=dev),
+        )
+        salt = self.constants.get(("salt", t), lambda: torch.tensor(2 * t, device=dev))
+        return coef, salt
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
@@ -109,14 +158,9 @@ class OurEngine:
         st = self.settings
         seeds = [st.seed + b for b in range(x_t.shape[0])]
         if self.sampler == "fast":
-            dev, schedule = x_t.device, self.pipe.schedule
-            coef = self.constants.get(
-                ("coef", t, s),
-                lambda: torch.tensor(step_coefficients(schedule, t, s), dtype=torch.float64, device=dev),
-            )
+            coef, salt = self.step_inputs(x_t, t, s)
+            words = self._words(x_t.shape[0], x_t.device)
             scale = st.guidance_scale if self.guided else None
-            words = self.constants.get(("words", len(seeds)), lambda: seed_words(seeds, dev))
-            salt = self.constants.get(("salt", t), lambda: torch.tensor(2 * t, device=dev))
             step_math = self.pipe.fast_kernels().step_math
             return step_math(out, x_t, coef, words, salt, scale, st.truncation_rate, s is None)
         log_p = out.chunk(2) if self.guided else (out,)
@@ -174,6 +218,9 @@ class DiffusersEngine:
 
     def release(self) -> None:
         pass  # diffusers keeps nothing between calls
+
+    def replayed_step(self) -> ReplayedStep | None:
+        return None  # diffusers' steps are eager
 
     def text(self, prompts: list[str]) -> Any:
         with torch.inference_mode():

@@ -109,6 +109,12 @@ class LoadedModel:
         return dtype_name(self.dtype)
 
     @property
+    def cuda_graphs(self) -> bool:
+        """Whether the fast sampler replays its steps from CUDA graphs here (on CUDA unless turned off; a batch shape
+        whose capture fails runs without them, noted in `acceleration_notes`)."""
+        return self.fast_sessions.acceleration.graphs_on(self.device)
+
+    @property
     def acceleration_notes(self) -> list[str]:
         """Why torch.compile or CUDA graphs were not used, when they were asked for and failed."""
         return self.fast_sessions.notes
