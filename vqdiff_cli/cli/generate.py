@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError
-from ..options import GenerateOptions
+from ..options import GenerateOptions, batch_around
 from .console import Output
 from .options import (
     BatchSizeOpt,
@@ -90,6 +90,14 @@ def generate(
             show_default=False,
         ),
     ] = None,
+    same_batch: Annotated[
+        bool,
+        typer.Option(
+            "--same-batch",
+            help="With --from-image: sample the image in a batch of the size it was made in, at its position "
+            "(its neighbours' seeds fill the batch; only the image is written), so that a GPU reproduces its tokens.",
+        ),
+    ] = False,
     save_tokens: VisualsOpts.SaveTokens = None,
     trajectory: VisualsOpts.Trajectory = None,
     animate: VisualsOpts.Animate = None,
@@ -122,6 +130,10 @@ def generate(
         raise UsageError("no prompts given", hint="pass a prompt, --prompts-file FILE, or --from-image IMAGE")
     if seed is None and record is not None:
         seed = int(record["seed"])
+    image_settings = metadata.rerun_settings(record) if record else None
+    batch = _recorded_batch(out, record, str(from_image), same_batch, batch_size, num_images, len(prompt_list))
+    if batch is not None and image_settings is not None:
+        image_settings["batch_size"] = batch[0]  # a setting from the image, shown so by --dry-run
     # 3. settings and outputs, all checked before the model loads
     plan = RunPlan.build(
         out,
@@ -156,11 +168,54 @@ def generate(
             cuda_graphs=cuda_graphs,
             threads=threads,
         ),
-        image_settings=metadata.rerun_settings(record) if record else None,
+        image_settings=image_settings,
     )
 
+    # --same-batch: the image's whole batch is sampled, and only the image is kept
+    kept = plan.jobs[0]
+    jobs = plan.jobs if batch is None else batch_around(kept, *batch)
     if dry_run:
         plan.print_dry_run(out)
         return
     # 4. load once, generate everything, write each image as it is finished
-    execute(out, plan, lambda pipe, options, **kw: pipe.generate_iter(plan.jobs, options, **kw))
+    execute(
+        out,
+        plan,
+        lambda pipe, options, **kw: (
+            r for r in pipe.generate_iter(jobs, options, **kw) if batch is None or r.seed == kept.seed
+        ),
+    )
+
+
+def _recorded_batch(
+    out: Output,
+    record: dict[str, object] | None,
+    where: str,
+    same_batch: bool,
+    batch_size: int | None,
+    num_images: int,
+    num_prompts: int,
+) -> tuple[int, int] | None:
+    """(batch size, position) of the image's batch when --same-batch re-runs it; without --same-batch, a note when
+    the re-run may not reproduce the image's tokens (made in a batch, and not on a CPU in float32)."""
+    if record is None:
+        if same_batch:
+            raise UsageError("--same-batch re-runs the batch of an image", hint="give --from-image IMAGE")
+        return None
+    size, index = record.get("batch_size"), record.get("batch_index")
+    if not same_batch:
+        exact_anyway = record.get("device") == "cpu" and record.get("dtype") == "float32"
+        if isinstance(size, int) and size > 1 and not exact_anyway:
+            out.info(
+                f"{where} was made in a batch of {size} on {record.get('device')} in {record.get('dtype')}: "
+                "--same-batch re-runs that batch to reproduce its tokens there"
+            )
+        return None
+    if num_images != 1 or num_prompts != 1 or batch_size is not None:
+        raise UsageError("--same-batch re-runs one image in its own batch size: leave out -n, -b and extra prompts")
+    if not isinstance(size, int) or not isinstance(index, int) or isinstance(size, bool) or isinstance(index, bool):
+        raise UsageError(
+            f"{where} does not record the batch it was made in (an image from an older vqdiff)",
+            hint="re-run it without --same-batch",
+        )
+    return size, index

@@ -298,6 +298,7 @@ class _Writer:
             timesteps=result.timesteps,
             size=result.image.size,
             mode=plan.mode,
+            batch=(result.batch_size, result.batch_index),
             extra=plan.extra_metadata,
         )
         text = metadata.png_text(record) if plan.request.metadata else None

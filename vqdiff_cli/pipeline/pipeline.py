@@ -266,6 +266,8 @@ class VQDiffusion(LoadedModel):
                 image=pictures[b],
                 timesteps=timesteps,
                 trajectory=traj[:, b] if traj is not None else None,
+                batch_size=len(batch),
+                batch_index=b,
             )
             for b, job in enumerate(batch)
         ]
