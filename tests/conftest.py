@@ -27,6 +27,17 @@ from .tiny import TinyCheckpoint, TinySpec, build_tiny  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests (tests/test_gpu.py) run where CUDA is, or where VQDIFF_GPU_TESTS_DEVICE names another device to
+    rehearse them on; elsewhere they are skipped."""
+    if torch.cuda.is_available() or os.environ.get("VQDIFF_GPU_TESTS_DEVICE"):
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_caches(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """No test reads or writes the user's Hub cache or vqdiff cache (tests/test_hub.py points them elsewhere too)."""
