@@ -295,6 +295,7 @@ def test_no_metadata(cli, tmp_path):
 
 
 def test_batch_image_equals_alone(cli, tmp_path):
+    """On a CPU in float32 (the reference sampler here): an image is the same alone or in a batch."""
     cli(
         "generate",
         "a cat",
