@@ -7,7 +7,7 @@
 #
 # Steps, each under its own time limit and all within BUDGET_S (default 540 s, inside one 10-minute command):
 #   1. wheels: .whl/*.whl installed with pip --no-index into /tmp/vqdiff-site (first on PYTHONPATH); the working
-#      tree itself is on PYTHONPATH and `vqdiff` is `python -m vqdiff_cli`
+#      tree itself is on PYTHONPATH, and `vqdiff` on PATH runs `python -m vqdiff_cli` from it
 #   2. env.json: GPU, driver, versions
 #   3. gpu-tests.json: the CUDA tests (pytest -m gpu: tests/test_gpu.py)
 #   4. bench.json: vqdiff bench --vs-diffusers on the full ITHQ architecture with random weights: 100, 25 and 10
@@ -100,6 +100,11 @@ if [ "$REHEARSAL" = 1 ]; then
 else
   export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# `vqdiff` (tests start it as a command) is the working tree's, not an installed copy
+mkdir -p "$SCRATCH/bin"
+printf '#!/bin/sh\nexec "%s" -m vqdiff_cli "$@"\n' "$(command -v "$PY")" >"$SCRATCH/bin/vqdiff"
+chmod +x "$SCRATCH/bin/vqdiff"
+export PATH="$SCRATCH/bin:$PATH"
 
 # -- 2. the machine -----------------------------------------------------------------------------------------------
 cat >"$SCRATCH/env.py" <<'EOF'
@@ -126,6 +131,11 @@ try:
         capture_output=True, text=True, timeout=20).stdout.strip()
 except (OSError, subprocess.SubprocessError) as e:
     info["nvidia_smi"] = f"not available: {e}"
+try:
+    info["vqdiff_command"] = subprocess.run(["vqdiff", "--version"], capture_output=True, text=True,
+                                            timeout=60).stdout.strip()
+except (OSError, subprocess.SubprocessError) as e:
+    info["vqdiff_command"] = f"failed: {e}"
 try:
     import vqdiff_cli
     info["vqdiff"] = vqdiff_cli.__version__

@@ -104,6 +104,7 @@ class OurEngine:
 
     def release(self) -> None:
         self.pipe.release()
+        self._replayed = None  # its runner holds the phase's CUDA graphs
 
     def text(self, prompts: list[str]) -> Any:
         with torch.inference_mode():

@@ -211,6 +211,7 @@ def _model_record(pipe: VQDiffusion, source: str) -> dict[str, Any]:
         "tokens": cfg.num_latent_pixels,
         "classes": cfg.num_vector_embeds,
         "tflop_per_image_forward": transformer_flops(cfg) / 1e12,
+        "fast_block_folds_gelu": pipe.fast_kernels().folded_gelu,  # False: the fold could overflow (float16)
     }
 
 

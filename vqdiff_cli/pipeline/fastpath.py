@@ -28,7 +28,7 @@ from ..diffusion.sampler import KnownTokens
 from ..models.transformer import BlockRunner, DiffusionTransformer, fast_block_runner, fused_block
 
 MAX_SESSIONS = 4  # batch shapes kept warm per pipeline (a run usually needs one, plus a smaller last batch)
-GRAPH_WARMUP = 2  # eager (or compiling) runs on a side stream before a capture: lazy library set-up, autotuning
+GRAPH_WARMUP = 2  # eager (or compiling) runs on the capture stream before a capture: lazy library set-up, autotuning
 # Compiled variants one function may have: batch shapes x dtypes x (final step or not) x (guided, truncated) in one
 # process. dynamo's default (8) is easily passed by `vqdiff bench` with two dtypes; past it, calls fail (below) and
 # run eagerly with a note, instead of dynamo's silent eager fallback.
@@ -111,7 +111,7 @@ class _Graph:
 
     Warm-up and capture run on `stream`, the runner's one capture stream: graphs that share a memory pool must be
     captured on the same stream (the caching allocator reuses a freed block only on the stream that freed it, so a
-    second capture on a fresh stream would take new blocks and the shared pool would grow by a graph's worth).
+    second capture on a fresh stream could not reuse the blocks the first one freed).
     """
 
     def __init__(
