@@ -145,6 +145,7 @@ complete -c vqdiff -n '__fish_seen_subcommand_from generate' -l threads -x -d 'C
 complete -c vqdiff -n '__fish_seen_subcommand_from generate' -l from-image -r -F -d 'Re-run the settings stored in a PNG made by vqdiff; flags given here win'
 complete -c vqdiff -n '__fish_seen_subcommand_from generate' -l lora -r -F -d 'A LoRA adapter folder (vqdiff train transformer --lora) merged into the model'
 complete -c vqdiff -n '__fish_seen_subcommand_from generate' -l lora-scale -x -d 'Strength of --lora (0: none, 1: as trained)'
+complete -c vqdiff -n '__fish_seen_subcommand_from generate' -l same-batch -d 'With --from-image: sample the image in a batch of the size it was made in, at it'
 complete -c vqdiff -n '__fish_seen_subcommand_from generate' -l save-tokens -r -F -d 'Write the final token grids: int64 .npy of shape (N, H, W)'
 complete -c vqdiff -n '__fish_seen_subcommand_from generate' -l trajectory -r -F -d 'Write the grid before and after every step: .npy of shape (steps + 1, N, H, W); '
 complete -c vqdiff -n '__fish_seen_subcommand_from generate' -l animate -r -F -d 'Write an animated GIF of the denoising per image (masked tokens grey); a templat'

@@ -34,6 +34,27 @@ from .tiny import TinyCheckpoint, TinySpec, build_tiny  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests (tests/test_gpu.py) run where CUDA is, or where VQDIFF_GPU_TESTS_DEVICE names another device to
+    rehearse them on; elsewhere they are skipped."""
+    if torch.cuda.is_available() or os.environ.get("VQDIFF_GPU_TESTS_DEVICE"):
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_a_gpu_test(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a machine with a GPU, every test but the `gpu` ones runs as CI runs it, on the CPU: device 'auto' picks
+    the CPU, in this process and in the `vqdiff` processes tests start. No effect where there is no GPU."""
+    if "gpu" in request.keywords or not torch.cuda.is_available():
+        return
+    monkeypatch.setattr("vqdiff_cli.device._auto", lambda: torch.device("cpu"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_caches(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """No test reads or writes the user's Hub cache, vqdiff cache or config file (tests/test_hub.py points the caches

@@ -226,3 +226,42 @@ def test_bench_skips_warm_up_when_no_run_is_short_enough(tiny, monkeypatch):
     )
     assert calls == []  # every end-to-end figure is derived: no warm-up run either
     assert {e["kind"] for e in doc["end_to_end"]} == {"derived"}
+
+
+def test_bench_times_one_graph_replay_as_the_fast_step_where_runs_replay_steps(tiny, monkeypatch):
+    """On CUDA the fast sampler's runs replay each whole step from a CUDA graph, so its derived figures must come
+    from a timed replay, not from the eager forward and step-math phases. Checked here with graphs forced on over
+    stand-ins for the CUDA calls (tests/fake_cuda.py: the real capture code runs; a replay only counts itself)."""
+    from vqdiff_cli.pipeline import fastpath
+
+    from .fake_cuda import FakeCuda, failing_capture, stand_in_streams
+
+    cuda = FakeCuda(monkeypatch)
+    monkeypatch.setattr(fastpath.Acceleration, "graphs_on", lambda self, device: True)
+    args = ("--model", str(tiny.path), "--dtype", "float32", "--sampler", "reference,fast", "--phases-only")
+    doc = bench(*args)
+    steps = {p["timestep"]: p for p in doc["phases"] if p["phase"] == "step"}
+    assert sorted(steps) == [0, 1, 50, 99]
+    assert {p["engine"] for p in steps.values()} == {"vqdiff-fast"} and all(p["cuda_graph"] for p in steps.values())
+    assert all(p["cuda_graph"] is None for p in doc["phases"] if p["phase"] != "step")
+    assert len(cuda.captures) == 2 and [g.replays for g in cuda.graphs] == [6, 2]  # a step, the final step
+    phase = {(p["engine"], p["phase"], p["timestep"]): p["median_s"] for p in doc["phases"]}
+    fast = next(e for e in doc["end_to_end"] if e["engine"] == "vqdiff-fast")
+    chain = 2 * sum(steps[t]["median_s"] for t in (99, 50, 1)) / 3 + steps[0]["median_s"]  # 3 steps
+    text, decode = phase[("vqdiff-fast", "text", None)], phase[("vqdiff-fast", "decode", None)]
+    assert fast["derived_from"] == "step" and fast["median_s"] == pytest.approx(text + chain + decode)
+    reference = next(e for e in doc["end_to_end"] if e["engine"] == "vqdiff-reference")
+    assert reference["derived_from"] == "transformer + sampling"
+    assert any("phases are eager calls" in note for note in doc["notes"])
+
+    streams, _ = stand_in_streams(monkeypatch)  # now every capture fails: the steps timed are eager ones
+    monkeypatch.setattr(fastpath, "_Graph", failing_capture([], streams))
+    doc = bench(*args)
+    assert [p["cuda_graph"] for p in doc["phases"] if p["phase"] == "step"] == [False] * 4
+    assert any(note.startswith("CUDA graph capture failed") for note in doc["notes"])
+
+
+def test_bench_without_graph_replays_derives_from_the_eager_phases(tiny):
+    doc = bench("--model", str(tiny.path), "--dtype", "float32", "--sampler", "fast", "--phases-only")
+    assert not [p for p in doc["phases"] if p["phase"] == "step"]  # a CPU: steps are not replayed
+    assert {e["derived_from"] for e in doc["end_to_end"]} == {"transformer + sampling"}

@@ -366,6 +366,7 @@ def test_no_metadata(cli, tmp_path):
 
 
 def test_batch_image_equals_alone(cli, tmp_path):
+    """On a CPU in float32 (the reference sampler here): an image is the same alone or in a batch."""
     cli(
         "generate",
         "a cat",
@@ -384,6 +385,81 @@ def test_batch_image_equals_alone(cli, tmp_path):
     )
     cli("generate", "a cat", "--seed", "22", "--steps", "8", "-o", "alone.png", "--save-tokens", "alone.npy")
     assert (np.load(tmp_path / "batch.npy")[2] == np.load(tmp_path / "alone.npy")[0]).all()
+
+
+def test_metadata_records_the_batch_and_same_batch_reruns_it(cli, tmp_path, monkeypatch):
+    """On a GPU an image's float16 scores depend on its batch's size (cuBLAS picks kernels by shape), so its re-run
+    needs that batch size. Simulated here: a network whose scores shift with the number of rows it is given. The
+    metadata records the batch size and position; --same-batch rebuilds the batch around the image (its neighbours'
+    seeds, the image at its place), reproduces its tokens and writes only it; a plain re-run (batch 1) does not."""
+    import torch
+
+    from vqdiff_cli.diffusion.start import Noise
+    from vqdiff_cli.models.transformer import DiffusionTransformer
+
+    real_logits, real_for_seeds = DiffusionTransformer.logits, Noise.for_seeds.__func__
+    batches: list[list[int]] = []
+
+    def batch_dependent(self, x_t, *args, **kwargs):
+        scores = real_logits(self, x_t, *args, **kwargs)
+        shift = torch.sin(torch.arange(scores.shape[-1], dtype=torch.float32) * x_t.shape[0])
+        return scores + shift.to(scores.dtype)
+
+    def spy(cls, seeds, device, fast):
+        batches.append(list(seeds))
+        return real_for_seeds(cls, seeds, device, fast)
+
+    monkeypatch.setattr(DiffusionTransformer, "logits", batch_dependent)
+    monkeypatch.setattr(Noise, "for_seeds", classmethod(spy))
+    args = ("--steps", "4", "--sampler", "fast")
+    r = cli(
+        "generate", "a cat", "-n", "4", "-b", "3", "--seed", "20", *args, "-o", "b-{seed}.png", "--save-tokens", "b.npy"
+    )
+    assert r.exit_code == 0, r.output
+    recorded = [json.loads(cli("info", "--json", f"b-{seed}.png").stdout) for seed in range(20, 24)]
+    assert [(m["batch_size"], m["batch_index"]) for m in recorded] == [(3, 0), (3, 1), (3, 2), (1, 0)]
+    assert "Batch size: 3, Batch pos: 1" in Image.open(tmp_path / "b-21.png").text["parameters"]
+    assert "batch_size" in cli("info", "b-21.png").stdout
+    made = np.load(tmp_path / "b.npy")
+
+    batches.clear()
+    r = cli(
+        "generate", "--from-image", "b-21.png", "--same-batch", "-o", "again.png", "--save-tokens", "a.npy", "--json"
+    )
+    assert r.exit_code == 0, r.output
+    assert batches == [[20, 21, 22]]  # the image at its position, between its neighbours' seeds
+    assert (np.load(tmp_path / "a.npy") == made[1:2]).all()
+    (record,) = [json.loads(line) for line in r.stdout.splitlines()]
+    assert record["seed"] == 21 and (record["settings"]["batch_size"], record["settings"]["batch_index"]) == (3, 1)
+    assert sorted(p.name for p in tmp_path.glob("again*")) == ["again.png"]  # its neighbours are not written
+    r = cli("generate", "--from-image", "b-23.png", "--same-batch", "-o", "last.png", "--save-tokens", "l.npy")
+    assert r.exit_code == 0 and (np.load(tmp_path / "l.npy") == made[3:]).all()  # a smaller last batch: alone
+
+    r = cli("generate", "--from-image", "b-21.png", "-o", "alone.png", "--save-tokens", "alone.npy")
+    assert r.exit_code == 0
+    assert not (np.load(tmp_path / "alone.npy") == made[1:2]).all()  # batch 1 instead of 3: other scores here
+
+    for extra, message in (
+        (["-n", "2"], "leave out -n, -b"),
+        (["-b", "3"], "leave out -n, -b"),
+    ):
+        r = cli("generate", "--from-image", "b-21.png", "--same-batch", "--dry-run", *extra)
+        assert r.exit_code == 2 and message in one_line_error(r)
+    r = cli("generate", "a cat", "--same-batch", "--dry-run")
+    assert r.exit_code == 2 and "--from-image" in one_line_error(r)
+    from PIL.PngImagePlugin import PngInfo
+
+    older = {k: v for k, v in recorded[1].items() if k not in ("batch_size", "batch_index")}
+    info = PngInfo()
+    info.add_text("vqdiff", json.dumps({**older, "device": "cuda", "dtype": "float16"}))
+    Image.new("RGB", (4, 4)).save(tmp_path / "old.png", pnginfo=info)
+    r = cli("generate", "--from-image", "old.png", "--same-batch", "--dry-run")
+    assert r.exit_code == 2 and "does not record the batch" in one_line_error(r)
+    info = PngInfo()
+    info.add_text("vqdiff", json.dumps({**recorded[1], "device": "cuda", "dtype": "float16"}))
+    Image.new("RGB", (4, 4)).save(tmp_path / "gpu.png", pnginfo=info)
+    r = cli("generate", "--from-image", "gpu.png", "--dry-run")
+    assert r.exit_code == 0 and "made in a batch of 3 on cuda in float16: --same-batch" in r.stderr
 
 
 def test_random_seed_is_reported(cli):
@@ -617,6 +693,55 @@ def test_out_of_memory_message(cli, monkeypatch):
     assert r.exit_code == 1
     line = one_line_error(r)
     assert "ran out of memory" in line and "--batch-size" in line
+
+
+def _warnings(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+
+
+def test_a_compile_failure_is_warned_about_once_and_recorded_in_json(cli, monkeypatch):
+    """The library notes why torch.compile fell back; the CLI says so once per reason, however many images follow."""
+    import torch
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("inductor exploded\ndetails")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    r = cli("generate", "a cat", "-n", "3", "--seed", "1", "--steps", "2", "--sampler", "fast", "--compile", "--json")
+    assert r.exit_code == 0, r.output
+    expected = [
+        f"torch.compile of {name} failed, running it eagerly (RuntimeError: inductor exploded)"
+        for name in ("fused_block", "fast_step")
+    ]
+    assert _warnings(r) == [f"warning: {note}" for note in expected]
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(records) == 3 and all(rec["fallbacks"] == expected for rec in records)
+    plain = cli("generate", "a cat", "--seed", "1", "--steps", "2", "--sampler", "fast", "--json", "-o", "p.png")
+    assert _warnings(plain) == [] and json.loads(plain.stdout)["fallbacks"] == []
+
+
+def test_a_capture_failure_is_warned_about_once_per_batch_shape(cli, monkeypatch):
+    """CUDA graphs forced on over stand-ins (tests/fake_cuda.py) whose capture fails: 5 images in batches of 2 are
+    two batch shapes (2, then 1), each tried once and warned about once."""
+    from vqdiff_cli.pipeline import fastpath
+
+    from .fake_cuda import failing_capture, stand_in_streams
+
+    streams, _ = stand_in_streams(monkeypatch)
+    captures: list[int] = []
+    monkeypatch.setattr(fastpath, "_Graph", failing_capture(captures, streams))
+    monkeypatch.setattr(fastpath.Acceleration, "graphs_on", lambda self, device: True)
+    r = cli("generate", "a cat", "-n", "5", "-b", "2", "--seed", "1", "--steps", "2", "--sampler", "fast", "--json")
+    assert r.exit_code == 0, r.output
+    assert captures == [2, 1]
+    cause = "RuntimeError: operation not permitted when stream is capturing"
+    expected = [f"CUDA graph capture failed for batches of {b}, running without graphs ({cause})" for b in (2, 1)]
+    assert _warnings(r) == [f"warning: {note}" for note in expected]
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [rec["fallbacks"] for rec in records] == [expected[:1]] * 4 + [expected]
 
 
 def test_unexpected_error_and_debug(cli, monkeypatch):

@@ -9,7 +9,6 @@ masked fraction after each step, re-noised known tokens. No timings here: speed 
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 
 import numpy as np
@@ -42,6 +41,8 @@ from vqdiff_cli.diffusion.schedule import (
 from vqdiff_cli.diffusion.streams import seed_words, uniforms
 from vqdiff_cli.options import plan_timesteps
 from vqdiff_cli.pipeline.fastpath import Acceleration, Compiled, StepRunner
+
+from .fake_cuda import FakeCuda, failing_capture, stand_in_streams
 
 K = 9  # 8 codes + the mask: small enough for a chi-square test per column distribution
 # A schedule with a large uniform-replacement share, so that unmasked tokens really move and that branch is tested.
@@ -288,7 +289,57 @@ def test_fused_block_computes_what_the_block_computes(tiny_pipe):
         torch.testing.assert_close(scores, transformer.logits(x[:, :, 0].long().abs() % 16, context, 5))
 
 
-def test_fast_sampler_image_alone_equals_in_a_batch(tiny_pipe):
+def test_the_gelu_fold_is_used_only_where_it_cannot_overflow_float16(tiny_pipe):
+    """fused_block folds 1.702 into the feed-forward's first matmul, so it stores 1.702 z: in float16 that overflows
+    past |z| = 38,486, where the plain z * sigmoid(1.702 z) stays finite to 65,504. A float16 block whose
+    pre-activations reach 50,000 gets the plain form (its bound is past the limit), which stays finite and matches
+    the block in float32; the tiny checkpoint's own weights are proven safe and keep the fold."""
+    import copy
+
+    from vqdiff_cli.models.transformer import (
+        call_block,
+        fast_block_runner,
+        fused_block,
+        fused_block_plain_gelu,
+        gelu_fold_bound,
+    )
+
+    g = torch.Generator().manual_seed(2)
+    transformer = copy.deepcopy(tiny_pipe.components.transformer)
+    block = transformer.transformer_blocks[0]
+    width = transformer.config.inner_dim
+    x, context, t = torch.randn(2, 16, width, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor(40)
+    pre_activations: list[torch.Tensor] = []
+    proj, out = block.ff.net[0].proj, block.ff.net[2]
+    hook = proj.register_forward_hook(lambda module, args, output: pre_activations.append(output.float()))
+    with torch.inference_mode():
+        assert fast_block_runner(copy.deepcopy(transformer).half()) is fused_block
+        call_block(block, x, context, t, None)
+        scale = 50_000 / pre_activations[-1].abs().max()  # this input's largest |z| becomes 50,000
+        proj.weight.mul_(scale)  # the same block output, with larger pre-activations
+        proj.bias.mul_(scale)
+        out.weight.div_(scale)
+        expected = call_block(block, x, context, t, None)
+        assert 49_000 < pre_activations[-1].abs().max() < 51_000
+        for _ in range(20):  # the bound holds for any input, here for random ones and larger ones
+            call_block(block, torch.randn(2, 16, width, generator=g) * 100, context, t, None)
+        assert max(z.abs().max() for z in pre_activations) <= gelu_fold_bound(block)
+        half = transformer.half()
+        args = (half.transformer_blocks[0], x.half(), context.half(), t, None)
+        assert not torch.isfinite(fused_block(*args)).all()  # the fold overflows here...
+        plain = call_block(*args)
+        assert torch.isfinite(plain).all()  # ...where the plain form does not
+        runner = fast_block_runner(half)
+        assert runner is fused_block_plain_gelu
+        chosen = runner(*args)
+        assert torch.isfinite(chosen).all()
+        torch.testing.assert_close(chosen.float(), expected, rtol=2e-2, atol=2e-2)
+    hook.remove()
+
+
+def test_fast_sampler_image_alone_equals_in_a_batch_on_cpu_float32(tiny_pipe):
+    """Bit for bit on a CPU in float32, the promise there. On a GPU only the noise is batch-independent; the same
+    image needs the same batch size (cuBLAS picks kernels by shape): tests/test_gpu.py checks that one."""
     options = GenerateOptions(seed=20, num_images=3, batch_size=3, sampler="fast", steps=20)
     batch = tiny_pipe.generate("a teddy bear", options)
     alone = tiny_pipe.generate("a teddy bear", GenerateOptions(seed=21, sampler="fast", steps=20))[0]
@@ -316,11 +367,31 @@ HOST_SYNC_OPS = {
 
 
 class OpRecorder(TorchDispatchMode):
-    """Records every aten op run while active; flags the ones that would synchronise a GPU with the host."""
+    """Records every aten op run while active; flags the ones that would synchronise a GPU with the host.
+
+    `Tensor.to(device)` is recorded too, from Python: on a CPU a move to the CPU is no copy at all, so aten never
+    sees the host-to-device copy that the same line makes on a GPU.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[str] = []
+        self._to = torch.Tensor.to
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        original, ops = self._to, self.ops
+
+        def to(tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if kwargs.get("device") is not None or any(isinstance(a, torch.device | str | torch.Tensor) for a in args):
+                ops.append("Tensor.to(device)")
+            return original(tensor, *args, **kwargs)
+
+        torch.Tensor.to = to  # type: ignore[method-assign]
+        return super().__enter__()
+
+    def __exit__(self, *exc):  # type: ignore[no-untyped-def]
+        torch.Tensor.to = self._to  # type: ignore[method-assign]
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
@@ -341,16 +412,22 @@ class OpRecorder(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("mode", ["generate", "inpaint-renoise"])
-def test_the_fast_step_loop_never_waits_for_the_host(tiny_pipe, monkeypatch, mode):
-    """Every op of every step (network, guidance, truncation, posterior, noise, known tokens) stays on the device.
+@pytest.mark.parametrize("sampler", ["fast", "reference"])
+def test_the_step_loop_never_waits_for_the_host(tiny_pipe, monkeypatch, mode, sampler):
+    """Every op of every step (network, guidance, truncation, posterior, noise, known tokens) stays on the device,
+    with either sampler: no host-to-device copy (the fast sampler's plan and the reference sampler's schedule tables
+    are on the device before the first step), no read of a device value, no `nonzero` (boolean indexing).
 
     The loop is what `VQDiffusion` runs; the recorder sees the aten ops of each step on the CPU, where an op that would
     stall a GPU (a read of a device value, a host-to-device copy, a data-dependent shape) is still visible.
     """
-    recorders: list[OpRecorder] = []
+    import vqdiff_cli.diffusion.sampler as reference
 
-    def recorded(step, x_t, plan):  # type: ignore[no-untyped-def]
-        chain = denoise_fast(step, x_t, plan)
+    recorders: list[OpRecorder] = []
+    loop = denoise_fast if sampler == "fast" else reference.denoise
+
+    def recorded(*args):  # type: ignore[no-untyped-def]
+        chain = loop(*args)  # what runs before the first step (the plan, the tables) is not a step's
         while True:
             recorders.append(OpRecorder())
             with recorders[-1]:
@@ -359,8 +436,8 @@ def test_the_fast_step_loop_never_waits_for_the_host(tiny_pipe, monkeypatch, mod
                 return
             yield x
 
-    monkeypatch.setattr("vqdiff_cli.pipeline.pipeline.denoise_fast", recorded)
-    options = GenerateOptions(seed=4, num_images=2, batch_size=2, sampler="fast", steps=6, truncation_rate=0.9)
+    monkeypatch.setattr(f"vqdiff_cli.pipeline.pipeline.{loop.__name__}", recorded)
+    options = GenerateOptions(seed=4, num_images=2, batch_size=2, sampler=sampler, steps=6, truncation_rate=0.9)
     if mode == "generate":
         tiny_pipe.generate("a teddy bear", options)
     else:
@@ -425,9 +502,21 @@ def test_fast_sampler_draws_from_the_reference_samplers_distributions(
     visited, tables = [], []
     real_step, real_argmax = sampler.sample_step, sampler.gumbel_argmax
 
-    def recording_step(log_p, x_t, t, *args):  # type: ignore[no-untyped-def]
-        visited.append((x_t, t))
-        return real_step(log_p, x_t, t, *args)
+    schedule = tiny_pipe.schedule
+
+    def timestep_of(step_tables) -> int:  # type: ignore[no-untyped-def]
+        """The t whose q(x_t | x_0) a step's tables hold (the step is given tables, not t)."""
+        found = [
+            t
+            for t in range(schedule.num_timesteps)
+            if torch.equal(schedule.cumulative(t).log_c.cpu(), step_tables.q_t.log_c.cpu())
+        ]
+        assert len(found) == 1, found
+        return found[0]
+
+    def recording_step(log_p, x_t, step_tables, *args):  # type: ignore[no-untyped-def]
+        visited.append((x_t, timestep_of(step_tables)))
+        return real_step(log_p, x_t, step_tables, *args)
 
     def recording_argmax(logits, u):  # type: ignore[no-untyped-def]
         tables.append(logits.double().softmax(1).transpose(1, 2))  # (1, N, K or K-1)
@@ -521,7 +610,7 @@ def test_a_failing_compile_falls_back_with_a_note(monkeypatch):
     compiled = Compiled(add_one, notes)
     assert torch.equal(compiled(torch.zeros(3)), torch.ones(3))
     assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0))
-    assert notes == ["torch.compile failed, running eagerly (RuntimeError: backend exploded)"]
+    assert notes == ["torch.compile of add_one failed, running it eagerly (RuntimeError: backend exploded)"]
     assert len(calls) == 2
 
 
@@ -551,7 +640,7 @@ def test_compiled_variants_past_the_limit_run_eagerly_with_a_note(monkeypatch):
     assert torch.equal(compiled(torch.ones(2), 2), torch.full((2,), 2.0))
     assert notes == []
     assert torch.equal(compiled(torch.ones(2), 3), torch.full((2,), 3.0))  # a second variant: over the limit of 1
-    assert len(notes) == 1 and notes[0].startswith("torch.compile failed, running eagerly")
+    assert len(notes) == 1 and notes[0].startswith("torch.compile of scale failed, running it eagerly")
     assert compiled.fn is compiled.eager
 
 
@@ -583,39 +672,72 @@ def test_compiled_code_failing_inside_a_capture_is_left_to_the_capture(monkeypat
     assert compiled.fn is not compiled.eager
 
 
-def test_a_failed_capture_restores_the_stream_and_stops_later_sessions_trying(tiny, monkeypatch):
+def test_a_failed_capture_restores_the_stream_and_is_tried_once_per_batch_shape(tiny, monkeypatch):
     """What is testable without a GPU: the fallback's bookkeeping (CUDA calls replaced by stand-ins)."""
     import vqdiff_cli.pipeline.fastpath as accel
 
-    streams = ["caller's stream"]
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: streams[-1])
-    monkeypatch.setattr(torch.cuda, "set_stream", streams.append)
-    devices = []  # the GPU the runner makes current for its streams and graphs: the batch's
-    monkeypatch.setattr(torch.cuda, "device", lambda d: devices.append(d) or contextlib.nullcontext())
-    captures = []
-
-    def failing_capture(fn, example, pool):
-        captures.append(1)
-        streams.append("capture stream")  # left current, as a capture that fails in torch.cuda.graph leaves it
-        try:  # the op that broke the capture, then torch.cuda.graph's exit failing on the invalidated capture
-            raise RuntimeError("operation not permitted when stream is capturing")
-        except RuntimeError:
-            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")  # noqa: B904
-
     options = GenerateOptions(seed=1, sampler="fast", steps=3)
     expected = VQDiffusion.from_pretrained(tiny.path, device="cpu").generate("a red ball", options)[0].tokens
-    monkeypatch.setattr(accel, "_Graph", failing_capture)
+    streams, devices = stand_in_streams(monkeypatch)
+    captures: list[int] = []
+    monkeypatch.setattr(accel, "_Graph", failing_capture(captures, streams))
     monkeypatch.setattr(Acceleration, "graphs_on", lambda self, device: True)  # as on CUDA
     pipe = VQDiffusion.from_pretrained(tiny.path, device="cpu")
     assert torch.equal(pipe.generate("a red ball", options)[0].tokens, expected)  # the step ran without a graph
     assert streams[-1] == "caller's stream"
     assert devices == [torch.device("cpu")]
+    pipe.generate("a blue ball", options)
+    pipe.release()  # even a session made again for the shape does not retry
+    pipe.generate("a blue ball", options)
+    assert captures == [1]
     pipe.generate(["a red ball", "a blue ball"], GenerateOptions(seed=1, sampler="fast", steps=3, batch_size=2))
-    assert captures == [1]  # the second batch shape's session did not try again
+    assert captures == [1, 2]  # a new batch shape tries once
+    cause = "RuntimeError: operation not permitted when stream is capturing"
     assert pipe.fast_sessions.notes == [
-        "CUDA graph capture failed, running without graphs (RuntimeError: operation not permitted when stream is "
-        "capturing)"
+        f"CUDA graph capture failed for batches of {b}, running without graphs ({cause})" for b in (1, 2)
     ]
+
+
+def test_a_failed_capture_for_one_batch_shape_leaves_graphs_on_for_another(tiny, monkeypatch):
+    import vqdiff_cli.pipeline.fastpath as accel
+
+    streams, _ = stand_in_streams(monkeypatch)
+    captures: list[int] = []
+    monkeypatch.setattr(accel, "_Graph", failing_capture(captures, streams, fail_for=lambda batch: batch == 2))
+    monkeypatch.setattr(Acceleration, "graphs_on", lambda self, device: True)
+    pipe = VQDiffusion.from_pretrained(tiny.path, device="cpu")
+    # 3 images in batches of 2: a batch of 2 (its capture fails), then a batch of 1 (captured: graphs on)
+    pipe.generate("a red ball", GenerateOptions(seed=1, sampler="fast", steps=3, num_images=3, batch_size=2))
+    runners = {key.batch: session.runner for key, session in pipe.fast_sessions._sessions.items()}
+    assert not runners[2].cuda_graphs and runners[1].cuda_graphs
+    assert sorted(runners[1]._graphs) == [False, True]  # a step and the final step, both replayed
+    assert captures == [2, 1, 1]
+    assert len(pipe.fast_sessions.notes) == 1 and "for batches of 2" in pipe.fast_sessions.notes[0]
+
+
+def test_both_graphs_of_a_runner_are_captured_on_one_stream_into_one_pool(monkeypatch):
+    """The step graph and the final-step graph share a memory pool, so they must be captured on the same stream
+    (torch.cuda.graph's documentation; the allocator reuses a block only on the stream that freed it). The real
+    `_Graph` code runs here over stand-ins of torch.cuda.Stream, torch.cuda.graph and CUDAGraph (tests/fake_cuda.py)."""
+    cuda = FakeCuda(monkeypatch)
+
+    def step(x, t, coef, salt, final):  # type: ignore[no-untyped-def]
+        cuda.note_work()
+        return x + (2 if final else 1)
+
+    runner = StepRunner(step, cuda_graphs=True)
+    x, t, coef, salt = torch.zeros(2, 3, dtype=torch.long), torch.tensor(5), torch.zeros(9), torch.tensor(10)
+    for final in (False, False, True, True):
+        runner(x, t, coef, salt, final)
+    assert len(cuda.streams) == 1  # one capture stream for the runner's whole life
+    (stream,) = cuda.streams
+    assert [c.stream for c in cuda.captures] == [stream, stream]  # step and final step: two captures, one stream
+    assert cuda.captures[0].pool is None and cuda.captures[1].pool is cuda.graphs[0].pool()  # the second joins it
+    assert {s for _, s in cuda.ran_on} == {stream}  # every warm-up and capture ran on it
+    assert [kind for kind, _ in cuda.ran_on] == ["run", "run", "capture"] * 2  # GRAPH_WARMUP runs, then a capture
+    assert stream.waited_for == [cuda.default, cuda.default]  # it starts after the caller's queued work
+    assert [g.replays for g in cuda.graphs] == [2, 2]  # later calls replay, they capture nothing more
+    assert cuda.current is cuda.default
 
 
 # -- the command line ---------------------------------------------------------------------------------------------

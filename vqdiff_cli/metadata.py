@@ -43,10 +43,12 @@ def build(
     timesteps: tuple[int, ...],
     size: tuple[int, int],
     mode: str = "generate",
+    batch: tuple[int, int] = (1, 0),
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON record of one image; `settings` holds model, revision, model_path, variant (as requested),
-    weights_variant (the files read), device, dtype, steps, stride, guidance, truncation."""
+    weights_variant (the files read), device, dtype, steps, stride, guidance, truncation. `batch`: the number of
+    images in the batch it was made in and its position there (`generate --from-image --same-batch` rebuilds it)."""
     record = {
         "schema": SCHEMA,
         "vqdiff_version": __version__,
@@ -70,6 +72,8 @@ def build(
         "sampler": settings.get("sampler"),
         "width": size[0],
         "height": size[1],
+        "batch_size": batch[0],
+        "batch_index": batch[1],
     }
     if extra:
         record.update(extra)
@@ -92,6 +96,8 @@ def a1111_parameters(record: dict[str, Any]) -> str:
         ("Model", record.get("model")),
         ("Truncation", record.get("truncation")),
         ("Dtype", record.get("dtype")),
+        ("Batch size", record.get("batch_size")),
+        ("Batch pos", record.get("batch_index")),
         ("Version", f"vqdiff {record.get('vqdiff_version')}"),
     ]
     if record.get("revision"):

@@ -47,6 +47,24 @@ def plan_jobs(prompts: Sequence[str], seed: int, num_images: int) -> list[Job]:
     return jobs
 
 
+def batch_around(job: Job, batch_size: int, position: int) -> list[Job]:
+    """The batch image `job` was made in, rebuilt to re-run it exactly: `batch_size` images of its prompt, `job` at
+    `position`, the others with the seeds its neighbours had (job.seed - position + i).
+
+    Every op treats an image of a batch alone (matmul rows, attention and norms per image, noise drawn per image), so
+    the other images' prompts and seeds do not change its numbers; the batch's shape does on a GPU, where the
+    libraries pick their kernels (and so the rounding of float16 and bfloat16 sums) by problem size.
+    """
+    if not 0 <= position < batch_size:
+        raise UsageError(f"batch position {position} is not in a batch of {batch_size}")
+    first = job.seed - position
+    if first < 0 or first + batch_size - 1 > MAX_SEED:
+        raise UsageError(  # possible only with metadata edited by hand, or a --seed given with --same-batch
+            f"seed {job.seed} at position {position} of a batch of {batch_size} leaves no seeds for the rest"
+        )
+    return [job if i == position else Job(job.prompt, first + i, job.index) for i in range(batch_size)]
+
+
 def as_jobs(prompts: Prompts, seed: int | None, num_images: int) -> list[Job]:
     """The jobs of a run: `prompts` as they are when they are jobs (planned before, as the CLI plans a run to name its
     outputs), else planned here from `seed` (a random one when None) and `num_images`."""

@@ -2,7 +2,9 @@
 
 Each engine runs one phase per call the way its sampler does in a real run (the reference sampler's float64
 log-softmax and per-image math, the fast sampler's raw scores and cached text keys and values, diffusers' loop body
-line for line), so that phases can be timed side by side and an end-to-end time derived from them.
+line for line), so that phases can be timed side by side and an end-to-end time derived from them. Those phase
+calls are eager; where the fast sampler replays its steps from CUDA graphs, `ReplayedStep` times what a run does
+instead: one replay of the whole step.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import torch
 
 from ..diffusion.fast import step_coefficients
-from ..diffusion.sampler import sample_step
+from ..diffusion.sampler import StepTables, chain_tables, sample_step
 from ..diffusion.streams import seed_words
+from ..pipeline.fastpath import StepRunner
 from ..pipeline.pipeline import GenerateOptions, VQDiffusion
 from .report import BASELINE
 
@@ -60,6 +63,26 @@ class Engine(Protocol):
     def sampling(self, out: torch.Tensor, x_t: torch.Tensor, t: int, s: int | None) -> torch.Tensor: ...
     def decode(self, tokens: torch.Tensor) -> Any: ...
     def generate(self, prompts: list[str], steps: int) -> Any: ...
+    def replayed_step(self) -> ReplayedStep | None: ...  # after prepare(); None: its steps are not graph replays
+
+
+class ReplayedStep:
+    """One whole step of the fast sampler (network and sampling) for the prepared batch, as a run makes it: replayed
+    from the batch shape's CUDA graph (captured at the first call), inputs copied in and the output copied out."""
+
+    def __init__(self, runner: StepRunner, engine: OurEngine) -> None:
+        self.runner, self.engine = runner, engine
+
+    @property
+    def replayed(self) -> bool:
+        """Whether the calls so far were graph replays (False once the shape's capture failed: then eager steps)."""
+        return self.runner.cuda_graphs
+
+    @torch.inference_mode()
+    def __call__(self, x_t: torch.Tensor, t: int, s: int | None) -> torch.Tensor:
+        coef, salt = self.engine.step_inputs(x_t, t, s)  # the runner holds the batch's seed words already
+        t_device = self.engine.constants.get(("t", t), lambda: torch.tensor(t, device=x_t.device))
+        return self.runner(x_t, t_device, coef, salt, s is None)
 
 
 class OurEngine:
@@ -72,6 +95,8 @@ class OurEngine:
         self.rows: torch.Tensor | None = None
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.constants = _DeviceConstants()
+        self._tables: dict[tuple[int, int | None], StepTables] = {}
+        self._replayed: ReplayedStep | None = None
 
     def model_bytes(self) -> int:
         comps = self.pipe.components
@@ -79,6 +104,7 @@ class OurEngine:
 
     def release(self) -> None:
         self.pipe.release()
+        self._replayed = None  # its runner holds the phase's CUDA graphs
 
     def text(self, prompts: list[str]) -> Any:
         with torch.inference_mode():
@@ -90,17 +116,42 @@ class OurEngine:
 
     def prepare(self, prompts: list[str]) -> None:
         self.rows, self.kv = self.text(prompts)
+        self._replayed = None
+        if self.sampler == "fast" and self.pipe.cuda_graphs:
+            st = self.settings
+            with torch.inference_mode():
+                context = self.pipe.text_context(prompts, self.guided)
+                words = self._words(len(prompts), self.pipe.device)
+                options = GenerateOptions(guidance_scale=st.guidance_scale, truncation_rate=st.truncation_rate)
+                self._replayed = ReplayedStep(self.pipe.fast_step_runner(context, words, options), self)
+
+    def replayed_step(self) -> ReplayedStep | None:
+        return self._replayed
+
+    def _words(self, batch: int, device: torch.device) -> torch.Tensor:
+        seeds = [self.settings.seed + b for b in range(batch)]
+        return self.constants.get(("words", batch), lambda: seed_words(seeds, device))
+
+    def step_inputs(self, x_t: torch.Tensor, t: int, s: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fast step's device inputs from t to s: its coefficients and its noise salt (each made once)."""
+        dev, schedule = x_t.device, self.pipe.schedule
+        coef = self.constants.get(
+            ("coef", t, s),
+            lambda: torch.tensor(step_coefficients(schedule, t, s), dtype=torch.float64, device=dev),
+        )
+        salt = self.constants.get(("salt", t), lambda: torch.tensor(2 * t, device=dev))
+        return coef, salt
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
         transformer = self.pipe.components.transformer
         rows = cast(torch.Tensor, self.rows)  # set by prepare()
         x = torch.cat([x, x]) if self.guided else x
+        t_device = self.constants.get(("t", t), lambda: torch.tensor(t, device=x.device))
         if self.sampler == "fast":
             run_block = self.pipe.fast_kernels().run_block
-            t_device = self.constants.get(("t", t), lambda: torch.tensor(t, device=x.device))
             return transformer.logits(x, rows, t_device, self.kv, run_block)
-        log_p: torch.Tensor = transformer(x, rows, t)
+        log_p: torch.Tensor = transformer(x, rows, t_device)
         return log_p
 
     @torch.inference_mode()
@@ -108,26 +159,24 @@ class OurEngine:
         st = self.settings
         seeds = [st.seed + b for b in range(x_t.shape[0])]
         if self.sampler == "fast":
-            dev, schedule = x_t.device, self.pipe.schedule
-            coef = self.constants.get(
-                ("coef", t, s),
-                lambda: torch.tensor(step_coefficients(schedule, t, s), dtype=torch.float64, device=dev),
-            )
+            coef, salt = self.step_inputs(x_t, t, s)
+            words = self._words(x_t.shape[0], x_t.device)
             scale = st.guidance_scale if self.guided else None
-            words = self.constants.get(("words", len(seeds)), lambda: seed_words(seeds, dev))
-            salt = self.constants.get(("salt", t), lambda: torch.tensor(2 * t, device=dev))
             step_math = self.pipe.fast_kernels().step_math
             return step_math(out, x_t, coef, words, salt, scale, st.truncation_rate, s is None)
         log_p = out.chunk(2) if self.guided else (out,)
         generators = [torch.Generator(x_t.device).manual_seed(seed) for seed in seeds]
+        schedule = self.pipe.schedule
+        tables = self._tables.get((t, s))
+        if tables is None:  # made once, outside the timed runs, as the sampler makes them once per chain
+            tables = self._tables[(t, s)] = chain_tables(schedule, (t,) if s is None else (t, s), x_t.device)[0]
         return torch.cat(
             [
                 sample_step(
                     tuple(p[b : b + 1] for p in log_p),
                     x_t[b : b + 1],
-                    t,
-                    s,
-                    self.pipe.schedule,
+                    tables,
+                    schedule.num_classes,
                     st.guidance_scale,
                     st.truncation_rate,
                     generators[b : b + 1],
@@ -170,6 +219,9 @@ class DiffusersEngine:
 
     def release(self) -> None:
         pass  # diffusers keeps nothing between calls
+
+    def replayed_step(self) -> ReplayedStep | None:
+        return None  # diffusers' steps are eager
 
     def text(self, prompts: list[str]) -> Any:
         with torch.inference_mode():

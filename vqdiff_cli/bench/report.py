@@ -76,6 +76,9 @@ class PhaseResult:
     matmul_fraction: float | None = None  # of the dense matmul rate measured on this device in this dtype
     peak_memory_bytes: int | None = None  # CUDA: peak allocated; CPU: peak resident set of the process
     peak_reserved_bytes: int | None = None  # CUDA: peak reserved, CUDA-graph memory pools included
+    # "step" (vqdiff-fast where it replays CUDA graphs: one whole step as a run makes it) only: whether the timed
+    # calls were graph replays (False if the capture failed and steps ran eagerly). Every other phase is eager.
+    cuda_graph: bool | None = None
 
 
 @dataclass
@@ -94,6 +97,7 @@ class EndToEnd:
     peak_reserved_bytes: int | None = None  # CUDA: the allocator's peak reserve during the timed runs
     model_bytes: int | None = None  # CUDA: the weights and buffers of the engine's modules
     run_memory_bytes: int | None = None  # CUDA: peak allocated during a cold run above what was allocated before
+    derived_from: str | None = None  # derived rows: "step" (whole-step replays) or "transformer + sampling" (eager)
 
 
 @dataclass
@@ -134,22 +138,29 @@ def derive_end_to_end(
     st: BenchSettings,
 ) -> dict[tuple[str, int], float]:
     """End-to-end seconds derived from the phases, per engine and step count, recorded as "derived" rows:
-    text + steps x forward + (steps - 1) x mean(step math) + final step math + decode."""
+    text + steps x forward + (steps - 1) x mean(step math) + final step math + decode; for an engine with "step"
+    phases (whole steps replayed from CUDA graphs, as its runs make them), text + (steps - 1) x mean(step) + final
+    step + decode instead, so that eager phase figures never stand for graph-replayed runs."""
     estimates = {}
     for steps in st.steps:
         for name in engines:
-            posterior = [results[(name, "sampling", t)].median_s for t in st.sampling_timesteps]
-            seconds = (
-                results[(name, "text", None)].median_s
-                + steps * results[(name, "transformer", st.transformer_timestep)].median_s
-                + (steps - 1) * statistics.fmean(posterior)
-                + results[(name, "sampling", 0)].median_s
-                + results[(name, "decode", None)].median_s
-            )
+            if all((name, "step", t) in results for t in (*st.sampling_timesteps, 0)):
+                per_step = [results[(name, "step", t)].median_s for t in st.sampling_timesteps]
+                chain = (steps - 1) * statistics.fmean(per_step) + results[(name, "step", 0)].median_s
+                source = "step"
+            else:
+                posterior = [results[(name, "sampling", t)].median_s for t in st.sampling_timesteps]
+                chain = (
+                    steps * results[(name, "transformer", st.transformer_timestep)].median_s
+                    + (steps - 1) * statistics.fmean(posterior)
+                    + results[(name, "sampling", 0)].median_s
+                )
+                source = "transformer + sampling"
+            seconds = results[(name, "text", None)].median_s + chain + results[(name, "decode", None)].median_s
             estimates[(name, steps)] = seconds
-            report.end_to_end.append(
-                EndToEnd(name, dtype, batch, steps, "derived", seconds, seconds / batch, batch / seconds)
-            )
+            row = EndToEnd(name, dtype, batch, steps, "derived", seconds, seconds / batch, batch / seconds)
+            row.derived_from = source
+            report.end_to_end.append(row)
     return estimates
 
 

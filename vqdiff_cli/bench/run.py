@@ -2,7 +2,9 @@
 
 `run_bench` returns a `BenchReport` (plain data, `to_json()`); it never prints. It measures, per dtype and batch size:
 * phases: text encoding, one transformer forward (doubled under guidance), one step of the sampling math (guidance,
-  truncation, posterior, sample) at a few representative timesteps, and the VQ decode to images;
+  truncation, posterior, sample) at a few representative timesteps, and the VQ decode to images; these run eagerly.
+  Where the fast sampler replays its steps from CUDA graphs, also "step": one replay of a whole step at those
+  timesteps, which is what its derived end-to-end figures are built from;
 * end to end (prompts to decoded images) at each step count, unless a run is estimated to take longer than
   `max_run_seconds` (then only the estimate derived from the phases is given, labelled as derived).
 Every figure is the median of `repeats` timed runs after `warmup` untimed ones; engines alternate run by run.
@@ -209,6 +211,7 @@ def _model_record(pipe: VQDiffusion, source: str) -> dict[str, Any]:
         "tokens": cfg.num_latent_pixels,
         "classes": cfg.num_vector_embeds,
         "tflop_per_image_forward": transformer_flops(cfg) / 1e12,
+        "fast_block_folds_gelu": pipe.fast_kernels().folded_gelu,  # False: the fold could overflow (float16)
     }
 
 
@@ -252,11 +255,12 @@ def _bench_phases(
     matmul_rate = report.device["matmul_tflops"].get(dtype)
     results: dict[tuple[str, str, int | None], PhaseResult] = {}
 
-    def record(phase: str, t: int | None, timed: dict[str, Timed]) -> None:
+    def record(phase: str, t: int | None, timed: dict[str, Timed], graphs: Mapping[str, bool] | None = None) -> None:
         for engine, m in timed.items():
             median = m.median_s
             result = PhaseResult(engine, dtype, batch, phase, t, m.runs_s, median, median / batch)
             result.peak_memory_bytes, result.peak_reserved_bytes = m.peak_bytes, m.reserved_bytes
+            result.cuda_graph = None if graphs is None else graphs[engine]
             if phase == "transformer":
                 result.tflops = flops / median / 1e12
                 result.peak_fraction = result.tflops / peak_tflops if peak_tflops else None
@@ -288,6 +292,22 @@ def _bench_phases(
         x_t = _random_tokens(batch, cfg.num_latent_pixels, codes, float(pipe.schedule.cumprod_ct[t]), st.seed + t, dev)
         runs = {n: partial(sampling, e, x_t, t, s) for n, e in by.items()}
         record("sampling", t, measure(runs, st.warmup, st.repeats, dev))
+
+    replayed = {n: step for n, e in by.items() if (step := e.replayed_step()) is not None}
+    for t in (*st.sampling_timesteps, 0) if replayed else ():
+        s = None if t == 0 else t - 1
+        say(f"{dtype}, batch {batch}: one whole step replayed from its CUDA graph at t={t}")
+        x_t = _random_tokens(batch, cfg.num_latent_pixels, codes, float(pipe.schedule.cumprod_ct[t]), st.seed + t, dev)
+        runs = {n: partial(step, x_t, t, s) for n, step in replayed.items()}
+        timed = measure(runs, max(1, st.warmup), st.repeats, dev)  # an untimed first call captures the graph
+        record("step", t, timed, {n: step.replayed for n, step in replayed.items()})
+    for name in replayed:
+        note = (
+            f"{name} on {dev.type}: its transformer and sampling phases are eager calls; its runs replay each step "
+            "from a CUDA graph, timed as the 'step' phase, and its derived end-to-end rows come from that"
+        )
+        if note not in report.notes:
+            report.notes.append(note)
 
     say(f"{dtype}, batch {batch}: VQ decode")
     tokens = _random_tokens(batch, cfg.num_latent_pixels, codes, 0.0, st.seed, dev)

@@ -186,6 +186,11 @@ def _figures(e: EndToEnd) -> list[str]:
     return [_seconds(e.s_per_image), f"{e.images_per_s:.3g}", _mib(e.peak_memory_bytes)]
 
 
+def _kind(e: EndToEnd) -> str:
+    """measured, derived (from the eager phases) or derived from the replayed steps."""
+    return "derived from steps" if e.derived_from == "step" else e.kind
+
+
 def _mib(value: int | None) -> str:
     return "" if value is None else f"{value / 2**20:,.0f}"
 
@@ -210,7 +215,7 @@ def render(report: BenchReport) -> None:
             p.engine,
             p.dtype,
             str(p.batch),
-            p.phase,
+            p.phase if p.cuda_graph is None else f"{p.phase} ({'CUDA graph' if p.cuda_graph else 'eager'})",
             "" if p.timestep is None else str(p.timestep),
             _seconds(p.median_s),
             _seconds(p.per_image_s),
@@ -224,7 +229,7 @@ def render(report: BenchReport) -> None:
     columns += ("% matmul",)
     console.print(_table("phases (median of the timed runs)", columns, phase_rows))  # peak memory is in --json
 
-    e2e_rows = [[e.engine, e.dtype, str(e.batch), str(e.steps), e.kind, *_figures(e)] for e in report.end_to_end]
+    e2e_rows = [[e.engine, e.dtype, str(e.batch), str(e.steps), _kind(e), *_figures(e)] for e in report.end_to_end]
     columns = ("engine", "dtype", "batch", "steps", "kind", "s/image", "images/s", "peak MiB")
     console.print(_table("end to end (prompts to decoded images, one batch)", columns, e2e_rows))
 

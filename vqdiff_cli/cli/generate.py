@@ -3,14 +3,15 @@ accelerate start (one per GPU), or over the jobs of a scheduler (--shard); resum
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from ..distributed import Group, Shard, World
 from ..errors import ExitStatus, UsageError, excerpt
-from ..options import GenerateOptions, random_seed
+from ..options import GenerateOptions, Job, batch_around, random_seed
 from .console import Output
 from .options import (
     BatchSizeOpt,
@@ -40,6 +41,10 @@ from .options import (
 from .rounds import execute
 from .run import RunPlan, RunRequest, read_prompts_file
 from .settings import SettingFlags
+
+if TYPE_CHECKING:
+    from ..pipeline.outputs import GeneratedImage
+    from ..pipeline.pipeline import VQDiffusion
 
 
 def generate(
@@ -107,6 +112,14 @@ def generate(
             "--lora-scale", help="Strength of --lora (0: none, 1: as trained). [default: 1]", show_default=False
         ),
     ] = None,
+    same_batch: Annotated[
+        bool,
+        typer.Option(
+            "--same-batch",
+            help="With --from-image: sample the image in a batch of the size it was made in, at its position "
+            "(its neighbours' seeds fill the batch; only the image is written), so that a GPU reproduces its tokens.",
+        ),
+    ] = False,
     save_tokens: VisualsOpts.SaveTokens = None,
     trajectory: VisualsOpts.Trajectory = None,
     animate: VisualsOpts.Animate = None,
@@ -145,6 +158,8 @@ def generate(
         raise UsageError("--lora-scale needs --lora ADAPTER")
     if share.count > 1 and seed is None and from_image is None:
         raise UsageError("--shard needs --seed", hint="every share must plan the same seeds: give them one --seed")
+    if same_batch and (world.size > 1 or share.count > 1):
+        raise UsageError("--same-batch re-runs one image: run it in one process, without --shard")
     try:
         with Group.join(world) as group:
             # 1. the run's inputs, read by rank 0 alone (stdin is read once) and the same in every process
@@ -187,6 +202,9 @@ def generate(
                 seed_random=seed_random,
             )
             image_settings = metadata.rerun_settings(record) if record else None
+            batch = _recorded_batch(out, record, str(from_image), same_batch, batch_size, num_images, len(prompt_list))
+            if batch is not None and image_settings is not None:
+                image_settings["batch_size"] = batch[0]  # a setting from the image, shown so by --dry-run
             with group.stage():
                 plan = RunPlan.build(
                     out,
@@ -200,8 +218,18 @@ def generate(
             if dry_run:
                 plan.print_dry_run(out)
                 return
-            # 3. load once, generate this process's batches, write each image as it is finished
-            execute(out, plan, lambda pipe, jobs, options, **kw: pipe.generate_iter(jobs, options, **kw), group)
+
+            # 3. load once, generate this process's batches, write each image as it is finished; with
+            # --same-batch the image's whole batch is sampled, and only the image is kept
+            def sample(
+                pipe: VQDiffusion, jobs: list[Job], options: GenerateOptions, **kw: Any
+            ) -> Iterator[GeneratedImage]:
+                if batch is None:
+                    return pipe.generate_iter(jobs, options, **kw)
+                (kept,) = jobs
+                return (r for r in pipe.generate_iter(batch_around(kept, *batch), options, **kw) if r.seed == kept.seed)
+
+            execute(out, plan, sample, group)
     except KeyboardInterrupt:
         if world.speaks:
             raise
@@ -232,3 +260,37 @@ def _inputs(
     if seed is None and record is not None:
         seed = int(record["seed"])
     return record, prompt_list, random_seed() if seed is None else seed, seed is None
+
+
+def _recorded_batch(
+    out: Output,
+    record: dict[str, object] | None,
+    where: str,
+    same_batch: bool,
+    batch_size: int | None,
+    num_images: int,
+    num_prompts: int,
+) -> tuple[int, int] | None:
+    """(batch size, position) of the image's batch when --same-batch re-runs it; without --same-batch, a note when
+    the re-run may not reproduce the image's tokens (made in a batch, and not on a CPU in float32)."""
+    if record is None:
+        if same_batch:
+            raise UsageError("--same-batch re-runs the batch of an image", hint="give --from-image IMAGE")
+        return None
+    size, index = record.get("batch_size"), record.get("batch_index")
+    if not same_batch:
+        exact_anyway = record.get("device") == "cpu" and record.get("dtype") == "float32"
+        if isinstance(size, int) and size > 1 and not exact_anyway:
+            out.info(
+                f"{where} was made in a batch of {size} on {record.get('device')} in {record.get('dtype')}: "
+                "--same-batch re-runs that batch to reproduce its tokens there"
+            )
+        return None
+    if num_images != 1 or num_prompts != 1 or batch_size is not None:
+        raise UsageError("--same-batch re-runs one image in its own batch size: leave out -n, -b and extra prompts")
+    if not isinstance(size, int) or not isinstance(index, int) or isinstance(size, bool) or isinstance(index, bool):
+        raise UsageError(
+            f"{where} does not record the batch it was made in (an image from an older vqdiff)",
+            hint="re-run it without --same-batch",
+        )
+    return size, index

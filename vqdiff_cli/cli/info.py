@@ -27,6 +27,8 @@ _SHOWN = (
     "truncation",
     "width",
     "height",
+    "batch_size",
+    "batch_index",
     "mode",
     "vqdiff_version",
 )

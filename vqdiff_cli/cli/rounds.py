@@ -200,8 +200,9 @@ class Report:
 
 
 class _Writer:
-    """Writes each finished image (PNG with metadata, or stdout) and its visuals, and makes its report; keeps the
-    token grids that --save-tokens and --trajectory write at the end."""
+    """Writes each finished image (PNG with metadata, or stdout) and its visuals, and makes its report (with a
+    warning, once, for each acceleration fallback the library noted; --json records list them); keeps the token grids
+    that --save-tokens and --trajectory write at the end."""
 
     def __init__(self, out: Output, plan: RunPlan, pipe: VQDiffusion) -> None:
         self.out, self.plan, self.pipe = out, plan, pipe
@@ -209,6 +210,7 @@ class _Writer:
         lora = {"lora": str(pipe.lora[0]), "lora_scale": pipe.lora[1]} if pipe.lora else {}
         self.extra_metadata = {**plan.extra_metadata, **lora}
         self.max_tokens = pipe.components.text.max_length
+        self.warned = 0  # acceleration fallbacks warned about so far
         self.token_grids: list[np.ndarray] = []  # for --save-tokens
         self.trajectories: list[np.ndarray] = []  # for --trajectory
         self.batch_started = time.perf_counter()
@@ -239,6 +241,9 @@ class _Writer:
         from ..images import png_bytes, save_png
 
         plan = self.plan
+        fallbacks = list(self.pipe.acceleration_notes)  # why compile or CUDA graphs fell back, each reason once
+        warnings = fallbacks[self.warned :]
+        self.warned = len(fallbacks)
         record = metadata.build(
             self.meta_settings,
             prompt=result.prompt,
@@ -247,6 +252,7 @@ class _Writer:
             timesteps=result.timesteps,
             size=result.image.size,
             mode=plan.mode,
+            batch=(result.batch_size, result.batch_index),
             extra=self.extra_metadata,
         )
         text = metadata.png_text(record) if plan.request.metadata else None
@@ -258,7 +264,6 @@ class _Writer:
             path = plan.image_path(plan.jobs[result.index], len(result.timesteps))
             save_png(result.image, path, text, overwrite=plan.request.overwrite)
             path_text = str(path)
-        warnings = []
         if result.truncated_prompt:
             dropped = excerpt(result.truncated_prompt)
             warnings.append(f"prompt longer than the text encoder's {self.max_tokens} tokens; dropped: '{dropped}'")
@@ -276,6 +281,7 @@ class _Writer:
             "index": result.index,
             "mode": plan.mode,
             "settings": settings,
+            "fallbacks": fallbacks,
             "time_s": round(elapsed, 3),
         }
         line = path_text if plan.outputs is not None else None

@@ -269,8 +269,17 @@ class RunPlan:
             timesteps=(),
             size=(0, 0),
             mode=self.mode,
+            batch=self._batch_of(job),
             extra=self.extra_metadata,
         )
+
+    def _batch_of(self, job: Job) -> tuple[int, int]:
+        """The size of the batch `job`'s image is made in, and its position there (as its metadata records them)."""
+        for batch in self.batches:
+            for position, member in enumerate(batch):
+                if member.index == job.index:
+                    return len(batch), position
+        raise AssertionError(f"job {job.index} is not in this process's batches")
 
     def image_path(self, job: Job, num_steps: int | None = None) -> Path:
         """Where an image goes once it took `num_steps` steps (None: not known yet), and so the name its

@@ -21,7 +21,13 @@ sections 5.6, 5.9 and 7 give diffusers' formulas):
 4. **Inverse-CDF sampling in float64.** A class is drawn with one uniform per column against a float64 cumulative
    sum, instead of 4096 Gumbel variables per column: exact up to float64 rounding, and no (B, N, K) noise tensor.
 5. **Counter-based noise** (`streams.py`): per-image uniforms from (seed, timestep, column), all images in one
-   expression, no generator state, no host synchronisation; an image is the same alone or in a batch.
+   expression, no generator state, no host synchronisation.
+
+What is the same alone or in a batch: an image's noise, always and on any device. Its tokens, bit for bit, on a CPU
+in float32 (every op treats an image of a batch on its own; `tests/test_fast.py` checks it). On a GPU only for the
+same batch size: cuBLAS picks its GEMM kernels by problem size, so an image's float16 (or bfloat16, or float32)
+scores differ in their last bits between batch sizes, an inverse-CDF boundary moves, a token flips and the chain
+diverges. The PNG metadata records each image's batch; `generate --from-image --same-batch` re-runs it in that batch.
 """
 
 from __future__ import annotations

@@ -13,10 +13,11 @@ import torch
 
 from .schedule import (
     MaskAndReplaceSchedule,
+    Transition,
     apply_guidance,
     gumbel_argmax,
     gumbel_uniforms,
-    q_posterior,
+    posterior,
     truncate,
 )
 
@@ -46,6 +47,41 @@ class KnownTokens:
     renoise: bool = False  # re-noise known tokens to the current level instead of restoring them (RePaint)
 
 
+@dataclass(frozen=True)
+class StepTables:
+    """The schedule's tables one step of the chain reads, as 0-dim float32 tensors on the batch's device."""
+
+    q_t: Transition  # q(x_t | x_0)
+    q_ts: Transition | None  # q(x_t | x_s); None for the final step, which samples x_0 directly
+    q_s: Transition | None  # q(x_s | x_0)
+
+
+def chain_tables(schedule: MaskAndReplaceSchedule, timesteps: Sequence[int], device: torch.device) -> list[StepTables]:
+    """Every step's tables for a chain over `timesteps`, copied to `device` in one transfer before the first step, so
+    that no step copies from the host (on a GPU each such copy waits for the work queued before it). The values are
+    the schedule's own float32 tables, bit for bit."""
+    rows: list[torch.Tensor] = []
+    for i, t in enumerate(timesteps):
+        s = timesteps[i + 1] if i + 1 < len(timesteps) else None
+        parts = [schedule.cumulative(t)] + ([] if s is None else [schedule.step(t, s), schedule.cumulative(s)])
+        values = [v for tr in parts for v in (tr.log_a, tr.log_b, tr.log_c)]
+        rows.append(torch.stack(values + [torch.zeros(())] * (9 - len(values))))
+    table = torch.stack(rows).to(device) if rows else torch.zeros((0, 9), device=device)
+
+    def transition(row: torch.Tensor, j: int) -> Transition:
+        return Transition(row[3 * j], row[3 * j + 1], row[3 * j + 2])
+
+    final = len(timesteps) - 1
+    return [
+        StepTables(
+            transition(row, 0),
+            None if i == final else transition(row, 1),
+            None if i == final else transition(row, 2),
+        )
+        for i, row in enumerate(table)
+    ]
+
+
 def model_log_p(denoiser: Denoiser, x_t: torch.Tensor, t: int, context: TextContext) -> tuple[torch.Tensor, ...]:
     """One network call for the batch (doubled under guidance, unconditional half first, as diffusers)."""
     if context.uncond is None:
@@ -57,17 +93,19 @@ def model_log_p(denoiser: Denoiser, x_t: torch.Tensor, t: int, context: TextCont
 def sample_step(
     log_p: tuple[torch.Tensor, ...],
     x_t: torch.Tensor,
-    t: int,
-    s: int | None,
-    schedule: MaskAndReplaceSchedule,
+    tables: StepTables,
+    num_classes: int,
     guidance_scale: float,
     truncation_rate: float,
     generators: Sequence[torch.Generator],
 ) -> torch.Tensor:
-    """Guidance, truncation, posterior to s (or x_0 when s is None), Gumbel-max sample; (B, N) -> (B, N)."""
+    """Guidance, truncation, posterior to s (or x_0 for the final step), Gumbel-max sample; (B, N) -> (B, N)."""
     log_p_x_0 = apply_guidance(log_p[0], log_p[1], guidance_scale) if len(log_p) == 2 else log_p[0]
     log_p_x_0 = truncate(log_p_x_0, truncation_rate)
-    logits = log_p_x_0 if s is None else q_posterior(log_p_x_0, x_t, schedule, t, s)
+    if tables.q_ts is None or tables.q_s is None:
+        logits = log_p_x_0
+    else:
+        logits = posterior(log_p_x_0, x_t, tables.q_t, tables.q_ts, tables.q_s, num_classes)
     return gumbel_argmax(logits, gumbel_uniforms(logits.shape, generators, logits.device))
 
 
@@ -75,8 +113,14 @@ def q_sample(
     x_0: torch.Tensor, schedule: MaskAndReplaceSchedule, t: int, generators: Sequence[torch.Generator]
 ) -> torch.Tensor:
     """Forward process: draw x_t ~ q(x_t | x_0) for (B, N) ids, one uniform draw of (1, K, N) per image."""
-    tr = schedule.cumulative(t).to(x_0.device)
-    k = schedule.num_classes
+    return q_sample_with(x_0, schedule.cumulative(t).to(x_0.device), schedule.num_classes, generators)
+
+
+def q_sample_with(
+    x_0: torch.Tensor, tr: Transition, num_classes: int, generators: Sequence[torch.Generator]
+) -> torch.Tensor:
+    """`q_sample` from q(x_t | x_0) given as its transition, on x_0's device already."""
+    k = num_classes
     log_onehot = torch.full((x_0.shape[0], k - 1, x_0.shape[1]), -69.07755278982137, device=x_0.device)
     log_onehot.scatter_(1, x_0.unsqueeze(1), 0.0)  # log one-hot over the K-1 codes (x_0 is never the mask)
     logits = (log_onehot + tr.log_a).logaddexp(tr.log_b)
@@ -94,13 +138,13 @@ def start_step_for(schedule: MaskAndReplaceSchedule, masked_fraction: float) -> 
 def _impose_known(
     x: torch.Tensor,
     known: KnownTokens,
-    s: int | None,
-    schedule: MaskAndReplaceSchedule,
+    tables: StepTables,
+    num_classes: int,
     generators: Sequence[torch.Generator],
 ) -> torch.Tensor:
     source = known.tokens
-    if known.renoise and s is not None:
-        source = q_sample(known.tokens, schedule, s, generators)  # one draw per image's generator
+    if known.renoise and tables.q_s is not None:
+        source = q_sample_with(known.tokens, tables.q_s, num_classes, generators)  # one draw per image's generator
     return torch.where(known.regenerate, x, source)
 
 
@@ -117,12 +161,40 @@ def denoise(
 ) -> Iterator[torch.Tensor]:
     """Run the reverse chain over `timesteps` (descending), yielding x after each step; the last yield is x_0.
 
-    Image b draws all its noise from generators[b] and is processed alone after the network call, so an image comes
-    out the same whether it is made alone or in a batch.
+    Image b draws all its noise from generators[b] and is processed alone after the network call, so an image's noise
+    is the same whether it is made alone or in a batch (and on a CPU in float32 so is the image: tests/test_cli.py).
+    The schedule's tables go to the device here, once, before the first step: the loop copies nothing from the host
+    and reads nothing back (`tests/test_fast.py` records every op of its steps).
     """
+    tables = chain_tables(schedule, timesteps, x_t.device)
+    return _chain(
+        denoiser,
+        x_t,
+        timesteps,
+        tables,
+        context,
+        schedule.num_classes,
+        generators,
+        guidance_scale,
+        truncation_rate,
+        known,
+    )
+
+
+def _chain(
+    denoiser: Denoiser,
+    x_t: torch.Tensor,
+    timesteps: Sequence[int],
+    tables: Sequence[StepTables],
+    context: TextContext,
+    num_classes: int,
+    generators: Sequence[torch.Generator],
+    guidance_scale: float,
+    truncation_rate: float,
+    known: KnownTokens | None,
+) -> Iterator[torch.Tensor]:
     x = x_t
-    for i, t in enumerate(timesteps):
-        s = timesteps[i + 1] if i + 1 < len(timesteps) else None  # None: go straight to x_0
+    for t, step in zip(timesteps, tables, strict=True):
         # 1. log p(x_0 | x_t, text) for the whole batch
         log_p = model_log_p(denoiser, x, t, context)
         # 2. per image: guidance, truncation, posterior to s, Gumbel-max sample
@@ -131,9 +203,8 @@ def denoise(
                 sample_step(
                     tuple(p[b : b + 1] for p in log_p),
                     x[b : b + 1],
-                    t,
-                    s,
-                    schedule,
+                    step,
+                    num_classes,
                     guidance_scale,
                     truncation_rate,
                     generators[b : b + 1],
@@ -143,5 +214,5 @@ def denoise(
         )
         # 3. inpainting: known tokens back in place
         if known is not None:
-            x = _impose_known(x, known, s, schedule, generators)
+            x = _impose_known(x, known, step, num_classes, generators)
         yield x

@@ -104,8 +104,9 @@ def log_q_rows(
     log(alpha + beta) on the row equal to x_t, about log(beta) on the others; log(gamma) wherever x_t is the mask.
     """
     rows = (log_onehot_x_t[:, :-1, :] + tr.log_a).logaddexp(tr.log_b)
-    is_mask = (x_t == mask_id).unsqueeze(1).expand(-1, rows.shape[1], -1)
-    rows[is_mask] = tr.log_c
+    # torch.where, not a boolean-index assignment (which calls nonzero: a host sync on a GPU); written into `rows`
+    # itself so that the layout, and so every later reduction's order, stays that of the assignment
+    torch.where((x_t == mask_id).unsqueeze(1), tr.log_c, rows, out=rows)
     if from_mask_row:
         rows = torch.cat((rows, log_onehot_x_t[:, -1:, :]), dim=1)
     return rows
@@ -119,16 +120,23 @@ def q_posterior(
     log_p_x_0: (B, K-1, N) float32; x_t: (B, N) ids. Returns (B, K, N). s = t-1 is diffusers' one-step posterior.
     """
     device = log_p_x_0.device
-    k = schedule.num_classes
+    q_t, q_ts, q_s = (tr.to(device) for tr in (schedule.cumulative(t), schedule.step(t, s), schedule.cumulative(s)))
+    return posterior(log_p_x_0, x_t, q_t, q_ts, q_s, schedule.num_classes)
+
+
+def posterior(
+    log_p_x_0: torch.Tensor, x_t: torch.Tensor, q_t: Transition, q_ts: Transition, q_s: Transition, num_classes: int
+) -> torch.Tensor:
+    """`q_posterior` from its three transitions, already on the device: q(x_t | x_0), q(x_t | x_s), q(x_s | x_0)."""
+    k = num_classes
     log_onehot = index_to_log_onehot(x_t, k)
-    log_q_t_given_0 = log_q_rows(log_onehot, x_t, schedule.cumulative(t).to(device), k - 1, from_mask_row=False)
-    log_q_t_given_s = log_q_rows(log_onehot, x_t, schedule.step(t, s).to(device), k - 1, from_mask_row=True)
+    log_q_t_given_0 = log_q_rows(log_onehot, x_t, q_t, k - 1, from_mask_row=False)
+    log_q_t_given_s = log_q_rows(log_onehot, x_t, q_ts, k - 1, from_mask_row=True)
     q = log_p_x_0 - log_q_t_given_0
     z = torch.logsumexp(q, dim=1, keepdim=True)
     q = q - z
-    cum_s = schedule.cumulative(s).to(device)
-    q = (q + cum_s.log_a).logaddexp(cum_s.log_b)  # q(x_s | x_0) applied to the normalised ratio
-    q = torch.cat((q, cum_s.log_c.expand(q.shape[0], 1, q.shape[2])), dim=1)
+    q = (q + q_s.log_a).logaddexp(q_s.log_b)  # q(x_s | x_0) applied to the normalised ratio
+    q = torch.cat((q, q_s.log_c.expand(q.shape[0], 1, q.shape[2])), dim=1)
     return q + log_q_t_given_s + z
 
 

@@ -7,9 +7,10 @@ per shape, not per batch.
 
 Acceleration: `Compiled` wraps a function in torch.compile; the fast path compiles one transformer block (one graph
 serves all 36 blocks, so compiling is quick) and the sampling math. `StepRunner` captures a whole step, network and
-sampling, into a CUDA graph once and replays it with one launch per step. When a mechanism is unavailable or fails
-(no compiler, an op that cannot be captured), the work runs without it and the reason is kept in a notes list; the
-library never prints.
+sampling, into a CUDA graph once per batch shape and replays it with one launch per step; the two graphs of a shape
+(a step, the final step) are captured on one stream into one memory pool. When a mechanism is unavailable or fails
+(no compiler, an op that cannot be captured), the work runs without it and the reason is kept in a notes list, once
+(a failed capture turns graphs off for that batch shape only); the library never prints, the CLI warns.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ import torch
 
 from ..diffusion.fast import FastStep, fast_step, make_step
 from ..diffusion.sampler import KnownTokens
-from ..models.transformer import BlockRunner, DiffusionTransformer, fused_block
+from ..models.transformer import BlockRunner, DiffusionTransformer, fast_block_runner, fused_block
 
 MAX_SESSIONS = 4  # batch shapes kept warm per pipeline (a run usually needs one, plus a smaller last batch)
-GRAPH_WARMUP = 2  # eager (or compiling) runs on a side stream before a capture: lazy library set-up, autotuning
+GRAPH_WARMUP = 2  # eager (or compiling) runs on the capture stream before a capture: lazy library set-up, autotuning
 # Compiled variants one function may have: batch shapes x dtypes x (final step or not) x (guided, truncated) in one
 # process. dynamo's default (8) is easily passed by `vqdiff bench` with two dtypes; past it, calls fail (below) and
 # run eagerly with a note, instead of dynamo's silent eager fallback.
@@ -65,12 +66,13 @@ class Compiled:
     def __init__(self, fn: Callable[..., torch.Tensor], notes: list[str]) -> None:
         self.eager = fn
         self.notes = notes
+        self.name = getattr(fn, "__name__", "a function")  # for the notes: fused_block, fast_step
         self.fn: Callable[..., torch.Tensor] = fn
         self._limit = _recompile_limit(RECOMPILE_LIMIT)  # built once, entered on every call
         try:
             self.fn = torch.compile(fn, dynamic=False)
         except Exception as e:  # torch.compile unsupported on this platform
-            notes.append(f"torch.compile unavailable, running eagerly ({_first_line(e)})")
+            notes.append(f"torch.compile unavailable, running {self.name} eagerly ({_first_line(e)})")
 
     def __call__(self, *args: Any) -> torch.Tensor:
         if self.fn is self.eager:
@@ -81,7 +83,7 @@ class Compiled:
         except Exception as e:
             if _is_out_of_memory(e) or _capturing():
                 raise  # a failed CUDA-graph capture is the graph's to handle (StepRunner), not the compiler's
-            self.notes.append(f"torch.compile failed, running eagerly ({_first_line(e)})")
+            self.notes.append(f"torch.compile of {self.name} failed, running it eagerly ({_first_line(e)})")
             self.fn = self.eager
             return self.eager(*args)
 
@@ -105,23 +107,28 @@ def _recompile_limit(limit: int) -> contextlib.AbstractContextManager[Any]:
 
 
 class _Graph:
-    """One captured step variant: static inputs are copied in, the graph replays, the output is copied out."""
+    """One captured step variant: static inputs are copied in, the graph replays, the output is copied out.
+
+    Warm-up and capture run on `stream`, the runner's one capture stream: graphs that share a memory pool must be
+    captured on the same stream (the caching allocator reuses a freed block only on the stream that freed it, so a
+    second capture on a fresh stream could not reuse the blocks the first one freed).
+    """
 
     def __init__(
         self,
         fn: Callable[..., torch.Tensor],
         example: tuple[torch.Tensor, ...],
         pool: Any,
+        stream: Any,
     ) -> None:
         self.inputs = tuple(a.clone() for a in example)
-        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]  # torch's __new__ is unannotated
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
             for _ in range(GRAPH_WARMUP):
                 fn(*self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool, stream=torch.cuda.Stream()):  # type: ignore[no-untyped-call]
+        with torch.cuda.graph(self.graph, pool=pool, stream=stream):
             self.output = fn(*self.inputs)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
@@ -136,7 +143,8 @@ class StepRunner:
 
     The step's fixed inputs (text states, seeds, known tokens) are read from tensors it closed over; a caller that
     reuses the runner for another batch of the same shape copies the new values into those tensors in place, so the
-    captured graphs stay valid.
+    captured graphs stay valid. Both variants are warmed up and captured on one stream, made at the first capture,
+    into one memory pool. A failed capture turns graphs off for this runner (its batch shape) only.
     """
 
     def __init__(
@@ -145,13 +153,16 @@ class StepRunner:
         cuda_graphs: bool,
         notes: list[str] | None = None,
         on_capture_failure: Callable[[], None] | None = None,
+        shape: str = "",
     ) -> None:
         self.step = step
         self.cuda_graphs = cuda_graphs
         self.notes = notes if notes is not None else []
-        self.on_capture_failure = on_capture_failure  # e.g. so that runners made later do not try again
+        self.on_capture_failure = on_capture_failure  # e.g. so that a runner made again for this shape does not retry
+        self.shape = shape  # what the notes call this runner's batches, e.g. "batches of 4"
         self._graphs: dict[bool, _Graph] = {}
         self._pool: Any = None
+        self._stream: Any = None  # the capture stream, made with the first graph
 
     def __call__(
         self, x: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, salt: torch.Tensor, final: bool
@@ -171,16 +182,20 @@ class StepRunner:
                 return self.step(x, t, c, s, final)
 
             stream = torch.cuda.current_stream()
+            if self._stream is None:
+                self._stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]  # torch's __new__ is unannotated
             try:
-                graph = _Graph(variant, (x, t, coef, salt), self._pool)
+                graph = _Graph(variant, (x, t, coef, salt), self._pool, self._stream)
             except Exception as e:
                 # a capture that fails inside torch.cuda.graph can leave its capture stream current: put ours back
                 torch.cuda.set_stream(stream)
                 if _is_out_of_memory(e):
                     raise
                 cause = e.__context__ if isinstance(e.__context__, Exception) else e  # what broke the capture
-                self.notes.append(f"CUDA graph capture failed, running without graphs ({_first_line(cause)})")
+                where = f" for {self.shape}" if self.shape else ""
+                self.notes.append(f"CUDA graph capture failed{where}, running without graphs ({_first_line(cause)})")
                 self.cuda_graphs = False
+                self._graphs.clear()  # a variant captured before: its pool goes with it
                 if self.on_capture_failure is not None:
                     self.on_capture_failure()
                 return self.step(x, t, coef, salt, final)
@@ -205,8 +220,9 @@ class SessionKey:
 class FastKernels:
     """The fast path's compute, compiled or not; shared by every session of a pipeline (compiled once)."""
 
-    run_block: BlockRunner  # fused_block, or a compiled version of it
+    run_block: BlockRunner  # fused_block (fused_block_plain_gelu where its fold could overflow), compiled or not
     step_math: Callable[..., torch.Tensor]  # fast_step, or a compiled version of it
+    folded_gelu: bool  # whether run_block is fused_block, with the feed-forward's GELU folded into its matmuls
 
 
 class FastSession:
@@ -237,7 +253,7 @@ class FastSession:
         step = make_step(
             logits, self.words, key.guidance_scale, key.truncation_rate, num_codes, self.known, kernels.step_math
         )
-        self.runner = StepRunner(step, cuda_graphs, notes, on_capture_failure)
+        self.runner = StepRunner(step, cuda_graphs, notes, on_capture_failure, shape=f"batches of {key.batch}")
 
     def load(
         self, transformer: DiffusionTransformer, context: torch.Tensor, words: torch.Tensor, known: KnownTokens | None
@@ -261,7 +277,7 @@ class FastSessions:
         self._notes: list[str] = []
         self._kernels: FastKernels | None = None
         self._sessions: OrderedDict[SessionKey, FastSession] = OrderedDict()
-        self._graphs_failed = False  # a capture failed once: later sessions run without graphs at once
+        self._graphs_failed: set[SessionKey] = set()  # shapes whose capture failed: not tried again (others are)
 
     @property
     def notes(self) -> list[str]:
@@ -272,15 +288,16 @@ class FastSessions:
         """Drop every session: their buffers and CUDA graphs (compiled code stays)."""
         self._sessions.clear()
 
-    def _capture_failed(self) -> None:
-        self._graphs_failed = True
-
-    def kernels(self) -> FastKernels:
+    def kernels(self, transformer: DiffusionTransformer) -> FastKernels:
+        """The block and step functions, made (and compiled) at the first call for the pipeline's transformer."""
         if self._kernels is None:
+            block = fast_block_runner(transformer)
+            folded = block is fused_block
             if self.acceleration.compile:
-                self._kernels = FastKernels(Compiled(fused_block, self._notes), Compiled(fast_step, self._notes))
+                compiled = Compiled(block, self._notes), Compiled(fast_step, self._notes)
+                self._kernels = FastKernels(*compiled, folded)
             else:
-                self._kernels = FastKernels(fused_block, fast_step)
+                self._kernels = FastKernels(block, fast_step, folded)
         return self._kernels
 
     def session(
@@ -303,10 +320,10 @@ class FastSessions:
             context,
             words,
             known,
-            self.kernels(),
-            graphs_on and not self._graphs_failed,
+            self.kernels(transformer),
+            graphs_on and key not in self._graphs_failed,
             self._notes,
-            self._capture_failed,
+            lambda: self._graphs_failed.add(key),
         )
         self._sessions[key] = created
         while len(self._sessions) > MAX_SESSIONS:

@@ -120,13 +120,19 @@ class LoadedModel:
         return dtype_name(self.dtype)
 
     @property
+    def cuda_graphs(self) -> bool:
+        """Whether the fast sampler replays its steps from CUDA graphs here (on CUDA unless turned off; a batch shape
+        whose capture fails runs without them, noted in `acceleration_notes`)."""
+        return self.fast_sessions.acceleration.graphs_on(self.device)
+
+    @property
     def acceleration_notes(self) -> list[str]:
         """Why torch.compile or CUDA graphs were not used, when they were asked for and failed."""
         return self.fast_sessions.notes
 
     def fast_kernels(self) -> FastKernels:
         """The fast sampler's block and step functions, compiled or not as this model runs them."""
-        return self.fast_sessions.kernels()
+        return self.fast_sessions.kernels(self.components.transformer)
 
     def release(self) -> None:
         """Drop the fast sampler's per-shape buffers and CUDA graphs (compiled code stays)."""
@@ -136,9 +142,11 @@ class LoadedModel:
 
     def _denoiser(self) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
         transformer = self.components.transformer
+        # every timestep on the device once: a step indexes it instead of copying its t from the host
+        timesteps = torch.arange(self.num_train_timesteps, device=self.device)
 
         def run(x_t: torch.Tensor, context: torch.Tensor, t: int) -> torch.Tensor:
-            log_p: torch.Tensor = transformer(x_t, context.to(self.dtype), t)
+            log_p: torch.Tensor = transformer(x_t, context.to(self.dtype), timesteps[t])
             return log_p
 
         return run

@@ -30,6 +30,11 @@ class GeneratedImage:
     timesteps: tuple[int, ...]
     trajectory: torch.Tensor | None = None  # (steps + 1, H, W): the start grid, then the grid after every step
     truncated_prompt: str = ""  # prompt text beyond the text encoder's length, dropped
+    # The batch it was sampled in: how many images (the last batch of a run can be smaller than its batch size) and
+    # its position there. On a GPU the network's float16/bfloat16 numbers depend on the batch's shape, so the same
+    # image needs the same batch size (its noise does not: each image draws its own).
+    batch_size: int = 1
+    batch_index: int = 0
 
 
 @dataclass(frozen=True)

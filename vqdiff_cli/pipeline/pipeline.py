@@ -27,7 +27,7 @@ from ..options import DEFAULT_STRENGTH, InpaintOptions, Job, Prompts, as_jobs
 from ..options import GenerateOptions as GenerateOptions
 from . import editing
 from .editing import EditSource, InpaintSetup
-from .fastpath import SessionKey
+from .fastpath import SessionKey, StepRunner
 from .model import LoadedModel
 from .outputs import GeneratedImage as GeneratedImage
 from .outputs import ModelSource as ModelSource
@@ -266,6 +266,8 @@ class VQDiffusion(LoadedModel):
                 image=pictures[b],
                 timesteps=timesteps,
                 trajectory=traj[:, b] if traj is not None else None,
+                batch_size=len(batch),
+                batch_index=b,
             )
             for b, job in enumerate(batch)
         ]
@@ -279,15 +281,23 @@ class VQDiffusion(LoadedModel):
         words: torch.Tensor,
         known: KnownTokens | None,
     ) -> Iterator[torch.Tensor]:
+        runner = self.fast_step_runner(context, words, options, known)
+        return denoise_fast(runner, x_t, FastPlan.build(self.schedule, timesteps, self.device))
+
+    def fast_step_runner(
+        self, context: TextContext, words: torch.Tensor, options: GenerateOptions, known: KnownTokens | None = None
+    ) -> StepRunner:
+        """The fast sampler's whole step (network and sampling) for a batch, as `generate` runs it: replayed from a
+        CUDA graph where graphs are on (`runner.cuda_graphs` says whether they still are). `words`: the batch's
+        (B, 2) seed words; the runner is kept for the batch's shape and reloaded with these inputs."""
         if self.device.type == "mps":
             raise UsageError("the fast sampler needs float64, which MPS lacks", hint="use --sampler reference")
         rows = context.cond if context.uncond is None else torch.cat([context.uncond, context.cond])
         key = SessionKey(
-            batch=x_t.shape[0],
+            batch=words.shape[0],
             guidance_scale=options.guidance_scale if context.guided else None,
             truncation_rate=options.truncation_rate,
             known=known is not None,
             renoise=known is not None and known.renoise,
         )
-        session = self.fast_sessions.session(self.components.transformer, key, rows.to(self.dtype), words, known)
-        return denoise_fast(session.runner, x_t, FastPlan.build(self.schedule, timesteps, self.device))
+        return self.fast_sessions.session(self.components.transformer, key, rows.to(self.dtype), words, known).runner
