@@ -1,7 +1,7 @@
 """End to end on the CPU: the whole `vqdiff generate` process against a diffusers script doing the same, as whole
 processes in alternation, with a timer at every stage of each.
 
-    python benchmarks/e2e_cpu.py pairs --model DIR --pairs 3                     # ratios, JSON under benchmarks/results/
+    python benchmarks/e2e_cpu.py pairs --model DIR --pairs 3 -o benchmarks/results/e2e.json   # ratios, as JSON
     python benchmarks/e2e_cpu.py pairs --model DIR --pairs 3 --sampler fast
     python benchmarks/e2e_cpu.py pairs --model DIR --pairs 3 --converted --work-dir /tmp/e2e  # vqdiff from its cache
     python benchmarks/e2e_cpu.py diffusers --model DIR -o out.png                # the diffusers program alone
@@ -27,6 +27,7 @@ what they compute.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -220,7 +221,7 @@ def stage_table(report: dict[str, Any], spawned: float, ended: float) -> dict[st
     extra = [c for c in report["calls"] if "start" not in c]
     out: dict[str, Any] = {"process start to first line": round(marks["first line"] - spawned, 2)}
     names = [m for m, _ in report["marks"]]
-    for prev, name in zip(names, names[1:], strict=False):
+    for prev, name in itertools.pairwise(names):
         if name.startswith("import"):
             out[name] = round(marks[name] - marks[prev], 2)
     totals: dict[str, list[float]] = {}
@@ -337,7 +338,9 @@ def run_pairs(args: argparse.Namespace) -> None:
     if ratios:
         result["median_ratio"] = statistics.median(ratios)
         result["ratio_range"] = [min(ratios), max(ratios)]
-        result["median_seconds"] = {e: statistics.median(p[e]["seconds"] for p in pairs) for e in ("vqdiff", "diffusers")}
+        result["median_seconds"] = {
+            e: statistics.median(p[e]["seconds"] for p in pairs) for e in ("vqdiff", "diffusers")
+        }
     print(table(result))
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -346,7 +349,10 @@ def run_pairs(args: argparse.Namespace) -> None:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = ["| pair | order | vqdiff s | diffusers s | ratio | load avg before (v / d) |", "|---|---|---:|---:|---:|---|"]
+    lines = [
+        "| pair | order | vqdiff s | diffusers s | ratio | load avg before (v / d) |",
+        "|---|---|---:|---:|---:|---|",
+    ]
     for i, p in enumerate(result.get("pairs", []), 1):
         v, d = p["vqdiff"], p["diffusers"]
         lines.append(f"| {i} | {' then '.join(p['order'])} | {v['seconds']} | {d['seconds']} | {p['ratio']} | "
