@@ -36,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,16 +66,21 @@ class Stages:
 
     def wrap(self, owner: Any, attr: str, name: str) -> None:
         original = getattr(owner, attr)
-        calls = self.calls
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.time()
-            try:
+            with self.span(name):
                 return original(*args, **kwargs)
-            finally:
-                calls.append({"stage": name, "start": start, "end": time.time()})
 
         setattr(owner, attr, timed)
+
+    @contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        start, usage = time.time(), _usage()
+        try:
+            yield
+        finally:
+            spent = {k: round(v - usage[k], 2) for k, v in _usage().items()}
+            self.calls.append({"stage": name, "start": start, "end": time.time(), **spent})
 
     def write(self) -> None:
         self.mark("last line")
@@ -81,10 +88,13 @@ class Stages:
         Path(self.path).write_text(json.dumps({"marks": self.marks, "calls": self.calls}), encoding="utf-8")
 
 
-def _minor_faults() -> int:
+def _usage() -> dict[str, float]:
+    """This process's CPU seconds (user + system) and page faults so far: contention on a shared machine stretches
+    wall time, less so the CPU time a stage needs."""
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return {"cpu_s": r.ru_utime + r.ru_stime, "minor_faults": r.ru_minflt, "major_faults": r.ru_majflt}
 
 
 # -- the two programs ------------------------------------------------------------------------------------------------
@@ -110,25 +120,12 @@ def run_vqdiff_instrumented(argv: list[str], stages_path: str, started: float) -
     st.wrap(transformer.DiffusionTransformer, "forward", "transformer forward")
     st.wrap(api.VQDiffusion, "decode", "VQ decode")
     st.wrap(images, "save_png", "PNG write")
-    faults: list[int] = []
-    original_forward = transformer.DiffusionTransformer.forward
-
-    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
-        before = _minor_faults()
-        try:
-            return original_forward(self, *args, **kwargs)
-        finally:
-            faults.append(_minor_faults() - before)
-
-    transformer.DiffusionTransformer.forward = counting  # type: ignore[method-assign]
     sys.argv = ["vqdiff", *argv]
     try:
         main()
     except SystemExit as e:
         if e.code not in (0, None):
             raise
-    finally:
-        st.calls.append({"stage": "minor page faults per forward", "faults": faults})
 
 
 def diffusers_view(model: Path, view: Path) -> str:
@@ -166,7 +163,8 @@ def run_diffusers(model: str, steps: int, seed: int, output: str, stages_path: s
         st.wrap(Transformer2DModel, "forward", "transformer forward")
         st.wrap(VQModel, "decode", "VQ decode")
         st.wrap(VQDiffusionScheduler, "step", "step math")
-    t0 = time.time()
+    loading = st.span("loading")
+    loading.__enter__()
     view = tempfile.TemporaryDirectory(prefix="diffusers-view-")
     model = diffusers_view(Path(model), Path(view.name))
     transformer = Transformer2DModel.from_pretrained(model, subfolder="transformer")
@@ -186,13 +184,12 @@ def run_diffusers(model: str, steps: int, seed: int, output: str, stages_path: s
         learned_classifier_free_sampling_embeddings=null,
     )
     pipe.set_progress_bar_config(disable=True)
-    st.calls.append({"stage": "loading", "start": t0, "end": time.time()})
+    loading.__exit__(None, None, None)
     with torch.inference_mode():
         image = pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed)).images[0]
     st.mark("pipeline call")
-    t0 = time.time()
-    image.save(output)
-    st.calls.append({"stage": "PNG write", "start": t0, "end": time.time()})
+    with st.span("PNG write"):
+        image.save(output)
 
 
 # -- the parent: whole processes, timed from outside ------------------------------------------------------------------
@@ -203,36 +200,57 @@ def load_average() -> float:
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Run one whole process: wall seconds, its CPU seconds and page faults (from wait4), the load average."""
     before = load_average()
     start = time.perf_counter()
     start_wall = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return {"seconds": round(seconds, 2), "load_average_before": before, "load_average_after": load_average(),
-            "start_wall": start_wall, "end_wall": start_wall + seconds}  # fmt: skip
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            tail = err.read().decode(errors="replace")[-3000:]
+            raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+    return {
+        "seconds": round(seconds, 2),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "minor_faults": usage.ru_minflt,
+        "major_faults": usage.ru_majflt,
+        "max_rss_gib": round(usage.ru_maxrss / 2**20, 2),
+        "load_average_before": before,
+        "load_average_after": load_average(),
+        "start_wall": start_wall,
+        "end_wall": start_wall + seconds,
+    }
 
 
 def stage_table(report: dict[str, Any], spawned: float, ended: float) -> dict[str, Any]:
-    """Seconds per stage from a child's marks and calls; gaps between them are named by what runs there."""
+    """Per stage: wall seconds, and the CPU seconds and page faults of the wrapped calls (a list for a stage that ran
+    more than once, such as the transformer forward); gaps before the first line and after the last are timed from
+    the parent's clock."""
     marks = dict(report["marks"])
-    calls = [c for c in report["calls"] if "start" in c]
-    extra = [c for c in report["calls"] if "start" not in c]
     out: dict[str, Any] = {"process start to first line": round(marks["first line"] - spawned, 2)}
     names = [m for m, _ in report["marks"]]
     for prev, name in itertools.pairwise(names):
         if name.startswith("import"):
             out[name] = round(marks[name] - marks[prev], 2)
-    totals: dict[str, list[float]] = {}
-    for c in calls:
-        totals.setdefault(c["stage"], []).append(round(c["end"] - c["start"], 2))
-    for stage, values in totals.items():
-        out[stage] = values if len(values) > 1 else values[0]
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for c in report["calls"]:
+        grouped.setdefault(c["stage"], []).append(c)
+    for stage, calls in grouped.items():
+        rows = [
+            {
+                "wall_s": round(c["end"] - c["start"], 2),
+                "cpu_s": c["cpu_s"],
+                "minor_faults": c["minor_faults"],
+                "major_faults": c["major_faults"],
+            }
+            for c in calls
+        ]
+        out[stage] = rows if len(rows) > 1 else rows[0]
     out["interpreter exit (last line to process end)"] = round(ended - marks["last line"], 2)
-    out["whole process"] = round(ended - spawned, 2)
-    for c in extra:
-        out[c["stage"]] = c["faults"]
     return out
 
 
@@ -291,9 +309,8 @@ def run_stages(args: argparse.Namespace, work: Path, env: dict[str, str], conver
             cmd = [*diffusers_cmd(args, output), "--stages", str(report_path)]
         run = timed(cmd, env if engine == "vqdiff" else dict(os.environ))
         report = json.loads(report_path.read_text(encoding="utf-8"))
-        results[engine] = {"load_average_before": run["load_average_before"]} | stage_table(
-            report, run["start_wall"], run["end_wall"]
-        )
+        whole = {k: v for k, v in run.items() if k not in ("start_wall", "end_wall")}
+        results[engine] = {"whole process": whole} | stage_table(report, run["start_wall"], run["end_wall"])
         print(json.dumps({engine: results[engine]}), flush=True)
     return results
 
@@ -331,6 +348,7 @@ def run_pairs(args: argparse.Namespace) -> None:
             for key in ("start_wall", "end_wall"):
                 pair[engine].pop(key)
         pair["ratio"] = round(pair["vqdiff"]["seconds"] / pair["diffusers"]["seconds"], 3)
+        pair["cpu_ratio"] = round(pair["vqdiff"]["cpu_s"] / pair["diffusers"]["cpu_s"], 3)
         pairs.append(pair)
         print(json.dumps(pair), flush=True)
     ratios = [p["ratio"] for p in pairs]
@@ -338,6 +356,7 @@ def run_pairs(args: argparse.Namespace) -> None:
     if ratios:
         result["median_ratio"] = statistics.median(ratios)
         result["ratio_range"] = [min(ratios), max(ratios)]
+        result["median_cpu_ratio"] = statistics.median(p["cpu_ratio"] for p in pairs)
         result["median_seconds"] = {
             e: statistics.median(p[e]["seconds"] for p in pairs) for e in ("vqdiff", "diffusers")
         }
@@ -350,12 +369,13 @@ def run_pairs(args: argparse.Namespace) -> None:
 
 def table(result: dict[str, Any]) -> str:
     lines = [
-        "| pair | order | vqdiff s | diffusers s | ratio | load avg before (v / d) |",
-        "|---|---|---:|---:|---:|---|",
+        "| pair | order | vqdiff s (CPU s) | diffusers s (CPU s) | ratio | CPU ratio | load avg before (v / d) |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for i, p in enumerate(result.get("pairs", []), 1):
         v, d = p["vqdiff"], p["diffusers"]
-        lines.append(f"| {i} | {' then '.join(p['order'])} | {v['seconds']} | {d['seconds']} | {p['ratio']} | "
+        lines.append(f"| {i} | {' then '.join(p['order'])} | {v['seconds']} ({v['cpu_s']}) | {d['seconds']} "
+                     f"({d['cpu_s']}) | {p['ratio']} | {p['cpu_ratio']} | "
                      f"{v['load_average_before']} / {d['load_average_before']} |")  # fmt: skip
     if "median_ratio" in result:
         lo, hi = result["ratio_range"]
