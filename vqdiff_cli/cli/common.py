@@ -30,6 +30,7 @@ def load_model(
     """Load `model` (a local folder or a Hub repo id, fetched and converted on first use), saying so on stderr."""
     import torch
 
+    from .. import heap
     from ..api import VQDiffusion
     from ..device import configure_cpu_threads, cpu_runs_natively, dtype_name
 
@@ -48,6 +49,8 @@ def load_model(
             compile=compile,
             cuda_graphs=cuda_graphs,
         )
+    if pipe.device.type == "cpu":  # after loading: a first load's conversion frees gigabytes that should go back
+        heap.keep_freed_memory()  # every forward reuses the memory the previous one freed (no page faults)
     if pipe.device.type == "cpu" and not cpu_runs_natively(pipe.dtype):
         name = dtype_name(pipe.dtype)
         out.warn(f"this CPU has no native {name}: torch emulates it, many times slower than float32 (--dtype float32)")
