@@ -322,12 +322,15 @@ def run_pairs(args: argparse.Namespace) -> None:
     converted = None
     if args.converted:
         converted, env = prepare_converted(work, args.model)
+    if args.vqdiff_src:  # an older (or other) source tree of vqdiff, e.g. a git worktree of the commit before a fix
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(args.vqdiff_src.resolve()), env.get("PYTHONPATH")) if p)
     model = REPO if converted else str(args.model)
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
         "versions": versions(),
+        "vqdiff_src": str(args.vqdiff_src or ROOT),
         "vqdiff_command": " ".join(vqdiff_cmd(args, model, Path("out.png"), converted)[1:]),
         "diffusers_command": " ".join(diffusers_cmd(args, Path("out.png"))[1:]),
         "note": "whole processes, alternating; the 1-minute load average before each run says how busy the shared "
@@ -413,6 +416,7 @@ def main() -> None:
         p.add_argument("--work-dir", type=Path, default=None)
         p.add_argument("--pairs", type=int, default=3 if name == "pairs" else 0)
         p.add_argument("--stages", action="store_true", default=name == "stages")
+        p.add_argument("--vqdiff-src", type=Path, default=None, help="run vqdiff from this source tree")
         p.add_argument("-o", "--output", type=Path, default=None, help="JSON results")
     args = parser.parse_args()
     if args.mode == "diffusers":
