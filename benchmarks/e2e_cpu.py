@@ -200,12 +200,14 @@ def load_average() -> float:
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """Run one whole process: wall seconds, its CPU seconds and page faults (from wait4), the load average."""
+    """Run one whole process: wall seconds, its CPU seconds and page faults (from wait4), the load average. It runs in
+    the temporary folder (`python -m` puts the working folder first on sys.path: not this checkout, for --vqdiff-src).
+    """
     before = load_average()
     start = time.perf_counter()
     start_wall = time.time()
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, cwd=tempfile.gettempdir())
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -316,7 +318,7 @@ def run_stages(args: argparse.Namespace, work: Path, env: dict[str, str], conver
 
 
 def run_pairs(args: argparse.Namespace) -> None:
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="vqdiff-e2e-"))
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="vqdiff-e2e-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     converted = None
@@ -419,6 +421,7 @@ def main() -> None:
         p.add_argument("--vqdiff-src", type=Path, default=None, help="run vqdiff from this source tree")
         p.add_argument("-o", "--output", type=Path, default=None, help="JSON results")
     args = parser.parse_args()
+    args.model = Path(args.model).resolve() if args.mode != "diffusers" else args.model
     if args.mode == "diffusers":
         run_diffusers(args.model, args.steps, args.seed, args.output, args.stages, started)
     else:
