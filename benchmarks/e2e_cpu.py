@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -333,8 +334,8 @@ def run_pairs(args: argparse.Namespace) -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
         "versions": versions(),
         "vqdiff_src": str(args.vqdiff_src or ROOT),
-        "vqdiff_command": " ".join(vqdiff_cmd(args, model, Path("out.png"), converted)[1:]),
-        "diffusers_command": " ".join(diffusers_cmd(args, Path("out.png"))[1:]),
+        "vqdiff_command": shlex.join(vqdiff_cmd(args, model, Path("out.png"), converted)[1:]),
+        "diffusers_command": shlex.join(diffusers_cmd(args, Path("out.png"))[1:]),
         "note": "whole processes, alternating; the 1-minute load average before each run says how busy the shared "
         "machine was",
     }
