@@ -187,6 +187,10 @@ class Group:
         dist.init_process_group("gloo", rank=world.rank, world_size=world.size, timeout=timeout)
         try:
             yield cls(world)
+            # Leave together: a process that tears its gloo context down while another still talks to it can abort
+            # the other at exit ("terminate called without an active exception"). Not after a failure: the stages
+            # have already stopped every process then, and one that died would leave the others waiting here.
+            dist.barrier()
         finally:
             dist.destroy_process_group()
 
