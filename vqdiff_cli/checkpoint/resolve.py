@@ -1,7 +1,8 @@
 """From a model name to a folder `load.load_components` reads: a local folder as it is, or a Hub repository
 resolved to a commit, fetched (only the files a load needs) and converted once into vqdiff's cache.
 
-The rules, in order:
+The rules, in order (a built-in model name such as `shapes` comes first: it is the folder shipped inside the package,
+see builtin.py):
 1. A local folder is read in place: vqdiff never copies or converts a user's own files.
 2. A revision pinned by commit hash with a valid cache entry is used with no network call at all; so is one whose files
    are all in the Hub cache (it is converted first).
@@ -27,6 +28,7 @@ import torch
 from ..device import dtype_name, planned_dtype
 from ..errors import DownloadError, MissingFilesError, UnreadableFileError, UsageError, WeightsError
 from . import convert, select
+from .builtin import builtin_model
 from .cache import Entry, EntryKey, ModelCache, check_cache_root
 from .hub import Hub, HubUnreachable, RepoListing, env_offline, is_commit, is_repo_id
 
@@ -77,6 +79,16 @@ def prepare(
     device is only named, never used: a model can be prepared for a GPU on a machine without one."""
     select.variant_order(variant)  # validates
     dt = planned_dtype(dtype, device)
+    builtin = builtin_model(str(model))
+    if builtin is not None:
+        if revision is not None:
+            raise UsageError(f"--revision applies to Hub repo ids, not to the built-in model {model}")
+        if not builtin.present:
+            raise WeightsError(
+                f"the built-in model {model} is not installed with this copy of vqdiff ({builtin.folder} is missing)",
+                hint="reinstall vqdiff, or pass ./" + str(model) + " to mean a folder of that name",
+            )
+        return PreparedModel(str(model), builtin.folder, dt)
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():

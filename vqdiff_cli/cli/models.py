@@ -136,10 +136,21 @@ def download(
 
 
 def list_models(cache_dir: CacheDirOpt = None, json_out: JsonOpt = False) -> None:
-    """Cached models: one line each with model, revision, commit, variant-dtype, size and location."""
+    """Built-in and cached models: one line each with model, revision, commit, variant-dtype, size and location."""
+    from ..checkpoint.builtin import BUILTIN_MODELS
     from ..checkpoint.cache import ModelCache
 
     out = Output(json_mode=json_out)
+    for builtin in BUILTIN_MODELS.values():
+        if not builtin.present:
+            continue
+        if json_out:
+            out.record(
+                {"model": builtin.name, "builtin": True, "size": builtin.size, "path": str(builtin.folder)}
+                | {"summary": builtin.summary}
+            )
+        else:
+            out.result(f"{builtin.name}  built-in  -  fp16  {human_size(builtin.size)}  {builtin.folder}")
     cache = ModelCache(cache_dir_of(model_settings(SettingFlags(cache_dir=cache_dir))))
     entries = cache.entries()
     if not entries:
@@ -164,9 +175,17 @@ def model_path(
     json_out: JsonOpt = False,
 ) -> None:
     """The folder(s) of a cached model, newest first: ready to pass to --model."""
+    from ..checkpoint.builtin import builtin_model
     from ..checkpoint.cache import ModelCache
 
     out = Output(json_mode=json_out)
+    builtin = builtin_model(model)
+    if builtin is not None and builtin.present:
+        if json_out:
+            out.record({"model": builtin.name, "builtin": True, "size": builtin.size, "path": str(builtin.folder)})
+        else:
+            out.result(str(builtin.folder))
+        return
     cache = ModelCache(cache_dir_of(model_settings(SettingFlags(cache_dir=cache_dir))))
     entries = _matching(cache, model, revision, dtype)
     if not entries:
@@ -186,9 +205,12 @@ def remove_model(
     json_out: JsonOpt = False,
 ) -> None:
     """Delete a model's converted copies from vqdiff's cache (the Hub cache's downloads are left alone)."""
+    from ..checkpoint.builtin import builtin_model
     from ..checkpoint.cache import ModelCache
     from ..errors import UsageError, excerpt
 
+    if builtin_model(model) is not None:
+        raise UsageError(f"{model} is built into vqdiff, not cached: there is nothing to remove")
     out = Output(json_mode=json_out)
     cache = ModelCache(cache_dir_of(model_settings(SettingFlags(cache_dir=cache_dir))))
     entries = _matching(cache, model, revision)
