@@ -200,7 +200,7 @@ complete -c vqdiff -n '__fish_seen_subcommand_from inpaint' -l quiet -s q -d 'No
 complete -c vqdiff -n '__fish_seen_subcommand_from inpaint' -l dry-run -d 'Print the resolved settings and outputs, and where each came from; load nothing'
 complete -c vqdiff -n '__fish_seen_subcommand_from inpaint' -l help -s h -d 'Show help and exit'
 complete -c vqdiff -n '__fish_seen_subcommand_from inpaint' -F
-complete -c vqdiff -n '__fish_seen_subcommand_from models; and not __fish_seen_subcommand_from list path rm' -a list -d 'Cached models: one line each with model, revision, commit, variant-dtype, size a'
+complete -c vqdiff -n '__fish_seen_subcommand_from models; and not __fish_seen_subcommand_from list path rm' -a list -d 'Built-in and cached models: one line each with model, revision, commit, variant-'
 complete -c vqdiff -n '__fish_seen_subcommand_from models; and not __fish_seen_subcommand_from list path rm' -a path -d 'The folder(s) of a cached model, newest first: ready to pass to --model'
 complete -c vqdiff -n '__fish_seen_subcommand_from models; and not __fish_seen_subcommand_from list path rm' -a rm -d 'Delete a model\'s converted copies from vqdiff\'s cache (the Hub cache\'s downloads'
 complete -c vqdiff -n '__fish_seen_subcommand_from models ; and __fish_seen_subcommand_from list' -l cache-dir -r -F -d 'vqdiff\'s cache of converted models (env VQDIFF_CACHE_DIR)'
