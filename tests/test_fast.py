@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from vqdiff_cli import GenerateOptions, InpaintOptions, VQDiffusion
 from vqdiff_cli.config import SchedulerConfig
 from vqdiff_cli.diffusion.fast import (
+    NUM_COEF,
     FastPlan,
     denoise_fast,
     fast_step,
@@ -250,7 +251,7 @@ def test_known_tokens_are_restored_or_renoised():
 def test_plan_holds_every_step_on_the_device():
     plan = FastPlan.build(ITHQ_LIKE, (99, 60, 0), torch.device("cpu"))
     assert plan.t.tolist() == [99, 60, 0]
-    assert plan.coef.shape == (3, 9) and plan.coef.dtype == torch.float64
+    assert plan.coef.shape == (3, NUM_COEF) and plan.coef.dtype == torch.float64
     assert (plan.coef[-1] == 0).all()  # the final step needs no posterior
     assert plan.salt.tolist() == [198, 120, 0]
 
