@@ -412,7 +412,7 @@ class OpRecorder(TorchDispatchMode):
         return [op for op in self.ops if op in HOST_SYNC_OPS or "(" in op]
 
 
-@pytest.mark.parametrize("mode", ["generate", "inpaint-renoise"])
+@pytest.mark.parametrize("mode", ["generate", "inpaint-renoise", "generate-purity", "inpaint-renoise-purity"])
 @pytest.mark.parametrize("sampler", ["fast", "reference"])
 def test_the_step_loop_never_waits_for_the_host(tiny_pipe, monkeypatch, mode, sampler):
     """Every op of every step (network, guidance, truncation, posterior, noise, known tokens) stays on the device,
@@ -439,7 +439,9 @@ def test_the_step_loop_never_waits_for_the_host(tiny_pipe, monkeypatch, mode, sa
 
     monkeypatch.setattr(f"vqdiff_cli.pipeline.pipeline.{loop.__name__}", recorded)
     options = GenerateOptions(seed=4, num_images=2, batch_size=2, sampler=sampler, steps=6, truncation_rate=0.9)
-    if mode == "generate":
+    if mode.endswith("-purity"):  # a budgeted reveal, several calls per timestep
+        options = GenerateOptions(**{**options.__dict__, "reveal": "purity", "tokens_per_call": 2})
+    if mode.startswith("generate"):
         tiny_pipe.generate("a teddy bear", options)
     else:
         picture = Image.fromarray(np.full((16, 16, 3), 120, dtype=np.uint8))
