@@ -245,3 +245,46 @@ def test_exact_and_original_agree_without_a_stride():
     assert posterior_levels(timesteps, "original") == posterior_levels(timesteps, "exact")
     steps = plan_timesteps(99, steps=7)
     assert posterior_levels(steps, "original")[:-1] == [(s + 1, s) for s in steps[1:]]
+
+
+# -- the fast sampler's calls -----------------------------------------------------------------------------------
+
+
+def test_the_fast_plan_has_a_row_per_call_with_its_own_stream():
+    """Several calls at one t: the network told that t each time, a fresh noise stream per call, known tokens
+    imposed only after a timestep's last call, the step's target ratio in every row."""
+    from vqdiff_cli.diffusion.sampler import RevealPlan
+
+    timesteps = plan_timesteps(99, steps=5)
+    ratios = reveal_ratios(ITHQ.cumprod_ct, timesteps, 16, [16], 2)
+    plan = RevealPlan(RevealRule("purity", 1.0, 2), ratios, (16,))
+    built = fast.FastPlan.build(ITHQ, timesteps, torch.device("cpu"), reveal=plan)
+    calls = plan.step_calls()
+    assert built.calls == (*calls, 1)
+    assert built.t.tolist() == [t for t, n in zip(timesteps, built.calls, strict=True) for _ in range(n)]
+    assert len(set(built.salt.tolist())) == len(built.salt)  # no two calls share a stream
+    hold = built.coef[:-1, fast.HOLD_KNOWN].tolist()
+    assert hold == [1.0 if c + 1 < n else 0.0 for n in calls for c in range(n)]
+    assert built.coef[:-1, fast.RATIO].tolist() == [r for r, n in zip(ratios, calls, strict=True) for _ in range(n)]
+
+
+def test_known_tokens_are_imposed_only_after_a_timesteps_last_call():
+    from vqdiff_cli.diffusion.sampler import KnownTokens
+
+    known = KnownTokens(torch.tensor([[3, 3, 3, 3]]), torch.tensor([[True, True, False, False]]))
+    x = torch.tensor([[MASK, MASK, MASK, 1]])  # a known position masked (as re-noising leaves it), one replaced
+
+    def logits_fn(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return P.log().float().unsqueeze(0).expand(x_in.shape[0], -1, -1)
+
+    step = fast.make_step(
+        logits_fn, seed_words([0], "cpu"), None, 1.0, 4, known, reveal=RevealRule("random"), masked0=torch.tensor([2])
+    )
+    coef = torch.zeros(fast.NUM_COEF, dtype=torch.float64)
+    coef[fast.RATIO] = 0.5  # one of the two candidates
+    coef[fast.HOLD_KNOWN] = 1.0
+    held = step(x, torch.tensor(50), coef, torch.tensor(100), False)
+    assert held[0, 2:].tolist() == [MASK, 1]  # left as they were
+    assert int((held[0, :2] == MASK).sum()) == 1
+    coef[fast.HOLD_KNOWN] = 0.0
+    assert step(x, torch.tensor(50), coef, torch.tensor(100), False)[0, 2:].tolist() == [3, 3]  # restored
