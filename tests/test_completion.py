@@ -71,7 +71,7 @@ def test_bash_completes_file_names_after_file_options(tmp_path, monkeypatch):
 
 def test_bash_completes_commands_options_and_values():
     assert "generate" in _bash_complete(["vqdiff", "ge"])
-    assert _bash_complete(["vqdiff", "generate", "--stri"]) == ["--stride"]
+    assert _bash_complete(["vqdiff", "generate", "--stri"]) == ["--stride", "--stride-mode"]
     assert _bash_complete(["vqdiff", "generate", "a cat", "--dtype", "bf"]) == ["bfloat16"]
     assert _bash_complete(["vqdiff", "config", "p"]) == ["path"]
     assert _bash_complete(["vqdiff", "completion", ""]) == list(completion.SHELLS)
