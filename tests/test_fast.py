@@ -619,9 +619,12 @@ def test_a_failing_compile_falls_back_with_a_note(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("c++") is None, reason="inductor needs a C++ compiler on the CPU")
-def test_compiled_fast_path_compiles_and_gives_the_eager_tokens(tiny):
+@pytest.mark.parametrize("reveal", [{}, {"reveal": "purity", "tokens_per_call": 2}], ids=["posterior", "purity"])
+def test_compiled_fast_path_compiles_and_gives_the_eager_tokens(tiny, reveal):
     """`--compile` really compiles (no fallback note) the fused block and the step math, and samples what eager does."""
-    options = GenerateOptions(seed=5, num_images=2, batch_size=2, sampler="fast", steps=3, truncation_rate=0.9)
+    options = GenerateOptions(
+        seed=5, num_images=2, batch_size=2, sampler="fast", steps=3, truncation_rate=0.9, **reveal
+    )
     compiled = VQDiffusion.from_pretrained(tiny.path, device="cpu", compile=True)
     got = compiled.generate(["a red ball", "a cat"], options)
     assert compiled.acceleration_notes == []
