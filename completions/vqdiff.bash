@@ -19,6 +19,8 @@ _vqdiff() {
         --mask-mode) COMPREPLY=($(compgen -W "any half all" -- "$cur")); return ;;
         --known) COMPREPLY=($(compgen -W "restore renoise" -- "$cur")); return ;;
         --sampler) COMPREPLY=($(compgen -W "auto reference fast" -- "$cur")); return ;;
+        --reveal) COMPREPLY=($(compgen -W "posterior random purity" -- "$cur")); return ;;
+        --stride-mode) COMPREPLY=($(compgen -W "exact original" -- "$cur")); return ;;
     esac
     if [[ " $valued " == *" $prev "* ]]; then
         if [[ " $paths " == *" $prev "* ]]; then COMPREPLY=($(compgen -f -- "$cur")); fi
@@ -44,10 +46,10 @@ _vqdiff_opts() {
         "decode") echo "--output -o --model -m --revision --offline --cache-dir --variant --device --dtype --overwrite --quiet -q --help -h" ;;
         "download") echo "--revision --variant --dtype --device --offline --cache-dir --json --quiet -q --help -h" ;;
         "encode") echo "--output -o --keep-size --model -m --revision --offline --cache-dir --variant --device --dtype --overwrite --quiet -q --help -h" ;;
-        "eval") echo "--captions --count -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --vs-diffusers --save-images --output -o --overwrite --json --quiet -q --help -h" ;;
-        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --from-image --lora --lora-scale --same-batch --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --skip-existing --shard --json --quiet -q --dry-run --help -h" ;;
+        "eval") echo "--captions --count -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --reveal --purity --purity-weight --tokens-per-call --stride-mode --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --vs-diffusers --save-images --output -o --overwrite --json --quiet -q --help -h" ;;
+        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --reveal --purity --purity-weight --tokens-per-call --stride-mode --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --from-image --lora --lora-scale --same-batch --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --skip-existing --shard --json --quiet -q --dry-run --help -h" ;;
         "info") echo "--json --help -h" ;;
-        "inpaint") echo "--mask -M --prompt -p --mask-mode --grow --start-step --known --feather --no-composite --save-token-mask --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --output -o --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
+        "inpaint") echo "--mask -M --prompt -p --mask-mode --grow --start-step --known --feather --no-composite --save-token-mask --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --reveal --purity --purity-weight --tokens-per-call --stride-mode --output -o --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
         "models") echo "--help -h" ;;
         "models list") echo "--cache-dir --json --help -h" ;;
         "models path") echo "--revision --dtype --cache-dir --json --help -h" ;;
@@ -56,7 +58,7 @@ _vqdiff_opts() {
         "train bench") echo "--arch --batch-size --steps --warmup --lora --device --mixed-precision --json --help -h" ;;
         "train transformer") echo "--output -o --vqvae --text-encoder --train-text-encoder --from --lora --lora-alpha --resolution --layers --width --heads --timesteps --text-layers --text-width --caption-dropout --aux-weight --caption-column --strict --validation-prompt --validation-images --steps --batch-size --grad-accum --lr --warmup --weight-decay --clip-grad --ema --mixed-precision --checkpoint-every --keep --log-every --validate-every --seed --device --report-to --resume --overwrite --offline --cache-dir --quiet -q --help -h" ;;
         "train vqvae") echo "--output -o --resolution --downsample --codebook-size --embed-dim --channels --layers-per-block --norm-groups --disc-start --no-disc --disc-weight --revive-every --strict --steps --batch-size --grad-accum --lr --warmup --weight-decay --clip-grad --ema --mixed-precision --checkpoint-every --keep --log-every --validate-every --seed --device --report-to --resume --overwrite --quiet -q --help -h" ;;
-        "vary") echo "--strength --prompt -p --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --output -o --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
+        "vary") echo "--strength --prompt -p --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --reveal --purity --purity-weight --tokens-per-call --stride-mode --output -o --model -m --revision --offline --cache-dir --variant --device --dtype --compile --no-compile --cuda-graphs --no-cuda-graphs --threads --save-tokens --trajectory --animate --save-steps --no-metadata --overwrite --json --quiet -q --dry-run --help -h" ;;
     esac
 }
 _vqdiff_valued() {
@@ -73,10 +75,10 @@ _vqdiff_valued() {
         "decode") echo "--output -o --model -m --revision --cache-dir --variant --device --dtype" ;;
         "download") echo "--revision --variant --dtype --device --cache-dir" ;;
         "encode") echo "--output -o --model -m --revision --cache-dir --variant --device --dtype" ;;
-        "eval") echo "--captions --count -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --model -m --revision --cache-dir --variant --device --dtype --threads --save-images --output -o" ;;
-        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --model -m --revision --cache-dir --variant --device --dtype --threads --from-image --lora --lora-scale --save-tokens --trajectory --animate --save-steps --shard" ;;
+        "eval") echo "--captions --count -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --reveal --purity-weight --tokens-per-call --stride-mode --model -m --revision --cache-dir --variant --device --dtype --threads --save-images --output -o" ;;
+        "generate") echo "--prompts-file -f --output -o --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --reveal --purity-weight --tokens-per-call --stride-mode --model -m --revision --cache-dir --variant --device --dtype --threads --from-image --lora --lora-scale --save-tokens --trajectory --animate --save-steps --shard" ;;
         "info") echo "" ;;
-        "inpaint") echo "--mask -M --prompt -p --mask-mode --grow --start-step --known --feather --save-token-mask --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --output -o --model -m --revision --cache-dir --variant --device --dtype --threads --save-tokens --trajectory --animate --save-steps" ;;
+        "inpaint") echo "--mask -M --prompt -p --mask-mode --grow --start-step --known --feather --save-token-mask --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --reveal --purity-weight --tokens-per-call --stride-mode --output -o --model -m --revision --cache-dir --variant --device --dtype --threads --save-tokens --trajectory --animate --save-steps" ;;
         "models") echo "" ;;
         "models list") echo "--cache-dir" ;;
         "models path") echo "--revision --dtype --cache-dir" ;;
@@ -85,7 +87,7 @@ _vqdiff_valued() {
         "train bench") echo "--arch --batch-size --steps --warmup --lora --device --mixed-precision" ;;
         "train transformer") echo "--output -o --vqvae --text-encoder --from --lora --lora-alpha --resolution --layers --width --heads --timesteps --text-layers --text-width --caption-dropout --aux-weight --caption-column --validation-prompt --validation-images --steps --batch-size --grad-accum --lr --warmup --weight-decay --clip-grad --ema --mixed-precision --checkpoint-every --keep --log-every --validate-every --seed --device --report-to --cache-dir" ;;
         "train vqvae") echo "--output -o --resolution --downsample --codebook-size --embed-dim --channels --layers-per-block --norm-groups --disc-start --disc-weight --revive-every --steps --batch-size --grad-accum --lr --warmup --weight-decay --clip-grad --ema --mixed-precision --checkpoint-every --keep --log-every --validate-every --seed --device --report-to" ;;
-        "vary") echo "--strength --prompt -p --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --output -o --model -m --revision --cache-dir --variant --device --dtype --threads --save-tokens --trajectory --animate --save-steps" ;;
+        "vary") echo "--strength --prompt -p --num-images -n --seed -s --steps --stride --guidance -g --truncation -t --batch-size -b --sampler --reveal --purity-weight --tokens-per-call --stride-mode --output -o --model -m --revision --cache-dir --variant --device --dtype --threads --save-tokens --trajectory --animate --save-steps" ;;
     esac
 }
 _vqdiff_paths() {

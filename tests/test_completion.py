@@ -23,12 +23,21 @@ def test_completion_files_are_current(shell):
 
 def test_value_choices_match_the_code():
     from vqdiff_cli.device import DTYPES
-    from vqdiff_cli.options import DEVICES, DTYPE_CHOICES, KNOWN_MODES, MASK_MODES, SAMPLERS, VARIANTS
+    from vqdiff_cli.options import (
+        DEVICES,
+        DTYPE_CHOICES,
+        KNOWN_MODES,
+        MASK_MODES,
+        REVEALS,
+        SAMPLERS,
+        STRIDE_MODES,
+        VARIANTS,
+    )
 
     assert ("auto", *DTYPES) == DTYPE_CHOICES  # the torch dtypes behind the choices
 
-    flags = ("--device", "--dtype", "--variant", "--mask-mode", "--known", "--sampler")
-    choices = (DEVICES, DTYPE_CHOICES, VARIANTS, MASK_MODES, KNOWN_MODES, SAMPLERS)
+    flags = ("--device", "--dtype", "--variant", "--mask-mode", "--known", "--sampler", "--reveal", "--stride-mode")
+    choices = (DEVICES, DTYPE_CHOICES, VARIANTS, MASK_MODES, KNOWN_MODES, SAMPLERS, REVEALS, STRIDE_MODES)
     assert dict(zip(flags, choices, strict=True)) == completion.VALUE_CHOICES
 
 
@@ -62,7 +71,7 @@ def test_bash_completes_file_names_after_file_options(tmp_path, monkeypatch):
 
 def test_bash_completes_commands_options_and_values():
     assert "generate" in _bash_complete(["vqdiff", "ge"])
-    assert _bash_complete(["vqdiff", "generate", "--stri"]) == ["--stride"]
+    assert _bash_complete(["vqdiff", "generate", "--stri"]) == ["--stride", "--stride-mode"]
     assert _bash_complete(["vqdiff", "generate", "a cat", "--dtype", "bf"]) == ["bfloat16"]
     assert _bash_complete(["vqdiff", "config", "p"]) == ["path"]
     assert _bash_complete(["vqdiff", "completion", ""]) == list(completion.SHELLS)

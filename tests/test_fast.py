@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from vqdiff_cli import GenerateOptions, InpaintOptions, VQDiffusion
 from vqdiff_cli.config import SchedulerConfig
 from vqdiff_cli.diffusion.fast import (
+    NUM_COEF,
     FastPlan,
     denoise_fast,
     fast_step,
@@ -250,7 +251,7 @@ def test_known_tokens_are_restored_or_renoised():
 def test_plan_holds_every_step_on_the_device():
     plan = FastPlan.build(ITHQ_LIKE, (99, 60, 0), torch.device("cpu"))
     assert plan.t.tolist() == [99, 60, 0]
-    assert plan.coef.shape == (3, 9) and plan.coef.dtype == torch.float64
+    assert plan.coef.shape == (3, NUM_COEF) and plan.coef.dtype == torch.float64
     assert (plan.coef[-1] == 0).all()  # the final step needs no posterior
     assert plan.salt.tolist() == [198, 120, 0]
 
@@ -411,7 +412,7 @@ class OpRecorder(TorchDispatchMode):
         return [op for op in self.ops if op in HOST_SYNC_OPS or "(" in op]
 
 
-@pytest.mark.parametrize("mode", ["generate", "inpaint-renoise"])
+@pytest.mark.parametrize("mode", ["generate", "inpaint-renoise", "generate-purity", "inpaint-renoise-purity"])
 @pytest.mark.parametrize("sampler", ["fast", "reference"])
 def test_the_step_loop_never_waits_for_the_host(tiny_pipe, monkeypatch, mode, sampler):
     """Every op of every step (network, guidance, truncation, posterior, noise, known tokens) stays on the device,
@@ -438,7 +439,9 @@ def test_the_step_loop_never_waits_for_the_host(tiny_pipe, monkeypatch, mode, sa
 
     monkeypatch.setattr(f"vqdiff_cli.pipeline.pipeline.{loop.__name__}", recorded)
     options = GenerateOptions(seed=4, num_images=2, batch_size=2, sampler=sampler, steps=6, truncation_rate=0.9)
-    if mode == "generate":
+    if mode.endswith("-purity"):  # a budgeted reveal, several calls per timestep
+        options = GenerateOptions(**{**options.__dict__, "reveal": "purity", "tokens_per_call": 2})
+    if mode.startswith("generate"):
         tiny_pipe.generate("a teddy bear", options)
     else:
         picture = Image.fromarray(np.full((16, 16, 3), 120, dtype=np.uint8))
@@ -616,9 +619,12 @@ def test_a_failing_compile_falls_back_with_a_note(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("c++") is None, reason="inductor needs a C++ compiler on the CPU")
-def test_compiled_fast_path_compiles_and_gives_the_eager_tokens(tiny):
+@pytest.mark.parametrize("reveal", [{}, {"reveal": "purity", "tokens_per_call": 2}], ids=["posterior", "purity"])
+def test_compiled_fast_path_compiles_and_gives_the_eager_tokens(tiny, reveal):
     """`--compile` really compiles (no fallback note) the fused block and the step math, and samples what eager does."""
-    options = GenerateOptions(seed=5, num_images=2, batch_size=2, sampler="fast", steps=3, truncation_rate=0.9)
+    options = GenerateOptions(
+        seed=5, num_images=2, batch_size=2, sampler="fast", steps=3, truncation_rate=0.9, **reveal
+    )
     compiled = VQDiffusion.from_pretrained(tiny.path, device="cpu", compile=True)
     got = compiled.generate(["a red ball", "a cat"], options)
     assert compiled.acceleration_notes == []

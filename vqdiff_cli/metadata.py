@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from .errors import UsageError, excerpt
+from .options import GenerateOptions
 from .version import __version__
 
 JSON_KEY = "vqdiff"
@@ -15,10 +16,32 @@ PARAMETERS_KEY = "parameters"
 SCHEMA = 1
 
 # settings a re-run takes from an image (flags still win)
-RERUN_KEYS = ("model", "revision", "variant", "dtype", "steps", "stride", "guidance", "truncation", "sampler")
+RERUN_KEYS = (
+    "model",
+    "revision",
+    "variant",
+    "dtype",
+    "steps",
+    "stride",
+    "guidance",
+    "truncation",
+    "sampler",
+    "reveal",
+    "purity_weight",
+    "tokens_per_call",
+    "stride_mode",
+)
+REVEAL_KEYS = ("reveal", "purity_weight", "tokens_per_call", "stride_mode")
+# What a record written before these settings existed means by them (its images were made so).
+OLDER_DEFAULTS: dict[str, Any] = {
+    "reveal": "posterior",
+    "purity_weight": None,
+    "tokens_per_call": 0,
+    "stride_mode": "exact",
+}
 # What --skip-existing does not compare: the version that wrote an image, and what follows from the other fields (the
 # visited timesteps from the model and --steps or --stride, the size from the model).
-NOT_SETTINGS = ("vqdiff_version", "num_steps", "timesteps", "width", "height")
+NOT_SETTINGS = ("vqdiff_version", "num_steps", "timesteps", "network_calls", "width", "height")
 # What a run knows of an image's record before its model is loaded (the rest names the files that were read).
 KNOWN_BEFORE_LOADING = (
     "mode",
@@ -31,7 +54,19 @@ KNOWN_BEFORE_LOADING = (
     "stride",
     "guidance",
     "truncation",
+    *REVEAL_KEYS,
 )
+
+
+def reveal_settings(options: GenerateOptions) -> dict[str, Any]:
+    """How a run reveals tokens, as its records hold it: the purity weight only for the purity reveal (elsewhere it
+    changes nothing), 0 tokens per call for no limit (so that a re-run asks for no limit, whatever the config says)."""
+    return {
+        "reveal": options.reveal,
+        "purity_weight": options.purity_weight if options.reveal == "purity" else None,
+        "tokens_per_call": options.tokens_per_call or 0,
+        "stride_mode": options.stride_mode,
+    }
 
 
 def build(
@@ -45,10 +80,12 @@ def build(
     mode: str = "generate",
     batch: tuple[int, int] = (1, 0),
     extra: dict[str, Any] | None = None,
+    network_calls: int | None = None,
 ) -> dict[str, Any]:
     """The JSON record of one image; `settings` holds model, revision, model_path, variant (as requested),
-    weights_variant (the files read), device, dtype, steps, stride, guidance, truncation. `batch`: the number of
-    images in the batch it was made in and its position there (`generate --from-image --same-batch` rebuilds it)."""
+    weights_variant (the files read), device, dtype, steps, stride, guidance, truncation, sampler and the reveal
+    settings (`reveal_settings`). `batch`: the number of images in the batch it was made in and its position there
+    (`generate --from-image --same-batch` rebuilds it); `network_calls`: the transformer calls its batch took."""
     record = {
         "schema": SCHEMA,
         "vqdiff_version": __version__,
@@ -70,6 +107,8 @@ def build(
         "guidance": settings.get("guidance"),
         "truncation": settings.get("truncation"),
         "sampler": settings.get("sampler"),
+        **{k: settings.get(k, OLDER_DEFAULTS[k]) for k in REVEAL_KEYS},
+        "network_calls": network_calls,
         "width": size[0],
         "height": size[1],
         "batch_size": batch[0],
@@ -84,12 +123,7 @@ def a1111_parameters(record: dict[str, Any]) -> str:
     """`prompt` on the first line, then `Steps: ..., Sampler: ..., CFG scale: ..., Seed: ..., Size: ..., Model: ...`."""
     fields = [
         ("Steps", record.get("num_steps")),
-        (
-            "Sampler",
-            "VQ-Diffusion"
-            + (f" {record['sampler']}" if record.get("sampler") == "fast" else "")
-            + (f" stride {record['stride']}" if record.get("stride") else ""),
-        ),
+        ("Sampler", _sampler_text(record)),
         ("CFG scale", record.get("guidance")),
         ("Seed", record.get("seed")),
         ("Size", f"{record.get('width')}x{record.get('height')}"),
@@ -104,6 +138,20 @@ def a1111_parameters(record: dict[str, Any]) -> str:
         fields.insert(6, ("Model revision", record["revision"]))
     line = ", ".join(f"{k}: {v}" for k, v in fields if v is not None)
     return f"{record.get('prompt', '')}\n{line}"
+
+
+def _sampler_text(record: dict[str, Any]) -> str:
+    """E.g. "VQ-Diffusion fast stride 10 original", "VQ-Diffusion purity r=1 5 tokens/call"."""
+    reveal, per_call = record.get("reveal"), record.get("tokens_per_call")
+    return (
+        "VQ-Diffusion"
+        + (f" {record['sampler']}" if record.get("sampler") == "fast" else "")
+        + (f" stride {record['stride']}" if record.get("stride") else "")
+        + (" original" if record.get("stride_mode") == "original" else "")
+        + (f" {reveal}" if reveal in ("random", "purity") else "")
+        + (f" r={record['purity_weight']:g}" if reveal == "purity" and record.get("purity_weight") is not None else "")
+        + (f" {per_call} tokens/call" if reveal in ("random", "purity") and per_call else "")
+    )
 
 
 def png_text(record: dict[str, Any]) -> dict[str, str]:
@@ -150,4 +198,5 @@ def differences(found: dict[str, Any], expected: dict[str, Any], keys: tuple[str
     """The settings of `keys` (default: all of `expected` but NOT_SETTINGS) on which an image's record `found`
     differs from the `expected` one, each as "key: found, not expected"."""
     keys = keys or tuple(k for k in expected if k not in NOT_SETTINGS)
+    found = {**OLDER_DEFAULTS, **found}  # an image made before the reveal settings existed was made with these
     return [f"{k}: {found.get(k)!r}, not {expected.get(k)!r}" for k in keys if found.get(k) != expected.get(k)]

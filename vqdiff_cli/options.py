@@ -11,12 +11,21 @@ from .errors import UsageError, excerpt
 
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 1000.0  # far beyond any useful scale (3 to 10); keeps the guided scores finite in float16
+MAX_PURITY_WEIGHT = 100.0  # (1 + r) times a log-probability stays far inside float32
 SAMPLERS = ("auto", "reference", "fast")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 VARIANTS = ("auto", "fp16", "fp32")
 MASK_MODES = ("any", "half", "all")
 KNOWN_MODES = ("restore", "renoise")
+# How masked tokens are revealed at t > 0: "posterior" samples every position from the posterior (VQ-Diffusion v1);
+# "random" and "purity" reveal a budget of masked positions per timestep, chosen uniformly or by purity (Improved
+# VQ-Diffusion's high-quality and purity sampling), with tokens drawn from the x_0 prediction.
+REVEALS = ("posterior", "random", "purity")
+# How a strided chain takes its posterior: "exact" (the multi-step posterior q(x_s | x_t, x_0)) or "original"
+# (microsoft/VQ-Diffusion's sample_fast: a one-step posterior at t - stride + 1, the network told the true t)
+STRIDE_MODES = ("exact", "original")
+DEFAULT_PURITY_WEIGHT = 1.0  # r of Improved VQ-Diffusion's Eq. 11: prior_weight=1 in the original README's example
 DEFAULT_MODEL = "microsoft/vq-diffusion-ithq"
 DEFAULT_ARCHITECTURE = "ithq"  # the configs shipped in vqdiff_cli/configs/, for random-weight models
 DEFAULT_STRENGTH = 0.5  # how far a variation noises the image: 0 keeps it, 1 is plain generation
@@ -115,6 +124,10 @@ class GenerateOptions:
     # "reference": diffusers' op order, per image (bit-identical to diffusers on CPU float32); "fast": batched
     # closed-form sampler with its own noise stream (the same distribution, different tokens); "auto": fast on CUDA
     sampler: str = "auto"
+    reveal: str = "posterior"  # one of REVEALS
+    purity_weight: float = DEFAULT_PURITY_WEIGHT  # r: sharpens confident positions (purity reveal only); 0: none
+    tokens_per_call: int | None = None  # random/purity: at most this many tokens revealed per network call
+    stride_mode: str = "exact"  # one of STRIDE_MODES
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.stride is not None:
@@ -138,10 +151,45 @@ class GenerateOptions:
         if self.sampler not in SAMPLERS:
             hint = f"use one of: {', '.join(SAMPLERS)}"
             raise UsageError(f"unknown sampler '{excerpt(self.sampler)}'", hint=hint, about=("sampler",))
+        self._check_reveal()
+
+    def _check_reveal(self) -> None:
+        if self.reveal not in REVEALS:
+            hint = f"use one of: {', '.join(REVEALS)}"
+            raise UsageError(f"unknown --reveal '{excerpt(self.reveal)}'", hint=hint, about=("reveal",))
+        if self.stride_mode not in STRIDE_MODES:
+            hint = f"use one of: {', '.join(STRIDE_MODES)}"
+            raise UsageError(f"unknown --stride-mode '{excerpt(self.stride_mode)}'", hint=hint, about=("stride_mode",))
+        if not 0 <= self.purity_weight <= MAX_PURITY_WEIGHT:  # NaN fails too
+            raise UsageError(
+                f"--purity-weight must be between 0 and {MAX_PURITY_WEIGHT:g}, got {self.purity_weight}",
+                about=("purity_weight",),
+            )
+        if self.tokens_per_call is not None and self.tokens_per_call < 1:
+            raise UsageError(
+                f"--tokens-per-call must be at least 1, got {self.tokens_per_call}", about=("tokens_per_call",)
+            )
+        if self.tokens_per_call is not None and self.reveal == "posterior":
+            raise UsageError(
+                "--tokens-per-call applies to a budgeted reveal, not to --reveal posterior",
+                hint="add --reveal random or --purity",
+                about=("tokens_per_call", "reveal"),
+            )
+        if self.stride_mode == "original" and self.reveal != "posterior":
+            raise UsageError(
+                f"--stride-mode original changes the posterior, which --reveal {self.reveal} does not sample from",
+                hint="use --stride-mode exact (the default) with --reveal random or --purity",
+                about=("stride_mode", "reveal"),
+            )
 
     @property
     def guided(self) -> bool:
         return self.guidance_scale != 1.0
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether steps before the last reveal a budget of masked positions (random or purity reveal)."""
+        return self.reveal != "posterior"
 
     def timesteps(self, num_train_timesteps: int, start: int | None = None) -> tuple[int, ...]:
         """Visited timesteps from `start` (default T-1); a partial chain keeps the full chain's density."""

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import UsageError, excerpt
-from ..options import DEVICES, DTYPE_CHOICES, KNOWN_MODES, MASK_MODES, SAMPLERS, VARIANTS
+from ..options import DEVICES, DTYPE_CHOICES, KNOWN_MODES, MASK_MODES, REVEALS, SAMPLERS, STRIDE_MODES, VARIANTS
 from .console import Output
 
 # values offered after an option: the choices of options.py
@@ -27,6 +27,8 @@ VALUE_CHOICES: dict[str, tuple[str, ...]] = {
     "--mask-mode": MASK_MODES,
     "--known": KNOWN_MODES,
     "--sampler": SAMPLERS,
+    "--reveal": REVEALS,
+    "--stride-mode": STRIDE_MODES,
 }
 # file name templates (strings, not paths, to the app): completed as file names all the same
 FILE_TEMPLATES = ("--output", "--animate")

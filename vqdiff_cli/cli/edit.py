@@ -10,6 +10,7 @@ import typer
 
 from ..options import DEFAULT_STRENGTH, GenerateOptions, InpaintOptions, Job
 from . import naming
+from .calls import Start
 from .console import Output
 from .options import (
     BatchSizeOpt,
@@ -26,6 +27,7 @@ from .options import (
     OfflineOpt,
     OverwriteOpt,
     QuietOpt,
+    RevealOpts,
     RevisionOpt,
     SamplerOpt,
     SeedOpt,
@@ -35,12 +37,15 @@ from .options import (
     TruncationOpt,
     VariantOpt,
     VisualsOpts,
+    reveal_flag,
 )
 from .rounds import execute
 from .run import RunPlan, RunRequest
 from .settings import SettingFlags
 
 if TYPE_CHECKING:
+    from ..config import PipelineConfig
+    from ..diffusion.schedule import MaskAndReplaceSchedule
     from ..pipeline.pipeline import GeneratedImage, VQDiffusion
 
 ImageArg = Annotated[
@@ -121,6 +126,11 @@ def inpaint(
     truncation: TruncationOpt = None,
     batch_size: BatchSizeOpt = None,
     sampler: SamplerOpt = None,
+    reveal: RevealOpts.Reveal = None,
+    purity: RevealOpts.Purity = False,
+    purity_weight: RevealOpts.PurityWeight = None,
+    tokens_per_call: RevealOpts.TokensPerCall = None,
+    stride_mode: RevealOpts.StrideMode = None,
     output: OutputOpt = None,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
@@ -144,7 +154,7 @@ def inpaint(
 ) -> None:
     """Regenerate the masked part of an image and keep the rest."""
     from ..images import load_rgb, save_png
-    from ..masks import fit_mask, load_mask, mask_image
+    from ..masks import fit_mask, load_mask, mask_image, regenerate_mask
 
     out = Output(quiet=quiet, json_mode=json_out)
     inpaint_options = InpaintOptions(
@@ -172,6 +182,10 @@ def inpaint(
             truncation=truncation,
             batch_size=batch_size,
             sampler=sampler,
+            reveal=reveal_flag(reveal, purity),
+            purity_weight=purity_weight,
+            tokens_per_call=tokens_per_call,
+            stride_mode=stride_mode,
         ),
         request=RunRequest(
             num_images=num_images,
@@ -200,6 +214,17 @@ def inpaint(
         "feather": feather,
         "composite": not no_composite,
     }
+
+    def call_basis(config: PipelineConfig, schedule: MaskAndReplaceSchedule) -> Start:
+        import torch
+
+        from ..pipeline.editing import inpaint_start_step
+
+        grid = (config.transformer.sample_size, config.transformer.sample_size)
+        regenerate = torch.from_numpy(regenerate_mask(fitted, grid, inpaint_options))
+        return Start(inpaint_start_step(regenerate, inpaint_options, schedule), int(regenerate.sum()))
+
+    plan.call_basis = call_basis
     if dry_run:
         plan.print_dry_run(out)
         return
@@ -237,6 +262,11 @@ def vary(
     truncation: TruncationOpt = None,
     batch_size: BatchSizeOpt = None,
     sampler: SamplerOpt = None,
+    reveal: RevealOpts.Reveal = None,
+    purity: RevealOpts.Purity = False,
+    purity_weight: RevealOpts.PurityWeight = None,
+    tokens_per_call: RevealOpts.TokensPerCall = None,
+    stride_mode: RevealOpts.StrideMode = None,
     output: OutputOpt = None,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
@@ -283,6 +313,10 @@ def vary(
             truncation=truncation,
             batch_size=batch_size,
             sampler=sampler,
+            reveal=reveal_flag(reveal, purity),
+            purity_weight=purity_weight,
+            tokens_per_call=tokens_per_call,
+            stride_mode=stride_mode,
         ),
         request=RunRequest(
             num_images=num_images,
@@ -302,6 +336,17 @@ def vary(
     )
 
     plan.extra_metadata = {"source_image": str(image), "strength": strength}
+
+    def call_basis(config: PipelineConfig, schedule: MaskAndReplaceSchedule) -> Start | None:
+        from ..pipeline.editing import variation_start
+
+        t0 = variation_start(strength, config.num_train_timesteps)
+        if t0 is None:
+            return None
+        tokens = config.transformer.num_latent_pixels
+        return Start(t0, round(tokens * float(schedule.cumprod_ct[t0])), expected=t0 < config.num_train_timesteps - 1)
+
+    plan.call_basis = call_basis
     if dry_run:
         plan.print_dry_run(out)
         return

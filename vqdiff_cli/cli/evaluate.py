@@ -13,7 +13,6 @@ import typer
 from ..datasets.shapes import EVAL_COUNT
 from ..errors import UsageError
 from ..files import check_folder_writable, check_writable
-from ..options import GenerateOptions
 from .console import Output
 from .options import (
     BatchSizeOpt,
@@ -27,6 +26,7 @@ from .options import (
     OfflineOpt,
     OverwriteOpt,
     QuietOpt,
+    RevealOpts,
     RevisionOpt,
     SamplerOpt,
     StepsOpt,
@@ -34,8 +34,9 @@ from .options import (
     ThreadsOpt,
     TruncationOpt,
     VariantOpt,
+    reveal_flag,
 )
-from .settings import SettingFlags, load, with_origin
+from .settings import SettingFlags, generate_options, load, with_origin
 
 if TYPE_CHECKING:
     from ..datasets.evaluate import EvalReport, Made
@@ -69,6 +70,11 @@ def evaluate(
     truncation: TruncationOpt = None,
     batch_size: BatchSizeOpt = None,
     sampler: SamplerOpt = None,
+    reveal: RevealOpts.Reveal = None,
+    purity: RevealOpts.Purity = False,
+    purity_weight: RevealOpts.PurityWeight = None,
+    tokens_per_call: RevealOpts.TokensPerCall = None,
+    stride_mode: RevealOpts.StrideMode = None,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     offline: OfflineOpt = False,
@@ -117,20 +123,13 @@ def evaluate(
             truncation=truncation,
             batch_size=batch_size,
             sampler=sampler,
+            reveal=reveal_flag(reveal, purity),
+            purity_weight=purity_weight,
+            tokens_per_call=tokens_per_call,
+            stride_mode=stride_mode,
         )
     )
-    try:
-        options = GenerateOptions(
-            steps=settings["steps"],
-            stride=settings["stride"],
-            guidance_scale=settings["guidance"],
-            truncation_rate=settings["truncation"],
-            seed=seed,
-            batch_size=settings["batch_size"],
-            sampler=settings["sampler"],
-        )
-    except UsageError as e:
-        raise with_origin(e, settings) from None
+    options = generate_options(settings, seed=seed)
     if count is not None and count < 1:
         raise UsageError(f"--count must be at least 1, got {count}")
     from ..datasets.folder import read_captions
@@ -202,6 +201,13 @@ def evaluate(
         "guidance": options.guidance_scale,
         "truncation": options.truncation_rate,
         "sampler": options.sampler,
+        "reveal": options.reveal,
+        "purity_weight": options.purity_weight if options.reveal == "purity" else None,
+        "tokens_per_call": options.tokens_per_call,
+        "stride_mode": options.stride_mode,
+        "steps": options.steps,
+        "stride": options.stride,
+        "network_calls": ours.calls_per_image,
         "batch_size": options.batch_size,
         "device": str(pipe.device),
         "dtype": pipe.dtype_name,

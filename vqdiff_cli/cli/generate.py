@@ -28,6 +28,7 @@ from .options import (
     OfflineOpt,
     OverwriteOpt,
     QuietOpt,
+    RevealOpts,
     RevisionOpt,
     SamplerOpt,
     SeedOpt,
@@ -37,6 +38,7 @@ from .options import (
     TruncationOpt,
     VariantOpt,
     VisualsOpts,
+    reveal_flag,
 )
 from .rounds import execute
 from .run import RunPlan, RunRequest, read_prompts_file
@@ -80,6 +82,11 @@ def generate(
     truncation: TruncationOpt = None,
     batch_size: BatchSizeOpt = None,
     sampler: SamplerOpt = None,
+    reveal: RevealOpts.Reveal = None,
+    purity: RevealOpts.Purity = False,
+    purity_weight: RevealOpts.PurityWeight = None,
+    tokens_per_call: RevealOpts.TokensPerCall = None,
+    stride_mode: RevealOpts.StrideMode = None,
     model: ModelOpt = None,
     revision: RevisionOpt = None,
     offline: OfflineOpt = False,
@@ -181,6 +188,10 @@ def generate(
                 truncation=truncation,
                 batch_size=batch_size,
                 sampler=sampler,
+                reveal=reveal_flag(reveal, purity),
+                purity_weight=purity_weight,
+                tokens_per_call=tokens_per_call,
+                stride_mode=stride_mode,
             )
             request = RunRequest(
                 num_images=num_images,

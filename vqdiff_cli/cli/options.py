@@ -11,7 +11,8 @@ from typing import Annotated
 
 import typer
 
-from ..options import DEFAULT_MODEL, GenerateOptions
+from ..errors import UsageError
+from ..options import DEFAULT_MODEL, REVEALS, STRIDE_MODES, GenerateOptions
 
 
 def _h(text: str, default: object) -> str:
@@ -194,3 +195,55 @@ ThreadsOpt = Annotated[
         "--threads", help="CPU threads (default: OMP_NUM_THREADS, else the CPUs available).", show_default=False
     ),
 ]
+
+
+class RevealOpts:
+    """How masked tokens are revealed (Improved VQ-Diffusion's sampling), and how strides take their posterior."""
+
+    Reveal = Annotated[
+        str | None,
+        typer.Option(
+            "--reveal",
+            help=f"{', '.join(REVEALS)}: sample every position from the posterior (VQ-Diffusion), or reveal a "
+            "budget of masked positions per timestep, chosen uniformly or by purity, with tokens from the x_0 "
+            f"prediction (Improved VQ-Diffusion). [default: {GenerateOptions.reveal}]",
+            show_default=False,
+        ),
+    ]
+    Purity = Annotated[bool, typer.Option("--purity", help="The purity prior: the same as --reveal purity.")]
+    PurityWeight = Annotated[
+        float | None,
+        typer.Option(
+            "--purity-weight",
+            help=_h(
+                "r of the purity prior: tokens from p ** (1 + r * purity); 0: unsharpened.",
+                GenerateOptions.purity_weight,
+            ),
+            show_default=False,
+        ),
+    ]
+    TokensPerCall = Annotated[
+        int | None,
+        typer.Option(
+            "--tokens-per-call",
+            help="With --reveal random or purity: reveal at most N tokens per network call, calling again at the same "
+            "timestep until its budget is met (more calls, better images). [default: 0, no limit]",
+            show_default=False,
+        ),
+    ]
+    StrideMode = Annotated[
+        str | None,
+        typer.Option(
+            "--stride-mode",
+            help=f"{' or '.join(STRIDE_MODES)}: the exact multi-step posterior between visited timesteps, or the "
+            "original code's one-step approximation (for comparison). [default: exact]",
+            show_default=False,
+        ),
+    ]
+
+
+def reveal_flag(reveal: str | None, purity: bool) -> str | None:
+    """--reveal, with --purity as a short form of --reveal purity."""
+    if purity and reveal not in (None, "purity"):
+        raise UsageError(f"--purity is --reveal purity; it contradicts --reveal {reveal}")
+    return "purity" if purity else reveal

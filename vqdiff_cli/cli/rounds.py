@@ -46,6 +46,7 @@ def _settings_for_metadata(plan: RunPlan, pipe: VQDiffusion) -> dict[str, Any]:
         "stride": s["stride"],
         "guidance": s["guidance"],
         "truncation": s["truncation"],
+        **metadata.reveal_settings(plan.options),
     }
 
 
@@ -254,6 +255,7 @@ class _Writer:
             mode=plan.mode,
             batch=(result.batch_size, result.batch_index),
             extra=self.extra_metadata,
+            network_calls=result.network_calls,
         )
         text = metadata.png_text(record) if plan.request.metadata else None
         if plan.outputs is None:

@@ -19,8 +19,9 @@ from ..errors import OutputError, UsageError, excerpt
 from ..files import check_folder_writable, check_suffix, check_writable
 from ..options import GenerateOptions, Job, plan_jobs, random_seed
 from . import naming
+from .calls import CallBasis, calls_line, dry_run_calls
 from .console import Output
-from .settings import DEFAULT_OUTPUT, Resolved, SettingFlags, load, with_origin
+from .settings import DEFAULT_OUTPUT, Resolved, SettingFlags, generate_options, load
 
 
 def read_prompts_file(path: Path) -> list[str]:
@@ -85,6 +86,7 @@ class RunPlan:
     extra_files: list[Path] = field(default_factory=list)  # written by the command itself (e.g. a token mask)
     extra_metadata: dict[str, Any] = field(default_factory=dict)
     world: World = field(default_factory=World)  # this process among those of a launch
+    call_basis: CallBasis | None = None  # for --dry-run: where a batch's chain starts (default: generation's start)
     outputs: list[Path] | None = field(init=False)  # None: one PNG to stdout
     animations: list[Path] | None = field(init=False)
     batches: list[list[Job]] = field(init=False)  # this process's: batches[r] is its batch of round r
@@ -136,19 +138,7 @@ class RunPlan:
         defaults = {"output": default_output} if default_output is not None else None
         settings = load(flags, image=image_settings, defaults=defaults)
         seed = random_seed() if request.seed is None else request.seed
-        try:
-            options = GenerateOptions(
-                steps=settings["steps"],
-                stride=settings["stride"],
-                guidance_scale=settings["guidance"],
-                truncation_rate=settings["truncation"],
-                seed=seed,
-                num_images=request.num_images,
-                batch_size=settings["batch_size"],
-                sampler=settings["sampler"],
-            )
-        except UsageError as e:
-            raise with_origin(e, settings) from None
+        options = generate_options(settings, seed=seed, num_images=request.num_images)
         jobs = plan_jobs(prompts, seed, request.num_images)
         if settings["output"] == "-" and len(jobs) > 1:
             raise UsageError(f"-o - writes one PNG to stdout, but this run makes {len(jobs)} images")
@@ -232,6 +222,7 @@ class RunPlan:
         assert self.outputs is not None
         planned = {key: self.settings[key] for key in ("model", "variant", "steps", "stride")}
         planned |= {"guidance": self.settings["guidance"], "truncation": self.settings["truncation"]}
+        planned |= metadata.reveal_settings(self.options)
         for job in self.share:
             path = self.outputs[job.index]
             if not path.exists():
@@ -306,6 +297,7 @@ class RunPlan:
         outputs = [naming.shown(self.outputs[j.index]) for j in self.share] if self.outputs is not None else ["-"]
         kept = [naming.shown(self.image_path(self.jobs[i])) for i in sorted(self.made_before)]
         share = self.request.shard.within(self.world.shard)
+        calls = dry_run_calls(self.settings, self.options, self.call_basis)
         if out.json_mode:
             out.record(
                 {
@@ -319,6 +311,9 @@ class RunPlan:
                     "made_before": kept,
                     "files": [naming.shown(p) for p in self.files()],
                     "metadata": self.request.metadata,
+                    "network_calls": calls["network_calls"],  # per batch; None: not known before the model loads
+                    "network_calls_expected": calls["expected"],  # an expectation (a variation's random start)
+                    "timesteps": calls["timesteps"],
                 }
             )
             return
@@ -329,6 +324,7 @@ class RunPlan:
         )
         for line in self.settings.table():
             out.result(line)
+        out.result(calls_line(calls))
         for path in outputs:
             out.result(f"  -> {path}" + (" (made before: kept)" if path in kept else ""))
 

@@ -45,6 +45,10 @@ SETTINGS: dict[str, Setting] = {
         Setting("truncation", GenerateOptions.truncation_rate, float),
         Setting("batch_size", GenerateOptions.batch_size, int),
         Setting("sampler", GenerateOptions.sampler, str),
+        Setting("reveal", GenerateOptions.reveal, str),
+        Setting("purity_weight", GenerateOptions.purity_weight, float),
+        Setting("tokens_per_call", 0, int),  # 0: no limit (GenerateOptions' None), so that a record can say so
+        Setting("stride_mode", GenerateOptions.stride_mode, str),
         Setting("cache_dir", None, str, "VQDIFF_CACHE_DIR"),
     )
 }
@@ -69,11 +73,47 @@ class SettingFlags:
     truncation: float | None = None
     batch_size: int | None = None
     sampler: str | None = None
+    reveal: str | None = None
+    purity_weight: float | None = None
+    tokens_per_call: int | None = None
+    stride_mode: str | None = None
     cache_dir: Path | None = None
 
     def given(self) -> dict[str, Any]:
         """Every setting's flag, by key (Paths as text)."""
         return {k: str(v) if isinstance(v, Path) else v for k in SETTINGS if (v := getattr(self, k)) is not None}
+
+
+def generate_options(settings: Resolved, **fixed: Any) -> GenerateOptions:
+    """The sampling options of resolved settings (`fixed`: the seed, the number of images), a bad value named with
+    where it came from. --purity-weight given on the command line without the purity reveal is refused."""
+    try:
+        if settings.sources.get("purity_weight") == "flag" and settings["reveal"] != "purity":
+            raise UsageError(
+                f"--purity-weight applies to the purity reveal, not to --reveal {settings['reveal']}",
+                hint="add --purity",
+                about=("purity_weight", "reveal"),
+            )
+        per_call = settings["tokens_per_call"]
+        if per_call is not None and per_call < 0:
+            raise UsageError(
+                f"--tokens-per-call must be 0 (no limit) or more, got {per_call}", about=("tokens_per_call",)
+            )
+        return GenerateOptions(
+            steps=settings["steps"],
+            stride=settings["stride"],
+            guidance_scale=settings["guidance"],
+            truncation_rate=settings["truncation"],
+            batch_size=settings["batch_size"],
+            sampler=settings["sampler"],
+            reveal=settings["reveal"],
+            purity_weight=settings["purity_weight"],
+            tokens_per_call=per_call or None,
+            stride_mode=settings["stride_mode"],
+            **fixed,
+        )
+    except UsageError as e:
+        raise with_origin(e, settings) from None
 
 
 def config_path() -> Path:

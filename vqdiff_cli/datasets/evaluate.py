@@ -97,7 +97,7 @@ class VqdiffEngine:
     def __init__(self, pipe: VQDiffusion, options: GenerateOptions) -> None:
         self.pipe, self.options = pipe, options
         self.name = "vqdiff-fast" if pipe.uses_fast_sampler(options) else "vqdiff-reference"
-        self.calls_per_image = len(options.timesteps(pipe.num_train_timesteps))
+        self.calls_per_image = pipe.network_calls(options)
 
     def make(self, cases: Sequence[EvalCase], on_image: Callable[[Made], None]) -> list[Made]:
         jobs = [Job(case.caption, case.seed, i) for i, case in enumerate(cases)]

@@ -23,6 +23,12 @@ sections 5.6, 5.9 and 7 give diffusers' formulas):
 5. **Counter-based noise** (`streams.py`): per-image uniforms from (seed, timestep, column), all images in one
    expression, no generator state, no host synchronisation.
 
+The budgeted reveal (`reveal.py`) runs here too, on the same weights: the purity score is 1 / (sum of the guided
+weights), whose largest entry is 1; the sharpened class is drawn by inverse CDF of weights ** (1 + r s), the
+positions as the `count` largest keys log(score) + Gumbel noise among the candidates. Each call's count is found on
+the device from the candidates still masked and the step's target (the plan's ratio times the image's masked
+candidates at the start, rounded exactly as the host rounds it), so the loop never reads it back.
+
 What is the same alone or in a batch: an image's noise, always and on any device. Its tokens, bit for bit, on a CPU
 in float32 (every op treats an image of a batch on its own; `tests/test_fast.py` checks it). On a GPU only for the
 same batch size: cuBLAS picks its GEMM kernels by problem size, so an image's float16 (or bfloat16, or float32)
@@ -38,7 +44,8 @@ from typing import Protocol
 
 import torch
 
-from .sampler import KnownTokens
+from .reveal import RevealRule, choose_positions, gumbel, purity
+from .sampler import KnownTokens, Levels, RevealPlan, posterior_levels
 from .schedule import MaskAndReplaceSchedule
 from .streams import uniforms
 
@@ -49,11 +56,14 @@ A_T, B_T = 2, 3  # alpha-bar_t, beta-bar_t: q(x_t = j | x_0 = j) = A_T + B_T, q(
 A_S, B_S = 4, 5  # alpha-bar_s, beta-bar_s
 KEEP, BETA = 6, 7  # q(x_t = j | x_s = j) = alpha_{t|s} + beta_{t|s}; q(x_t = j | x_s = k != j) = beta_{t|s}
 G_S = 8  # gamma-bar_s, for re-noising known tokens
-NUM_COEF = 9
+RATIO = 9  # budgeted reveal: the share of the start's masked candidates still masked after this step
+HOLD_KNOWN = 10  # budgeted reveal: 1 for a call that does not end its timestep (known tokens are left as they are)
+NUM_COEF = 11
 
 DRAWS = 4  # uniforms per column and step: move?, from the model?, which class (model), which class (uniform)
 RENOISE_SALT = 1  # the re-noising stream of a step is salt + 1 (steps use even salts)
 START_SALT = -1  # the stream of an edit's start draw (steps use salts 2t and 2t + 1, never negative)
+CALL_SALT = 1 << 20  # call c of a budgeted step at t draws from salt 2t + c * CALL_SALT (even, as every step's)
 
 
 def step_coefficients(schedule: MaskAndReplaceSchedule, t: int, s: int | None) -> list[float]:
@@ -77,22 +87,52 @@ def step_coefficients(schedule: MaskAndReplaceSchedule, t: int, s: int | None) -
 
 @dataclass(frozen=True)
 class FastPlan:
-    """Everything the loop needs per step, on the device up front, so that no step copies from the host."""
+    """Everything the loop needs per network call, on the device up front, so that no call copies from the host."""
 
-    timesteps: tuple[int, ...]
-    t: torch.Tensor  # (S,) int64: the network's timestep at each step
-    coef: torch.Tensor  # (S, NUM_COEF) float64
-    salt: torch.Tensor  # (S,) int64: the noise stream of each step
+    timesteps: tuple[int, ...]  # the visited timesteps
+    t: torch.Tensor  # (C,) int64: the network's timestep at each call
+    coef: torch.Tensor  # (C, NUM_COEF) float64
+    salt: torch.Tensor  # (C,) int64: the noise stream of each call
+    calls: tuple[int, ...] = ()  # network calls per visited timestep (default: one each)
+
+    def __post_init__(self) -> None:
+        if not self.calls:
+            object.__setattr__(self, "calls", (1,) * len(self.timesteps))
 
     @classmethod
-    def build(cls, schedule: MaskAndReplaceSchedule, timesteps: Sequence[int], device: torch.device) -> FastPlan:
+    def build(
+        cls,
+        schedule: MaskAndReplaceSchedule,
+        timesteps: Sequence[int],
+        device: torch.device,
+        levels: Levels | None = None,
+        reveal: RevealPlan | None = None,
+    ) -> FastPlan:
+        """The posterior each step takes (`levels`, default exact), or a budgeted reveal's calls."""
+        levels = posterior_levels(timesteps) if levels is None else levels
         targets: list[int | None] = [*timesteps[1:], None]
-        coef = [step_coefficients(schedule, t, s) for t, s in zip(timesteps, targets, strict=True)]
+        per_step = reveal.step_calls() if reveal is not None else [1] * (len(timesteps) - 1)
+        rows: list[tuple[int, list[float], int]] = []  # (t, coefficients, salt) per call
+        for i, t in enumerate(timesteps):
+            if i + 1 == len(timesteps):
+                rows.append((t, step_coefficients(schedule, t, None), 2 * t))
+            elif reveal is None:
+                level = levels[i]
+                assert level is not None
+                rows.append((t, step_coefficients(schedule, *level), 2 * t))
+            for c in range(per_step[i] if reveal is not None and i + 1 < len(timesteps) else 0):
+                assert reveal is not None
+                coef = step_coefficients(schedule, t, targets[i])  # the level s, for re-noising known tokens
+                coef[RATIO] = reveal.ratios[i]
+                coef[HOLD_KNOWN] = 1.0 if c + 1 < per_step[i] else 0.0
+                rows.append((t, coef, 2 * t + c * CALL_SALT))
+        calls = tuple(per_step[: len(timesteps) - 1]) + ((1,) if timesteps else ())
         return cls(
             tuple(timesteps),
-            torch.tensor(list(timesteps), dtype=torch.long, device=device),
-            torch.tensor(coef, dtype=torch.float64, device=device),
-            torch.tensor([2 * t for t in timesteps], dtype=torch.long, device=device),
+            torch.tensor([t for t, _, _ in rows], dtype=torch.long, device=device),
+            torch.tensor([c for _, c, _ in rows], dtype=torch.float64, device=device).view(len(rows), NUM_COEF),
+            torch.tensor([salt for _, _, salt in rows], dtype=torch.long, device=device),
+            calls if reveal is not None else (),
         )
 
 
@@ -174,6 +214,37 @@ def sample_columns(
     return torch.where(moves, new, x_t)
 
 
+def reveal_columns(
+    weights: torch.Tensor,
+    x_t: torch.Tensor,
+    candidates: torch.Tensor,
+    count: torch.Tensor,
+    score: torch.Tensor | None,
+    sharpen: float,
+    u: torch.Tensor,
+) -> torch.Tensor:
+    """A budgeted step: `count` (B,) of the candidates (B, N) take a token of the (truncated) weights (B, N, n),
+    sharpened to weights ** (1 + sharpen * score) when `sharpen` > 0, chosen in proportion to `score` (B, N)
+    (uniformly when None); the other positions keep x_t. u: (B, N, DRAWS) (the positions' keys use u[..., 0], the
+    classes u[..., 2])."""
+    w = weights.double()
+    if score is not None and sharpen > 0:
+        w = w.pow((1 + sharpen * score).unsqueeze(-1))
+    cdf = w.cumsum(dim=-1)
+    tokens = _invert_cdf(cdf, u[..., 2] * cdf[..., -1])
+    keys = gumbel(u[..., 0]) if score is None else gumbel(u[..., 0]) + score.log()
+    return torch.where(choose_positions(keys, candidates, count), tokens, x_t)
+
+
+def reveal_count(
+    candidates: torch.Tensor, masked0: torch.Tensor, coef: torch.Tensor, per_call: int | None
+) -> torch.Tensor:
+    """(B,) tokens this call reveals: what is left above the step's target floor(M rho + 1/2), at most `per_call`."""
+    target = torch.floor(masked0.double() * coef[RATIO] + 0.5).long()
+    left = candidates.sum(dim=-1) - target
+    return left.clamp(min=0, max=per_call if per_call is not None else candidates.shape[-1])
+
+
 def q_sample_columns(x_0: torch.Tensor, coef: torch.Tensor, u: torch.Tensor, num_codes: int) -> torch.Tensor:
     """x_s ~ q(x_s | x_0) for (B, N) ids: the mask with gamma-bar_s, x_0 with alpha-bar_s, else a uniform class."""
     c = coef.unbind()
@@ -201,12 +272,28 @@ def fast_step(
     guidance_scale: float | None,
     truncation_rate: float,
     final: bool,
+    reveal: RevealRule | None = None,
+    masked0: torch.Tensor | None = None,
+    regenerate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Guidance, truncation, posterior and sample for a batch: raw scores (2B or B, N, n), x_t (B, N) -> (B, N)."""
+    """Guidance, truncation, posterior and sample for a batch: raw scores (2B or B, N, n), x_t (B, N) -> (B, N).
+
+    With `reveal` every step but the final one is a budgeted call instead (`masked0`: (B,) each image's candidates
+    at the start; `regenerate`: (B, N) the positions inpainting may reveal, None for all)."""
     weights = guided_weights(logits, guidance_scale)
+    u = uniforms(words, salt, (x_t.shape[1], DRAWS))
+    if reveal is not None and not final:
+        assert masked0 is not None
+        score = purity(1 / weights.sum(dim=-1, dtype=torch.float64)) if reveal.rule == "purity" else None
+        if truncation_rate < 1.0:
+            weights = truncate_weights(weights, truncation_rate)
+        candidates = x_t == weights.shape[-1]
+        if regenerate is not None:
+            candidates = candidates & regenerate
+        count = reveal_count(candidates, masked0, coef, reveal.per_call)
+        return reveal_columns(weights, x_t, candidates, count, score, reveal.weight, u)
     if truncation_rate < 1.0:
         weights = truncate_weights(weights, truncation_rate)
-    u = uniforms(words, salt, (x_t.shape[1], DRAWS))
     return sample_columns(weights, x_t, coef, u, final)
 
 
@@ -249,31 +336,45 @@ def make_step(
     num_codes: int,
     known: KnownTokens | None = None,
     step_math: Callable[..., torch.Tensor] = fast_step,
+    reveal: RevealRule | None = None,
+    masked0: torch.Tensor | None = None,
 ) -> FastStep:
-    """Bind the network and the batch's fixed inputs (seed words, known tokens) into one step function.
+    """Bind the network and the batch's fixed inputs (seed words, known tokens, masked candidates at the start of a
+    budgeted reveal) into one step function.
 
     `guidance_scale` None means no guidance: the network sees x once, not [x, x] with the unconditional half first.
     `step_math` is `fast_step` or a compiled version of it.
     """
+    regenerate = known.regenerate if known is not None else None
 
     def step(x: torch.Tensor, t: torch.Tensor, coef: torch.Tensor, salt: torch.Tensor, final: bool) -> torch.Tensor:
         logits = logits_fn(x if guidance_scale is None else torch.cat([x, x]), t)
-        x_s = step_math(logits, x, coef, words, salt, guidance_scale, truncation_rate, final)
+        if reveal is None:
+            x_s = step_math(logits, x, coef, words, salt, guidance_scale, truncation_rate, final)
+        else:
+            x_s = step_math(
+                logits, x, coef, words, salt, guidance_scale, truncation_rate, final, reveal, masked0, regenerate
+            )
         if known is not None:
-            x_s = impose_known(x_s, known, coef, words, salt, final, num_codes)
+            imposed = impose_known(x_s, known, coef, words, salt, final, num_codes)
+            x_s = imposed if reveal is None or final else torch.where(coef[HOLD_KNOWN] > 0, x_s, imposed)
         return x_s
 
     return step
 
 
 def denoise_fast(step: FastStep, x_t: torch.Tensor, plan: FastPlan) -> Iterator[torch.Tensor]:
-    """Run the reverse chain of `plan`, yielding x after each step; the last yield is x_0.
+    """Run the reverse chain of `plan`, yielding x after each visited timestep (after all its calls); the last yield
+    is x_0.
 
     Nothing in the loop reads a device value on the host or copies one to the device (the plan is on the device
     already), so a GPU never waits for Python; `tests/test_fast.py` checks this op by op.
     """
     x = x_t
-    last = len(plan.timesteps) - 1
-    for i in range(len(plan.timesteps)):
-        x = step(x, plan.t[i], plan.coef[i], plan.salt[i], i == last)
+    last = len(plan.t) - 1
+    i = 0
+    for calls in plan.calls:
+        for _ in range(calls):
+            x = step(x, plan.t[i], plan.coef[i], plan.salt[i], i == last)
+            i += 1
         yield x

@@ -1,7 +1,8 @@
-"""The reverse process: which timesteps to visit, and the denoising loop from x_t to x_0.
+"""The reverse process: which timesteps to visit, which posterior each step takes, and the denoising loop from x_t
+to x_0 (the posterior reveal, or the budgeted reveal of `reveal.py`).
 
-The loop holds no model state: it takes the transformer as a callable and yields the token grid after every step,
-so callers own progress, trajectories and decoding.
+The loop holds no model state: it takes the transformer as a callable and yields the token grid after every visited
+timestep, so callers own progress, trajectories and decoding.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .reveal import RevealRule, budgets, call_sizes, reveal_sample, step_calls
 from .schedule import (
     MaskAndReplaceSchedule,
     Transition,
@@ -56,14 +58,50 @@ class StepTables:
     q_s: Transition | None  # q(x_s | x_0)
 
 
-def chain_tables(schedule: MaskAndReplaceSchedule, timesteps: Sequence[int], device: torch.device) -> list[StepTables]:
+# per visited step: the posterior it takes, q(x_sigma | x_tau, x_0) as (tau, sigma); None for the final step (x_0)
+Levels = Sequence[tuple[int, int] | None]
+
+
+def posterior_levels(
+    timesteps: Sequence[int], stride_mode: str = "exact", stride: int | None = None
+) -> list[tuple[int, int] | None]:
+    """Which posterior each visited step takes. "exact": from t_i to the next visited t_(i+1) (the multi-step
+    posterior of section 7 of the reference). "original": microsoft/VQ-Diffusion's `sample_fast`, which treats x_t
+    as if it were at tau = t - skip (skip = stride - 1; tau = t where t <= skip) and takes the one-step posterior to
+    tau - 1, while the network is told the true t. At a stride k that is (s + 1, s) for every step but the one to
+    the added t = 0 (t = 99 mod k, a one-step posterior from t to t - 1, which leaves about two thirds of the tokens
+    masked for the final step at k = 10). Without a stride (`--steps`) the skip of each step is its own gap minus
+    one, so "original" is again (s + 1, s); with every timestep visited both modes are the one-step posterior."""
+    levels: list[tuple[int, int] | None] = []
+    for i, t in enumerate(timesteps):
+        if i + 1 == len(timesteps):
+            levels.append(None)
+            continue
+        s = timesteps[i + 1]
+        if stride_mode == "exact":
+            levels.append((t, s))
+            continue
+        skip = (stride if stride is not None else t - s) - 1
+        tau = t - skip if t > skip else t
+        levels.append((tau, tau - 1))
+    return levels
+
+
+def chain_tables(
+    schedule: MaskAndReplaceSchedule, timesteps: Sequence[int], device: torch.device, levels: Levels | None = None
+) -> list[StepTables]:
     """Every step's tables for a chain over `timesteps`, copied to `device` in one transfer before the first step, so
     that no step copies from the host (on a GPU each such copy waits for the work queued before it). The values are
-    the schedule's own float32 tables, bit for bit."""
+    the schedule's own float32 tables, bit for bit. `levels` (default: exact, from each t to the next) says which
+    posterior each step takes (`posterior_levels`)."""
+    levels = posterior_levels(timesteps) if levels is None else levels
     rows: list[torch.Tensor] = []
-    for i, t in enumerate(timesteps):
-        s = timesteps[i + 1] if i + 1 < len(timesteps) else None
-        parts = [schedule.cumulative(t)] + ([] if s is None else [schedule.step(t, s), schedule.cumulative(s)])
+    for t, level in zip(timesteps, levels, strict=True):
+        if level is None:
+            parts = [schedule.cumulative(t)]
+        else:
+            tau, s = level
+            parts = [schedule.cumulative(tau), schedule.step(tau, s), schedule.cumulative(s)]
         values = [v for tr in parts for v in (tr.log_a, tr.log_b, tr.log_c)]
         rows.append(torch.stack(values + [torch.zeros(())] * (9 - len(values))))
     table = torch.stack(rows).to(device) if rows else torch.zeros((0, 9), device=device)
@@ -90,6 +128,12 @@ def model_log_p(denoiser: Denoiser, x_t: torch.Tensor, t: int, context: TextCont
     return tuple(out.chunk(2))
 
 
+def x0_prediction(log_p: tuple[torch.Tensor, ...], guidance_scale: float, truncation_rate: float) -> torch.Tensor:
+    """The guided (when two halves are given), truncated log p(x_0 | x_t): (B, K-1, N), dropped classes at -70."""
+    log_p_x_0 = apply_guidance(log_p[0], log_p[1], guidance_scale) if len(log_p) == 2 else log_p[0]
+    return truncate(log_p_x_0, truncation_rate)
+
+
 def sample_step(
     log_p: tuple[torch.Tensor, ...],
     x_t: torch.Tensor,
@@ -100,13 +144,29 @@ def sample_step(
     generators: Sequence[torch.Generator],
 ) -> torch.Tensor:
     """Guidance, truncation, posterior to s (or x_0 for the final step), Gumbel-max sample; (B, N) -> (B, N)."""
-    log_p_x_0 = apply_guidance(log_p[0], log_p[1], guidance_scale) if len(log_p) == 2 else log_p[0]
-    log_p_x_0 = truncate(log_p_x_0, truncation_rate)
+    log_p_x_0 = x0_prediction(log_p, guidance_scale, truncation_rate)
     if tables.q_ts is None or tables.q_s is None:
         logits = log_p_x_0
     else:
         logits = posterior(log_p_x_0, x_t, tables.q_t, tables.q_ts, tables.q_s, num_classes)
     return gumbel_argmax(logits, gumbel_uniforms(logits.shape, generators, logits.device))
+
+
+@dataclass(frozen=True)
+class RevealPlan:
+    """A batch's budgeted reveal: the rule, each step's target ratio (`reveal.reveal_ratios`) and each image's
+    masked candidates at the start, from which every image's budgets and calls follow (`reveal.budgets`)."""
+
+    rule: RevealRule
+    ratios: tuple[float, ...]  # one per visited step but the last
+    masked: tuple[int, ...]  # per image
+
+    def step_calls(self) -> list[int]:
+        return step_calls(self.masked, self.ratios, self.rule.per_call)
+
+    def call_sizes(self, image: int) -> list[list[int]]:
+        """Tokens image `image` reveals at each call of each step (a shorter list: none at the later calls)."""
+        return [call_sizes(b, self.rule.per_call) for b in budgets(self.masked[image], self.ratios)]
 
 
 def q_sample(
@@ -158,26 +218,51 @@ def denoise(
     guidance_scale: float,
     truncation_rate: float,
     known: KnownTokens | None = None,
+    levels: Levels | None = None,
+    reveal: RevealPlan | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Run the reverse chain over `timesteps` (descending), yielding x after each step; the last yield is x_0.
+    """Run the reverse chain over `timesteps` (descending), yielding x after each visited timestep; the last yield is
+    x_0. `levels`: the posterior each step takes (`posterior_levels`; default exact); `reveal`: a budgeted reveal
+    instead of the posterior at every step but the last.
 
     Image b draws all its noise from generators[b] and is processed alone after the network call, so an image's noise
     is the same whether it is made alone or in a batch (and on a CPU in float32 so is the image: tests/test_cli.py).
-    The schedule's tables go to the device here, once, before the first step: the loop copies nothing from the host
-    and reads nothing back (`tests/test_fast.py` records every op of its steps).
+    Under a budgeted reveal an image draws only at the calls where it reveals something, so the extra calls a batch
+    makes for another image's larger budget leave it as it is. The schedule's tables go to the device here, once,
+    before the first step: the loop copies nothing from the host and reads nothing back (`tests/test_fast.py`
+    records every op of its steps).
     """
-    tables = chain_tables(schedule, timesteps, x_t.device)
-    return _chain(
-        denoiser,
-        x_t,
-        timesteps,
-        tables,
-        context,
-        schedule.num_classes,
-        generators,
-        guidance_scale,
-        truncation_rate,
-        known,
+    tables = chain_tables(schedule, timesteps, x_t.device, levels)
+    params = _Params(schedule.num_classes, generators, guidance_scale, truncation_rate, known)
+    if reveal is None:
+        return _chain(denoiser, x_t, timesteps, tables, context, params)
+    return _reveal_chain(denoiser, x_t, timesteps, tables, context, params, reveal)
+
+
+@dataclass(frozen=True)
+class _Params:
+    num_classes: int
+    generators: Sequence[torch.Generator]
+    guidance_scale: float
+    truncation_rate: float
+    known: KnownTokens | None
+
+
+def _posterior_step(log_p: tuple[torch.Tensor, ...], x: torch.Tensor, step: StepTables, p: _Params) -> torch.Tensor:
+    """Per image: guidance, truncation, posterior to s, Gumbel-max sample."""
+    return torch.cat(
+        [
+            sample_step(
+                tuple(lp[b : b + 1] for lp in log_p),
+                x[b : b + 1],
+                step,
+                p.num_classes,
+                p.guidance_scale,
+                p.truncation_rate,
+                p.generators[b : b + 1],
+            )
+            for b in range(x.shape[0])
+        ]
     )
 
 
@@ -187,32 +272,50 @@ def _chain(
     timesteps: Sequence[int],
     tables: Sequence[StepTables],
     context: TextContext,
-    num_classes: int,
-    generators: Sequence[torch.Generator],
-    guidance_scale: float,
-    truncation_rate: float,
-    known: KnownTokens | None,
+    p: _Params,
 ) -> Iterator[torch.Tensor]:
     x = x_t
     for t, step in zip(timesteps, tables, strict=True):
-        # 1. log p(x_0 | x_t, text) for the whole batch
-        log_p = model_log_p(denoiser, x, t, context)
-        # 2. per image: guidance, truncation, posterior to s, Gumbel-max sample
-        x = torch.cat(
-            [
-                sample_step(
-                    tuple(p[b : b + 1] for p in log_p),
-                    x[b : b + 1],
-                    step,
-                    num_classes,
-                    guidance_scale,
-                    truncation_rate,
-                    generators[b : b + 1],
-                )
-                for b in range(x.shape[0])
-            ]
-        )
+        # 1. log p(x_0 | x_t, text) for the whole batch; 2. per image: the posterior's sample
+        x = _posterior_step(model_log_p(denoiser, x, t, context), x, step, p)
         # 3. inpainting: known tokens back in place
-        if known is not None:
-            x = _impose_known(x, known, step, num_classes, generators)
+        if p.known is not None:
+            x = _impose_known(x, p.known, step, p.num_classes, p.generators)
+        yield x
+
+
+def _reveal_chain(
+    denoiser: Denoiser,
+    x_t: torch.Tensor,
+    timesteps: Sequence[int],
+    tables: Sequence[StepTables],
+    context: TextContext,
+    p: _Params,
+    plan: RevealPlan,
+) -> Iterator[torch.Tensor]:
+    """Budgeted steps (`reveal.py`): each step's calls at the same t, then the final step's posterior sample."""
+    x = x_t
+    mask_id = p.num_classes - 1
+    calls = plan.step_calls()
+    sizes = [plan.call_sizes(b) for b in range(x.shape[0])]
+    for i, (t, step) in enumerate(zip(timesteps, tables, strict=True)):
+        if i == len(timesteps) - 1:
+            x = _posterior_step(model_log_p(denoiser, x, t, context), x, step, p)
+        for c in range(calls[i] if i < len(calls) else 0):
+            log_p = model_log_p(denoiser, x, t, context)
+            revealed = []
+            for b in range(x.shape[0]):
+                count = sizes[b][i][c] if c < len(sizes[b][i]) else 0
+                x_b = x[b : b + 1]
+                if count == 0:  # nothing left for this image at this step: no draw from its generator
+                    revealed.append(x_b)
+                    continue
+                candidates = x_b == mask_id
+                if p.known is not None:
+                    candidates &= p.known.regenerate[b : b + 1]
+                log_p_x_0 = x0_prediction(tuple(lp[b : b + 1] for lp in log_p), p.guidance_scale, p.truncation_rate)
+                revealed.append(reveal_sample(log_p_x_0, x_b, candidates, count, plan.rule, p.generators[b]))
+            x = torch.cat(revealed)
+        if p.known is not None:
+            x = _impose_known(x, p.known, step, p.num_classes, p.generators)
         yield x

@@ -86,20 +86,25 @@ def prepare_inpaint(
     if not (isinstance(mask, masks.FittedMask) and mask.image_size == source.original.size):
         mask = masks.fit_mask(mask if not isinstance(mask, masks.FittedMask) else mask.painted, source.original.size)
     regenerate = torch.from_numpy(masks.regenerate_mask(mask, grid, options))
-    t_max = schedule.num_timesteps - 1
-    if options.start_step is not None and options.start_step > t_max:
-        raise UsageError(f"--start-step must be between 0 and {t_max}, got {options.start_step}")
+    start = inpaint_start_step(regenerate, options, schedule)
     warnings = list(source.warnings)
-    if options.start_step is not None:
-        start = options.start_step
-    elif bool(regenerate.all()):
-        start = t_max
-    else:
-        start = start_step_for(schedule, float(regenerate.float().mean()))
     if bool(regenerate.all()):
         warnings.append("the mask covers every token: this is plain generation from the prompt")
     alpha = masks.feather(mask.at_image, options.feather) if options.composite else None
     return InpaintSetup(source.original, source.native, source.tokens, warnings, regenerate, start, alpha)
+
+
+def inpaint_start_step(regenerate: torch.Tensor, options: InpaintOptions, schedule: MaskAndReplaceSchedule) -> int:
+    """--start-step, else T-1 for a mask of every token, else the t whose gamma-bar_t is closest to the masked
+    fraction."""
+    t_max = schedule.num_timesteps - 1
+    if options.start_step is not None and options.start_step > t_max:
+        raise UsageError(f"--start-step must be between 0 and {t_max}, got {options.start_step}")
+    if options.start_step is not None:
+        return options.start_step
+    if bool(regenerate.all()):
+        return t_max
+    return start_step_for(schedule, float(regenerate.float().mean()))
 
 
 def variation_start(strength: float, num_train_timesteps: int) -> int | None:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..diffusion.fast import FastStep, fast_step, make_step
+from ..diffusion.reveal import RevealRule
 from ..diffusion.sampler import KnownTokens
 from ..models.transformer import BlockRunner, DiffusionTransformer, fast_block_runner, fused_block
 
@@ -214,6 +215,7 @@ class SessionKey:
     truncation_rate: float
     known: bool  # inpainting: known tokens are imposed after every step
     renoise: bool
+    reveal: RevealRule | None = None  # a budgeted reveal (random or purity) instead of the posterior
 
 
 @dataclass
@@ -239,24 +241,39 @@ class FastSession:
         cuda_graphs: bool,
         notes: list[str],
         on_capture_failure: Callable[[], None] | None = None,
+        masked0: torch.Tensor | None = None,
     ) -> None:
         self.key = key
         self.context = context.clone()  # (rows, L, C) in the transformer's dtype
         self.context_kv = transformer.context_kv(self.context)
         self.words = words.clone()  # (B, 2) seed words
         self.known = None if known is None else KnownTokens(known.tokens.clone(), known.regenerate.clone(), key.renoise)
+        self.masked0 = None if masked0 is None else masked0.clone()  # (B,) a budgeted reveal's candidates at the start
 
         def logits(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return transformer.logits(x, self.context, t, self.context_kv, kernels.run_block)
 
         num_codes = transformer.config.num_vector_embeds - 1
         step = make_step(
-            logits, self.words, key.guidance_scale, key.truncation_rate, num_codes, self.known, kernels.step_math
+            logits,
+            self.words,
+            key.guidance_scale,
+            key.truncation_rate,
+            num_codes,
+            self.known,
+            kernels.step_math,
+            key.reveal,
+            self.masked0,
         )
         self.runner = StepRunner(step, cuda_graphs, notes, on_capture_failure, shape=f"batches of {key.batch}")
 
     def load(
-        self, transformer: DiffusionTransformer, context: torch.Tensor, words: torch.Tensor, known: KnownTokens | None
+        self,
+        transformer: DiffusionTransformer,
+        context: torch.Tensor,
+        words: torch.Tensor,
+        known: KnownTokens | None,
+        masked0: torch.Tensor | None = None,
     ) -> None:
         """Copy another batch's fixed inputs into this session's buffers."""
         self.context.copy_(context)
@@ -267,6 +284,8 @@ class FastSession:
         if self.known is not None and known is not None:
             self.known.tokens.copy_(known.tokens)
             self.known.regenerate.copy_(known.regenerate)
+        if self.masked0 is not None and masked0 is not None:
+            self.masked0.copy_(masked0)
 
 
 class FastSessions:
@@ -307,10 +326,11 @@ class FastSessions:
         context: torch.Tensor,
         words: torch.Tensor,
         known: KnownTokens | None,
+        masked0: torch.Tensor | None = None,
     ) -> FastSession:
         found = self._sessions.get(key)
         if found is not None:
-            found.load(transformer, context, words, known)
+            found.load(transformer, context, words, known, masked0)
             self._sessions.move_to_end(key)
             return found
         graphs_on = self.acceleration.graphs_on(context.device)
@@ -324,6 +344,7 @@ class FastSessions:
             graphs_on and key not in self._graphs_failed,
             self._notes,
             lambda: self._graphs_failed.add(key),
+            masked0,
         )
         self._sessions[key] = created
         while len(self._sessions) > MAX_SESSIONS:

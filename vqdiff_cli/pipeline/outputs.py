@@ -35,6 +35,7 @@ class GeneratedImage:
     # image needs the same batch size (its noise does not: each image draws its own).
     batch_size: int = 1
     batch_index: int = 0
+    network_calls: int = 0  # transformer calls the batch took (a budgeted reveal can take several per timestep)
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,16 @@ The library never prints and never exits: progress leaves through the `on_step` 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..diffusion.fast import FastPlan, denoise_fast
-from ..diffusion.sampler import KnownTokens, TextContext, denoise
+from ..diffusion.reveal import RevealRule, network_calls, reveal_ratios
+from ..diffusion.sampler import KnownTokens, RevealPlan, TextContext, denoise, posterior_levels
+from ..diffusion.schedule import MaskAndReplaceSchedule
 from ..diffusion.start import Noise, StartFn, all_masked, inpaint_start, variation_start
 from ..errors import UsageError
 from ..masks import FittedMask
@@ -35,6 +37,44 @@ from .outputs import StepCallback as StepCallback
 from .outputs import StepEvent as StepEvent
 
 PROGRESS_LAG = 2  # with a progress callback on a GPU, the host runs at most this many steps ahead of the device
+
+
+def reveal_rule(options: GenerateOptions) -> RevealRule | None:
+    """The budgeted reveal `options` ask for; None for the posterior reveal."""
+    if not options.budgeted:
+        return None
+    return RevealRule(options.reveal, options.purity_weight, options.tokens_per_call)
+
+
+def reveal_plan(
+    schedule: MaskAndReplaceSchedule,
+    num_tokens: int,
+    timesteps: Sequence[int],
+    options: GenerateOptions,
+    masked: Sequence[int],
+) -> RevealPlan | None:
+    """A batch's budgeted reveal, from each image's masked candidates at the start; None for the posterior reveal."""
+    rule = reveal_rule(options)
+    if rule is None:
+        return None
+    ratios = reveal_ratios(schedule.cumprod_ct, timesteps, num_tokens, masked, rule.per_call)
+    return RevealPlan(rule, ratios, tuple(masked))
+
+
+def planned_network_calls(
+    schedule: MaskAndReplaceSchedule,
+    num_tokens: int,
+    timesteps: Sequence[int],
+    options: GenerateOptions,
+    masked: int | None = None,
+) -> int:
+    """Network calls a batch makes over `timesteps` (each runs the whole batch, both guidance halves at once):
+    one per visited timestep for the posterior reveal; for a budgeted one, as `reveal.network_calls` counts them
+    for images that start with `masked` candidates (default: every token)."""
+    plan = reveal_plan(schedule, num_tokens, timesteps, options, [num_tokens if masked is None else masked])
+    if plan is None:
+        return len(timesteps)
+    return network_calls(len(timesteps), plan.masked, plan.ratios, plan.rule.per_call)
 
 
 class VQDiffusion(LoadedModel):
@@ -169,6 +209,17 @@ class VQDiffusion(LoadedModel):
             result.image = editing.put_back(source, result.image)
             yield result
 
+    def network_calls(
+        self, options: GenerateOptions | None = None, start: int | None = None, masked: int | None = None
+    ) -> int:
+        """Network calls a batch makes with `options`: from `start` (default T-1) with `masked` candidates (default
+        every token; inpainting: the regenerated ones)."""
+        options = options or GenerateOptions()
+        timesteps = options.timesteps(self.num_train_timesteps, start=start)
+        return planned_network_calls(
+            self.schedule, self.config.transformer.num_latent_pixels, timesteps, options, masked
+        )
+
     def variation_start(self, strength: float) -> int | None:
         """The timestep round(strength * (T-1)) that a variation starts from; None for strength 0 (no change)."""
         return editing.variation_start(strength, self.num_train_timesteps)
@@ -224,10 +275,23 @@ class VQDiffusion(LoadedModel):
         """Denoise one batch from x_t over `timesteps`, decode it, and package the results."""
         h, w = self.token_grid
         chain: Iterator[torch.Tensor]
+        levels = posterior_levels(timesteps, options.stride_mode, options.stride)
+        reveal = None
+        if options.budgeted and timesteps:  # each image's candidates at the start: read once, before the loop
+            candidates = x_t == self.mask_id
+            if known is not None:
+                candidates &= known.regenerate
+            masked = [int(m) for m in candidates.sum(dim=1).tolist()]
+            reveal = reveal_plan(self.schedule, x_t.shape[1], timesteps, options, masked)
+        calls = (
+            len(timesteps)
+            if reveal is None
+            else network_calls(len(timesteps), reveal.masked, reveal.ratios, reveal.rule.per_call)
+        )
         if not timesteps:  # nothing to sample (a variation of strength 0)
             chain = iter(())
         elif noise.words is not None:  # the fast sampler
-            chain = self._denoise_fast(x_t, context, timesteps, options, noise.words, known)
+            chain = self._denoise_fast(x_t, context, timesteps, options, noise.words, known, levels, reveal)
         else:
             assert noise.generators is not None
             chain = denoise(
@@ -240,6 +304,8 @@ class VQDiffusion(LoadedModel):
                 options.guidance_scale,
                 options.truncation_rate,
                 known,
+                levels,
+                reveal,
             )
         steps = [x_t.cpu()] if keep_trajectory else []
         pace: deque[torch.cuda.Event] = deque()
@@ -268,6 +334,7 @@ class VQDiffusion(LoadedModel):
                 trajectory=traj[:, b] if traj is not None else None,
                 batch_size=len(batch),
                 batch_index=b,
+                network_calls=calls,
             )
             for b, job in enumerate(batch)
         ]
@@ -280,12 +347,20 @@ class VQDiffusion(LoadedModel):
         options: GenerateOptions,
         words: torch.Tensor,
         known: KnownTokens | None,
+        levels: list[tuple[int, int] | None] | None = None,
+        reveal: RevealPlan | None = None,
     ) -> Iterator[torch.Tensor]:
-        runner = self.fast_step_runner(context, words, options, known)
-        return denoise_fast(runner, x_t, FastPlan.build(self.schedule, timesteps, self.device))
+        masked0 = None if reveal is None else torch.tensor(reveal.masked, dtype=torch.long, device=self.device)
+        runner = self.fast_step_runner(context, words, options, known, masked0)
+        return denoise_fast(runner, x_t, FastPlan.build(self.schedule, timesteps, self.device, levels, reveal))
 
     def fast_step_runner(
-        self, context: TextContext, words: torch.Tensor, options: GenerateOptions, known: KnownTokens | None = None
+        self,
+        context: TextContext,
+        words: torch.Tensor,
+        options: GenerateOptions,
+        known: KnownTokens | None = None,
+        masked0: torch.Tensor | None = None,
     ) -> StepRunner:
         """The fast sampler's whole step (network and sampling) for a batch, as `generate` runs it: replayed from a
         CUDA graph where graphs are on (`runner.cuda_graphs` says whether they still are). `words`: the batch's
@@ -299,5 +374,11 @@ class VQDiffusion(LoadedModel):
             truncation_rate=options.truncation_rate,
             known=known is not None,
             renoise=known is not None and known.renoise,
+            reveal=reveal_rule(options),
         )
-        return self.fast_sessions.session(self.components.transformer, key, rows.to(self.dtype), words, known).runner
+        if key.reveal is not None and masked0 is None:  # e.g. `vqdiff bench`: every token masked
+            masked0 = torch.full((words.shape[0],), self.config.transformer.num_latent_pixels, device=self.device)
+        session = self.fast_sessions.session(
+            self.components.transformer, key, rows.to(self.dtype), words, known, masked0
+        )
+        return session.runner
