@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import torch
 
 from ..diffusion.fast import step_coefficients
-from ..diffusion.sampler import StepTables, chain_tables, sample_step
+from ..diffusion.sampler import StepTables, chain_tables, sample_batch
 from ..diffusion.streams import seed_words
 from ..pipeline.fastpath import StepRunner
 from ..pipeline.pipeline import GenerateOptions, VQDiffusion
@@ -170,20 +170,7 @@ class OurEngine:
         tables = self._tables.get((t, s))
         if tables is None:  # made once, outside the timed runs, as the sampler makes them once per chain
             tables = self._tables[(t, s)] = chain_tables(schedule, (t,) if s is None else (t, s), x_t.device)[0]
-        return torch.cat(
-            [
-                sample_step(
-                    tuple(p[b : b + 1] for p in log_p),
-                    x_t[b : b + 1],
-                    tables,
-                    schedule.num_classes,
-                    st.guidance_scale,
-                    st.truncation_rate,
-                    generators[b : b + 1],
-                )
-                for b in range(x_t.shape[0])
-            ]
-        )
+        return sample_batch(log_p, x_t, tables, schedule.num_classes, st.guidance_scale, st.truncation_rate, generators)
 
     def decode(self, tokens: torch.Tensor) -> Any:
         h, w = self.pipe.token_grid

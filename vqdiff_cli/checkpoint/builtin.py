@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,16 @@ class BuiltinModel:
     def size(self) -> int:
         return sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file()) if self.present else 0
 
+    def record(self) -> dict[str, Any]:
+        """What `models list --json` and `models path --json` print for it."""
+        return {
+            "model": self.name,
+            "builtin": True,
+            "size": self.size,
+            "path": str(self.folder),
+            "summary": self.summary,
+        }
+
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "shapes": BuiltinModel(
@@ -42,5 +53,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 
 
 def builtin_model(name: str) -> BuiltinModel | None:
-    """The built-in model called `name`, or None (paths such as `./shapes` are never built-in names)."""
-    return BUILTIN_MODELS.get(name)
+    """The built-in model called `name` when its files are installed, else None (then the name means what any other
+    name means: a folder or a repo id). Paths such as `./shapes` are never built-in names."""
+    model = BUILTIN_MODELS.get(name)
+    return model if model is not None and model.present else None

@@ -83,11 +83,6 @@ def prepare(
     if builtin is not None:
         if revision is not None:
             raise UsageError(f"--revision applies to Hub repo ids, not to the built-in model {model}")
-        if not builtin.present:
-            raise WeightsError(
-                f"the built-in model {model} is not installed with this copy of vqdiff ({builtin.folder} is missing)",
-                hint="reinstall vqdiff, or pass ./" + str(model) + " to mean a folder of that name",
-            )
         return PreparedModel(str(model), builtin.folder, dt)
     path = Path(model).expanduser()
     if path.exists():

@@ -145,10 +145,7 @@ def list_models(cache_dir: CacheDirOpt = None, json_out: JsonOpt = False) -> Non
         if not builtin.present:
             continue
         if json_out:
-            out.record(
-                {"model": builtin.name, "builtin": True, "size": builtin.size, "path": str(builtin.folder)}
-                | {"summary": builtin.summary}
-            )
+            out.record(builtin.record())
         else:
             out.result(f"{builtin.name}  built-in  -  fp16  {human_size(builtin.size)}  {builtin.folder}")
     cache = ModelCache(cache_dir_of(model_settings(SettingFlags(cache_dir=cache_dir))))
@@ -180,9 +177,9 @@ def model_path(
 
     out = Output(json_mode=json_out)
     builtin = builtin_model(model)
-    if builtin is not None and builtin.present:
+    if builtin is not None:
         if json_out:
-            out.record({"model": builtin.name, "builtin": True, "size": builtin.size, "path": str(builtin.folder)})
+            out.record(builtin.record())
         else:
             out.result(str(builtin.folder))
         return

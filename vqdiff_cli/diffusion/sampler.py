@@ -248,22 +248,35 @@ class _Params:
     known: KnownTokens | None
 
 
-def _posterior_step(log_p: tuple[torch.Tensor, ...], x: torch.Tensor, step: StepTables, p: _Params) -> torch.Tensor:
-    """Per image: guidance, truncation, posterior to s, Gumbel-max sample."""
+def sample_batch(
+    log_p: tuple[torch.Tensor, ...],
+    x: torch.Tensor,
+    step: StepTables,
+    num_classes: int,
+    guidance_scale: float,
+    truncation_rate: float,
+    generators: Sequence[torch.Generator],
+) -> torch.Tensor:
+    """`sample_step` image by image (each with its own generator): a batch's tokens equal each image's alone."""
     return torch.cat(
         [
             sample_step(
                 tuple(lp[b : b + 1] for lp in log_p),
                 x[b : b + 1],
                 step,
-                p.num_classes,
-                p.guidance_scale,
-                p.truncation_rate,
-                p.generators[b : b + 1],
+                num_classes,
+                guidance_scale,
+                truncation_rate,
+                generators[b : b + 1],
             )
             for b in range(x.shape[0])
         ]
     )
+
+
+def _posterior_step(log_p: tuple[torch.Tensor, ...], x: torch.Tensor, step: StepTables, p: _Params) -> torch.Tensor:
+    """Per image: guidance, truncation, posterior to s, Gumbel-max sample."""
+    return sample_batch(log_p, x, step, p.num_classes, p.guidance_scale, p.truncation_rate, p.generators)
 
 
 def _chain(
