@@ -302,3 +302,30 @@ def test_bad_loop_options() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="sees no CUDA device"):
             make_accelerator(LoopOptions(device="cuda"), Path("."))
+
+
+def test_a_tokenizer_from_captions_pads_to_the_longest_caption(tmp_path: Path) -> None:
+    """Rounded up to a multiple of 8 with the start and end tokens, at most CLIP's 77."""
+    from vqdiff_cli.train.parts import build_tokenizer
+
+    short = build_tokenizer(tmp_path / "short", ["a red ball", "a large blue square at the top left"])
+    assert short.model_max_length == 16  # 9 tokens with start and end
+    long = build_tokenizer(tmp_path / "long", [" ".join(["word"] * 200)])
+    assert long.model_max_length == 77
+    again = build_tokenizer(tmp_path / "again", ["a red ball"])
+    assert again.model_max_length == 8 and len(again(["a red ball"]).input_ids[0]) == 5
+
+
+def test_a_fresh_transformer_reads_its_text_at_the_image_scale(
+    tmp_path: Path, toy_data: Path, tiny: TinyCheckpoint
+) -> None:
+    """Cross-attention keys and values start sqrt(text width) larger than the other weights (unit-norm text states)."""
+    out = tmp_path / "run"
+    train_transformer(stage(toy_data, tiny.path), loop(steps=1), out)
+    weights = exported(out)
+    k = weights["transformer/transformer_blocks.0.attn2.to_k.weight"].std()
+    q = weights["transformer/transformer_blocks.0.attn2.to_q.weight"].std()
+    assert 0.7 * (32**0.5) < float(k / q) < 1.4 * (32**0.5)
+    config = json.loads((out / "learned_classifier_free_sampling_embeddings" / "config.json").read_text())
+    tok = json.loads((out / "tokenizer" / "tokenizer_config.json").read_text())
+    assert config["length"] == tok["model_max_length"] < 77

@@ -73,8 +73,11 @@ def byte_symbols() -> list[str]:
     return [chr(b) for b in keep] + [chr(256 + i) for i in range(len(rest))]
 
 
-def write_clip_tokenizer(folder: Path, words: list[str] | None = None, vocab_size: int | None = None) -> int:
-    """A CLIP-style BPE tokenizer: merges that spell out `words`, then filler merges up to `vocab_size` entries.
+def write_clip_tokenizer(
+    folder: Path, words: list[str] | None = None, vocab_size: int | None = None, max_length: int = 77
+) -> int:
+    """A CLIP-style BPE tokenizer: merges that spell out `words`, then filler merges up to `vocab_size` entries;
+    prompts are padded to (or cut at) `max_length` tokens.
 
     Writes vocab.json, merges.txt, special_tokens_map.json and tokenizer_config.json; returns the vocabulary size.
     """
@@ -114,7 +117,7 @@ def write_clip_tokenizer(folder: Path, words: list[str] | None = None, vocab_siz
         "pad_token": "!",
     }
     (folder / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
-    tok_config = {**special, "model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True}
+    tok_config = {**special, "model_max_length": max_length, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True}
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_config), encoding="utf-8")
     return len(vocab)
 

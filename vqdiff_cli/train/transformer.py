@@ -9,6 +9,7 @@ The result is a diffusers-format pipeline folder (or, with LoRA, an adapter fold
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,12 +25,12 @@ from ..diffusion.schedule import MaskAndReplaceSchedule
 from ..errors import UsageError
 from ..images import save_png
 from ..models.text import TextConditioning
-from ..models.transformer import DiffusionTransformer
+from ..models.transformer import DiffusionTransformer, TransformerBlock
 from ..models.vqvae import VQVAE
 from . import data, require_train_extra
 from .export import export_lora, export_pipeline
 from .loop import start_run, train
-from .parts import TEXT_LENGTH, build_tokenizer, init_lora, load_text, load_vqvae, prepared_folder, text_config
+from .parts import build_tokenizer, init_lora, load_text, load_vqvae, prepared_folder, text_config
 from .plot import grid
 from .task import LoopOptions, ProgressCallback, Run, StepResult, TrainResult
 
@@ -263,6 +264,24 @@ def _empty_prompt_states(text: TextConditioning) -> torch.Tensor:
         return text.encode_ids(ids)[0]
 
 
+def scale_cross_attention(transformer: DiffusionTransformer) -> None:
+    """Multiply a fresh transformer's cross-attention key and value weights by sqrt(text width).
+
+    The text states are L2-normalised per position (unit norm, as VQ-Diffusion's), while the image states entering
+    every other projection are layer-normalised (unit variance per channel, norm sqrt(width)). With one init for all
+    weights, the text's keys and values start sqrt(text width) times smaller than the image's (about 11x at width
+    128), attention over the text is uniform and carries almost no gradient; scaled, they start at the image's scale.
+    On the shapes data this made the text matter about 5x sooner (CE at t = T - 1 with true against shuffled
+    captions after 250 steps), and without it 1600 steps had not made the model read its captions at all.
+    """
+    factor = math.sqrt(transformer.config.cross_attention_dim)
+    with torch.no_grad():
+        for block in transformer.transformer_blocks:
+            assert isinstance(block, TransformerBlock)
+            block.attn2.to_k.weight.mul_(factor)
+            block.attn2.to_v.weight.mul_(factor)
+
+
 def _check_same_vqvae(mine: VQVAE, theirs: VQVAE, source: str, model: str) -> None:
     if mine.config != theirs.config:
         raise UsageError(f"--vqvae {source} is not the VQ-VAE of --from {model} (another architecture)")
@@ -302,6 +321,7 @@ def build_transformer_task(
         null = text.null_embedding.detach() if text.null_embedding is not None else _empty_prompt_states(text)
         text = TextConditioning(text.tokenizer, text.text_model, None)
         text_cfg = dict(base.text_encoder)
+        text_length = text.max_length
         tokenizer_dir = folder / "tokenizer"
         transformer = components.transformer
         tcfg, scfg = base.transformer, base.scheduler
@@ -332,10 +352,12 @@ def build_transformer_task(
         frozen_text = None
         if o.text_encoder is not None:
             frozen_text, text_cfg, tokenizer_dir = load_text(o.text_encoder, o.offline, o.cache_dir)
+            text_length = frozen_text.max_length
         else:
             tokenizer_dir = output / "cache" / "tokenizer"
             tokenizer = build_tokenizer(tokenizer_dir, tokens.captions)
-            text_cfg = text_config(len(tokenizer), o.text_width, o.text_layers)
+            text_length = int(tokenizer.model_max_length)
+            text_cfg = text_config(len(tokenizer), o.text_width, o.text_layers, text_length)
         side = resolution // factor
         width, heads = o.width or 512, o.heads or 8
         if width % heads:
@@ -356,7 +378,7 @@ def build_transformer_task(
         transformer=tcfg,
         vqvae=vqvae.config,
         scheduler=scfg,
-        null_embedding=NullEmbeddingConfig(True, int(text_cfg["hidden_size"]), TEXT_LENGTH),
+        null_embedding=NullEmbeddingConfig(True, int(text_cfg["hidden_size"]), text_length),
         text_encoder=text_cfg,
     )
     if o.from_model is None:
@@ -364,6 +386,7 @@ def build_transformer_task(
         new_transformer = fresh["transformer"]
         assert isinstance(new_transformer, DiffusionTransformer)
         transformer = new_transformer
+        scale_cross_attention(transformer)
         if frozen_text is not None:
             text = frozen_text
         else:
