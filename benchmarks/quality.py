@@ -167,7 +167,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for group in GROUPS:
         members = [r for r in rows if r["group"] == group or group in r["also"]]
         if group == "reveal":
-            members = [r for r in members if r["engine"] == "vqdiff"]
+            members = [r for r in members if r["engine"] != "diffusers"]
         if not members:
             continue
         lines += ["", f"**{group}**", "", head, "|" + "---|" * 12]
@@ -193,7 +193,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         if r["accuracy"]["all"] is None:
             continue
         if r["group"] == "steps":
-            label = "vqdiff exact posterior" if r["engine"] == "vqdiff" else f"{r['engine']} truncated chain"
+            label = "vqdiff exact posterior" if r["engine"] != "diffusers" else f"{r['engine']} truncated chain"
             series.setdefault(label, []).append((r["calls"], r["accuracy"]["all"]))
         elif r["group"] == "reveal" and r["tokens_per_call"] in (None, 0):
             series.setdefault(f"vqdiff {r['reveal']} reveal", []).append((r["calls"], r["accuracy"]["all"]))
