@@ -1,0 +1,65 @@
+"""How much a trained model reads its captions: the cross-entropy of x_0 at timestep t over the masked positions,
+with each picture's own caption and with another picture's (the batch rolled by one), on dataset pictures.
+
+    python benchmarks/text_usage.py MODEL DATA [--count 48] [--timesteps 99,95,90,70]
+
+MODEL is a pipeline folder (e.g. an exported `vqdiff train transformer` run), DATA a folder from `vqdiff dataset
+shapes` (its first COUNT pictures). The gain (shuffled minus own, in nats per masked token) is what the text is worth
+to the network: about 0 for a model that ignores its captions. At t = T - 1 every token is masked, so the text is the
+only thing that tells the background colour; on the shapes data knowing it is worth about 1.4 nats per token (the
+token entropy is 4.38 nats, 2.75 given the background). At lower t, visible tokens tell most of it. Masks at t < T - 1
+are drawn with probability gamma-bar(t) per position, seeded, the same for both captions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vqdiff_cli.diffusion.schedule import MaskAndReplaceSchedule
+from vqdiff_cli.pipeline.model import LoadedModel
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+    p.add_argument("data", type=Path)
+    p.add_argument("--count", type=int, default=48)
+    p.add_argument("--timesteps", default="99,95,90,70")
+    o = p.parse_args()
+    model = LoadedModel.from_pretrained(o.model, device="cpu", dtype="float32")
+    c = model.components
+    rows = [json.loads(line) for line in (o.data / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = rows[: o.count]
+    size = c.config.image_size
+    pixels = [np.asarray(Image.open(o.data / r["file_name"]).convert("RGB").resize((size, size))) for r in rows]
+    x = torch.tensor(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    schedule = MaskAndReplaceSchedule.from_config(c.config.scheduler)
+    mask = c.config.transformer.num_vector_embeds - 1
+    with torch.no_grad():
+        x_0 = c.vqvae.encode(x).flatten(1)
+        own = c.text.encode([r["text"] for r in rows])
+        other = torch.roll(own, 1, 0)
+        print(f"{o.model}: {len(rows)} pictures of {o.data}")
+        for t in [int(s) for s in o.timesteps.split(",") if s]:
+            g = torch.Generator().manual_seed(t)
+            masked = torch.rand(x_0.shape, generator=g) < float(schedule.cumprod_ct[t])
+            x_t = torch.where(masked, torch.full_like(x_0, mask), x_0)
+            ce = []
+            for states in (own, other):
+                log_p = c.transformer(x_t, states, torch.full((len(rows),), t))
+                nll = -log_p.gather(1, x_0.unsqueeze(1)).squeeze(1)
+                ce.append(float(nll[masked].mean()) if masked.any() else float("nan"))
+            print(
+                f"t={t:3d} masked {float(masked.float().mean()):.0%}: CE own caption {ce[0]:.3f}, shuffled "
+                f"{ce[1]:.3f}, gain {ce[1] - ce[0]:.3f} nats/token"
+            )
+
+
+if __name__ == "__main__":
+    main()
