@@ -3,9 +3,11 @@
 #
 #   bash scripts/train_shapes.sh [RUN_DIR]       (default: runs/shapes; rerun the same command to resume)
 #
-# Stages: draw the data, the VQ-VAE, the transformer (with a small text encoder from scratch), then
-# scripts/ship_shapes.py writes the fp16 pipeline folder into vqdiff_cli/weights/shapes and the logs into
-# benchmarks/results/shapes. Every stage checkpoints and resumes: an interrupted run continues where it stopped.
+# Stages: draw the data, the VQ-VAE, the transformer (with a small text encoder from scratch). Every stage
+# checkpoints and resumes: an interrupted run continues where it stopped. Then measure the result
+# (`vqdiff eval --model RUN_DIR/transformer`) and, once it meets issue 13's targets, ship it:
+# `python scripts/ship_shapes.py RUN_DIR` writes the fp16 pipeline folder into vqdiff_cli/weights/shapes and the logs
+# into benchmarks/results/shapes.
 #
 # By default the run continues the committed one: the VQ-VAE is benchmarks/results/shapes/vqvae-model (trained by
 # the command below with FROM_SCRATCH=1, 4000 steps, about 21 min on a shared 2-core CPU, 32.2 dB held-out), and an
@@ -50,4 +52,4 @@ vqdiff train transformer "$RUN/data" -o "$RUN/transformer" $(resume "$RUN/transf
   --steps "$TF_STEPS" --checkpoint-every 250 --keep 2 --log-every 25 --seed 0 --device "$DEVICE" \
   --validation-prompt "a large red circle in the center on a blue background" --validate-every 1000
 
-python scripts/ship_shapes.py "$RUN"
+echo "next: vqdiff eval --model $RUN/transformer -n 100 -b 16; then python scripts/ship_shapes.py $RUN" >&2
