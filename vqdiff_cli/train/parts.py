@@ -5,6 +5,7 @@ text model trained from scratch), and the LoRA layers that fine-tune a transform
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from ..checkpoint.select import find_weight_files
 from ..config import VQVAEConfig
 from ..errors import UsageError
 from ..models.text import TextConditioning, build_clip_text_model, restore_position_ids
-from ..models.transformer import DiffusionTransformer
+from ..models.transformer import DiffusionTransformer, TransformerBlock
 from ..models.vqvae import VQVAE
 
 if TYPE_CHECKING:
@@ -152,3 +153,21 @@ def init_lora(transformer: DiffusionTransformer, rank: int, alpha: int, seed: in
         json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v))
     )
     return plain  # JSON types only: it goes into adapter_config.json and every checkpoint
+
+
+def scale_cross_attention(transformer: DiffusionTransformer) -> None:
+    """Multiply a fresh transformer's cross-attention key and value weights by sqrt(text width).
+
+    The text states are L2-normalised per position (unit norm, as VQ-Diffusion's), while the image states entering
+    every other projection are layer-normalised (unit variance per channel, norm sqrt(width)). With one init for all
+    weights, the text's keys and values start sqrt(text width) times smaller than the image's (about 11x at width
+    128), attention over the text is uniform and carries almost no gradient; scaled, they start at the image's scale.
+    On the shapes data this made the text matter about 5x sooner (CE at t = T - 1 with true against shuffled
+    captions after 250 steps), and without it 1600 steps had not made the model read its captions at all.
+    """
+    factor = math.sqrt(transformer.config.cross_attention_dim)
+    with torch.no_grad():
+        for block in transformer.transformer_blocks:
+            assert isinstance(block, TransformerBlock)
+            block.attn2.to_k.weight.mul_(factor)
+            block.attn2.to_v.weight.mul_(factor)
