@@ -1,12 +1,12 @@
 """Write a trained shapes run into the repository: the fp16 pipeline folder and the training record.
 
     python scripts/ship_shapes.py RUN_DIR                 ship: weights + record
-    python scripts/ship_shapes.py RUN_DIR --record-only   a run in progress: the record and its newest checkpoint
+    python scripts/ship_shapes.py RUN_DIR --record-only   a run in progress: its logs and configs only
 
 RUN_DIR is the folder of scripts/train_shapes.sh (RUN_DIR/transformer holds the exported pipeline). Shipping writes
 the weights to vqdiff_cli/weights/shapes (replaced in one rename). Both write the logs and configs of the stages
-that are in RUN_DIR to benchmarks/results/shapes; --record-only also replaces benchmarks/results/shapes/checkpoint
-with the newest transformer checkpoint, which scripts/train_shapes.sh resumes from in a fresh checkout.
+that are in RUN_DIR to benchmarks/results/shapes (training checkpoints stay in RUN_DIR: only shipped weights belong
+in git).
 """
 
 from __future__ import annotations
@@ -47,21 +47,12 @@ def ship(run: Path) -> None:
     print(f"wrote {TARGET} ({size / 2**20:.2f} MiB)")
 
 
-def record(run: Path, checkpoint: bool) -> None:
+def record(run: Path) -> None:
     RECORD.mkdir(parents=True, exist_ok=True)
     for stage in ("vqvae", "transformer"):
         for name in ("train_config.json", "train_log.jsonl", "loss.png"):
             if (run / stage / name).is_file():
                 shutil.copyfile(run / stage / name, RECORD / f"{stage}-{name}")
-    if checkpoint:
-        steps = sorted((run / "transformer" / "checkpoints").glob("step-*"))
-        if not steps:
-            raise SystemExit(f"no checkpoint in {run / 'transformer' / 'checkpoints'}")
-        tmp = RECORD / f".checkpoint-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        shutil.copytree(steps[-1], tmp / steps[-1].name)
-        replace_folder(tmp, RECORD / "checkpoint")
-        print(f"recorded {steps[-1].name}")
     print(f"wrote the training record to {RECORD}")
 
 
@@ -73,4 +64,4 @@ if __name__ == "__main__":
         raise SystemExit(__doc__)
     if not only:
         ship(Path(rest[0]))
-    record(Path(rest[0]), checkpoint=only)
+    record(Path(rest[0]))
