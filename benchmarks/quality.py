@@ -84,13 +84,15 @@ def per_call_for(model: str, steps: int, calls: int, extra: list[str]) -> int | 
 
 def plan_rows(o: argparse.Namespace, extra: list[str]) -> list[Row]:
     groups = set(o.only or GROUPS)
-    steps = sorted({*o.steps, *(o.calls if "reveal" in groups else [])}, reverse=True)
     rows: list[Row] = []
-    if groups & {"steps", "reveal", "guidance"}:
-        for n in steps:
-            vs = ["--vs-diffusers"] if "steps" in groups and n in o.steps else []
-            shown = ["reveal"] if n in o.calls else []
-            rows.append(Row(f"steps{n}", "steps", ["--steps", str(n), *vs], n, shown))
+    steps = o.steps if "steps" in groups else []
+    calls = o.calls if "reveal" in groups else []
+    for n in sorted({*steps, *calls}, reverse=True):  # one run per number of calls serves both tables
+        if n in steps:
+            shown = ["reveal"] if n in calls else []
+            rows.append(Row(f"steps{n}", "steps", ["--steps", str(n), "--vs-diffusers"], n, shown))
+        else:  # the reveal table's posterior row alone (without diffusers beside it: another cached report)
+            rows.append(Row(f"posterior-calls{n}", "reveal", ["--steps", str(n)], n))
     if "guidance" in groups:
         rows += [Row(f"guidance{g}", "guidance", ["--guidance", g]) for g in ("1", "3")]
     if "truncation" in groups:
