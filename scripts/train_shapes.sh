@@ -37,11 +37,26 @@ else
   [ -d "$VQ" ] || cp -r "$RECORD/vqvae-model" "$VQ"
 fi
 
-vqdiff train transformer "$RUN/data" -o "$RUN/transformer" $(resume "$RUN/transformer") \
-  --vqvae "$VQ" --train-text-encoder --timesteps 100 \
-  --layers 4 --width 128 --heads 4 --text-layers 2 --text-width 128 \
-  --aux-weight 0.05 --caption-dropout 0.1 --batch-size 32 --lr 8e-4 --warmup 300 --ema 0.995 \
-  --steps "$TF_STEPS" --checkpoint-every 250 --keep 2 --log-every 25 --seed 0 --device "$DEVICE" \
+TF_OUT=${TF_OUT:-$RUN/transformer}  # scripts/eval_shapes.sh points this at a copy of one checkpoint to export it
+# Where the transformer starts: a run in progress keeps what it started from (its train_config.json says); a new run
+# continues the committed work-in-progress model ($RECORD/progress, written by `ship_shapes.py --progress`) unless
+# FRESH=1, and starts from scratch where there is none.
+if [ -f "$TF_OUT/train_config.json" ]; then
+  FROM=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["task"]["sources"]["from"] or "")' \
+    "$TF_OUT/train_config.json")
+elif [ -z "${FRESH:-}" ] && [ -f "$RECORD/progress/model_index.json" ]; then
+  FROM=$RECORD/progress
+else
+  FROM=
+fi
+if [ -n "$FROM" ]; then  # the architecture, the tokenizer, the text encoder and the VQ-VAE come with it
+  START=(--from "$FROM")
+else
+  START=(--vqvae "$VQ" --timesteps 100 --layers 4 --width 128 --heads 4 --text-layers 2 --text-width 128)
+fi
+vqdiff train transformer "$RUN/data" -o "$TF_OUT" $(resume "$TF_OUT") "${START[@]}" --train-text-encoder \
+  --aux-weight "${AUX_WEIGHT:-1.0}" --caption-dropout 0.1 --batch-size 32 --lr 8e-4 --warmup 300 --ema 0.995 \
+  --steps "$TF_STEPS" --checkpoint-every 250 --keep 2 --log-every 25 --seed "${SEED:-0}" --device "$DEVICE" \
   --validation-prompt "a large red circle in the center on a blue background" --validate-every 1000
 
 echo "next: vqdiff eval --model $RUN/transformer -n 100 -b 16; then python scripts/ship_shapes.py $RUN" >&2
