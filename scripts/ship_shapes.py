@@ -11,7 +11,9 @@ in git).
 
 --progress writes EXPORT (a pipeline folder exported from a checkpoint of the run, as scripts/eval_shapes.sh makes
 it) in fp16 to benchmarks/results/shapes/progress, with the history of every training segment behind it
-(history.json, and train_log.jsonl with each line's segment and step counted over all segments). It is not
+(history.json, and train_log.jsonl with each line's segment and step counted over all segments; the segments
+before this run's are those of RUN_DIR/progress-base, which train_shapes.sh copies from the model it continues, so
+a run can be saved more than once). It is not
 shipped; it is what the next run of scripts/train_shapes.sh continues (`--from`), because on a CPU the model needs
 more hours than one session has and the run folder does not survive a session.
 """
@@ -55,7 +57,7 @@ def ship(run: Path) -> None:
     print(f"wrote {TARGET} ({size / 2**20:.2f} MiB)")
 
 
-def save_progress(export: Path) -> None:
+def save_progress(run: Path, export: Path) -> None:
     import torch
 
     from vqdiff_cli.checkpoint.convert import write_converted
@@ -63,9 +65,10 @@ def save_progress(export: Path) -> None:
     target = RECORD / "progress"
     history: dict[str, list[dict[str, object]]] = {"segments": []}
     earlier: list[str] = []
-    if (target / "history.json").is_file():
-        history = json.loads((target / "history.json").read_text())
-        earlier = (target / "train_log.jsonl").read_text().splitlines()
+    base = run / "progress-base"  # the history of the model this segment started from (train_shapes.sh copies it)
+    if (base / "history.json").is_file():
+        history = json.loads((base / "history.json").read_text())
+        earlier = (base / "train_log.jsonl").read_text().splitlines()
     config = json.loads((export / "train_config.json").read_text())
     lines = [json.loads(line) for line in (export / "train_log.jsonl").read_text().splitlines() if line.strip()]
     steps = max((int(line["step"]) for line in lines), default=0)
@@ -108,7 +111,7 @@ if __name__ == "__main__":
     if len(rest) != 1:
         raise SystemExit(__doc__)
     if export is not None:
-        save_progress(export)
+        save_progress(Path(rest[0]), export)
     elif not only:
         ship(Path(rest[0]))
     record(Path(rest[0]))

@@ -46,8 +46,11 @@ if [ -f "$TF_OUT/train_config.json" ]; then
     "$TF_OUT/train_config.json")
 elif [ -z "${FRESH:-}" ] && [ -f "$RECORD/progress/model_index.json" ]; then
   FROM=$RECORD/progress
+  rm -rf "$RUN/progress-base" && mkdir -p "$RUN/progress-base"  # its history, for ship_shapes.py --progress
+  cp "$FROM/history.json" "$FROM/train_log.jsonl" "$RUN/progress-base/"
 else
   FROM=
+  rm -rf "$RUN/progress-base"
 fi
 if [ -n "$FROM" ]; then  # the architecture, the tokenizer, the text encoder and the VQ-VAE come with it
   START=(--from "$FROM")
