@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,32 +52,31 @@ def main() -> None:
         own = c.text.encode([r["text"] for r in rows])
         other = torch.roll(own, 1, 0)
         both = [i for i, r in enumerate(rows) if {"color", "background"} <= set(r.get("named", []))]
-        swapped = own[both].clone()
-        if both:
-            swapped = c.text.encode([swap_colours(rows[i]) for i in both])
+        swapped = c.text.encode([swap_colours(rows[i]) for i in both]) if both else None
         print(f"{o.model}: {len(rows)} pictures of {o.data}")
         for t in [int(s) for s in o.timesteps.split(",") if s]:
             g = torch.Generator().manual_seed(t)
             masked = torch.rand(x_0.shape, generator=g) < float(schedule.cumprod_ct[t])
             x_t = torch.where(masked, torch.full_like(x_0, mask), x_0)
-            ce = []
-            for states in (own, other):
-                log_p = c.transformer(x_t, states, torch.full((len(rows),), t))
-                nll = -log_p.gather(1, x_0.unsqueeze(1)).squeeze(1)
-                ce.append(float(nll[masked].mean()) if masked.any() else float("nan"))
+            own_nll, other_nll = (token_nll(c.transformer, x_t, x_0, states, t) for states in (own, other))
+            ce = [float(n[masked].mean()) if masked.any() else float("nan") for n in (own_nll, other_nll)]
             swap = ""
-            if both:
-                log_p = c.transformer(x_t[both], swapped, torch.full((len(both),), t))
-                nll = -log_p.gather(1, x_0[both].unsqueeze(1)).squeeze(1)
-                own_both = -c.transformer(x_t[both], own[both], torch.full((len(both),), t))
-                own_nll = own_both.gather(1, x_0[both].unsqueeze(1)).squeeze(1)
-                sel = masked[both]
-                if sel.any():
-                    swap = f"; colours swapped ({len(both)} pictures): gain {float((nll - own_nll)[sel].mean()):.3f}"
+            if swapped is not None and masked[both].any():
+                swapped_nll = token_nll(c.transformer, x_t[both], x_0[both], swapped, t)
+                gain = float((swapped_nll - own_nll[both])[masked[both]].mean())
+                swap = f"; colours swapped ({len(both)} pictures): gain {gain:.3f}"
             print(
                 f"t={t:3d} masked {float(masked.float().mean()):.0%}: CE own caption {ce[0]:.3f}, shuffled "
                 f"{ce[1]:.3f}, gain {ce[1] - ce[0]:.3f} nats/token{swap}"
             )
+
+
+def token_nll(
+    transformer: Callable[..., torch.Tensor], x_t: torch.Tensor, x_0: torch.Tensor, states: torch.Tensor, t: int
+) -> torch.Tensor:
+    """-log p(x_0) per position under the network's x_0 prediction at timestep t."""
+    log_p = transformer(x_t, states, torch.full((len(x_t),), t))
+    return -log_p.gather(1, x_0.unsqueeze(1)).squeeze(1)
 
 
 def swap_colours(row: dict[str, object]) -> str:

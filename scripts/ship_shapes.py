@@ -13,9 +13,9 @@ in git).
 it) in fp16 to benchmarks/results/shapes/progress, with the history of every training segment behind it
 (history.json, and train_log.jsonl with each line's segment and step counted over all segments; the segments
 before this run's are those of RUN_DIR/progress-base, which train_shapes.sh copies from the model it continues, so
-a run can be saved more than once). It is not
-shipped; it is what the next run of scripts/train_shapes.sh continues (`--from`), because on a CPU the model needs
-more hours than one session has and the run folder does not survive a session.
+a run can be saved more than once). It is not shipped; it is what the next run of scripts/train_shapes.sh continues
+(`--from`), because on a CPU the model needs more hours than one session has and the run folder does not survive a
+session.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "vqdiff_cli" / "weights" / "shapes"
@@ -63,7 +64,7 @@ def save_progress(run: Path, export: Path) -> None:
     from vqdiff_cli.checkpoint.convert import write_converted
 
     target = RECORD / "progress"
-    history: dict[str, list[dict[str, object]]] = {"segments": []}
+    history: dict[str, list[dict[str, Any]]] = {"segments": []}
     earlier: list[str] = []
     base = run / "progress-base"  # the history of the model this segment started from (train_shapes.sh copies it)
     if (base / "history.json").is_file():
@@ -72,7 +73,7 @@ def save_progress(run: Path, export: Path) -> None:
     config = json.loads((export / "train_config.json").read_text())
     lines = [json.loads(line) for line in (export / "train_log.jsonl").read_text().splitlines() if line.strip()]
     steps = max((int(line["step"]) for line in lines), default=0)
-    offset = sum(int(str(seg["steps"])) for seg in history["segments"])
+    offset = sum(int(seg["steps"]) for seg in history["segments"])
     number = len(history["segments"]) + 1
     history["segments"].append(
         {"segment": number, "from": config["task"]["sources"]["from"], "steps": steps, "first_step": offset + 1}

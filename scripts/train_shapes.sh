@@ -11,7 +11,8 @@
 #
 # By default the VQ-VAE is the committed benchmarks/results/shapes/vqvae-model (trained by the command below with
 # FROM_SCRATCH=1: 4000 steps, about 21 min on a shared 2-core CPU, 32.2 dB held-out); FROM_SCRATCH=1 retrains it too.
-# Training checkpoints are not committed (only shipped weights belong in git): a run resumes within its RUN_DIR.
+# Training checkpoints are not committed (only shipped weights belong in git): a run resumes within its RUN_DIR,
+# and a new run continues the committed work-in-progress model benchmarks/results/shapes/progress (see below).
 # The VQ-VAE saw the first 20000 pictures, the transformer 40000 (picture i depends on the seed and i only, so the
 # first 20000 of the larger set are the smaller set). On a GPU pass DEVICE=cuda.
 set -euo pipefail
