@@ -18,7 +18,14 @@ if [ ! -f "$OUT/model_index.json" ]; then
   cp -r "$RUN/transformer/checkpoints/$NAME" "$OUT/checkpoints/"
   cp "$RUN/transformer/train_config.json" "$RUN/transformer/train_log.jsonl" "$OUT/"
   [ -d "$RUN/transformer/cache" ] && ln -s "$(realpath "$RUN/transformer/cache")" "$OUT/cache"
-  TF_OUT="$OUT" TF_STEPS="$STEP" bash "$(dirname "$0")/train_shapes.sh" "$RUN" >"$OUT/export.log" 2>&1
+  # the export resumes the run's own settings: its seed comes from its train_config.json
+  SEED=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["loop"]["seed"])' "$OUT/train_config.json")
+  if ! SEED="$SEED" TF_OUT="$OUT" TF_STEPS="$STEP" bash "$(dirname "$0")/train_shapes.sh" "$RUN" >"$OUT/export.log" 2>&1
+  then
+    tail -n 3 "$OUT/export.log" >&2
+    echo "eval_shapes.sh: exporting $NAME failed (log: $OUT/export.log)" >&2
+    exit 1
+  fi
 fi
 python "$(dirname "$0")/../benchmarks/text_usage.py" "$OUT" "$RUN/data" --timesteps 99,95
 [ -n "${GAIN_ONLY:-}" ] || vqdiff eval --model "$OUT" -n 32 -b 16 "$@"
